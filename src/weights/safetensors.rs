@@ -1,0 +1,1 @@
+//! safetensors checkpoints (single file or sharded with an index), memory-mapped.
