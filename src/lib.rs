@@ -10,3 +10,6 @@ pub mod quant_blocks;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub mod backend;
+pub mod pool;
+pub mod sample;

@@ -1,0 +1,112 @@
+//! The one seam between the model and the hardware.
+//!
+//! Contract (every implementation keeps it; tests/backend_parity.rs checks it against `cpu`):
+//! - Ops only enqueue work on one in-order queue. `read` and `sync` are the only waits; an op
+//!   sees the results of every op enqueued before it, and `upload` is ordered the same way.
+//! - Every op writes into caller-owned buffers: the ones it writes are taken `&mut`, inputs `&`.
+//!   No op allocates in the hot path.
+//! - Activations are f32 `[rows, width]`, row-major. Weights (`Weight`) keep their stored dtype
+//!   and are widened / dequantized inside the op. Norm weights and biases are f32.
+//! - Paged KV cache: per layer one K and one V buffer laid out `[block][KV_BLOCK][kv_head][head_dim]`
+//!   in f16 or f32; a sequence's block table (u32 block ids) maps position p to block
+//!   `table[p / KV_BLOCK]`, slot `p % KV_BLOCK`.
+//! - Device errors are sticky: an op that fails to enqueue returns the error at once, an error
+//!   raised while executing is returned by the next `read` / `sync`.
+
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::pool::{Buf, Pool};
+use std::sync::Arc;
+
+pub mod cpu;
+pub mod params;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
+
+/// A weight matrix `[rows, cols]` (HF `[out_features, in_features]`) in its stored dtype.
+pub struct Weight<B: Backend> {
+    pub buf: Buf<B>,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Head layout shared by rope, kv_append and attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One layer's paged KV storage plus the sequence's block table, as attention reads it.
+pub struct KvView<'a, B: Backend> {
+    pub k: &'a Buf<B>,
+    pub v: &'a Buf<B>,
+    /// u32 block ids of the sequence.
+    pub table: &'a Buf<B>,
+    /// F16 or F32.
+    pub dtype: DType,
+}
+
+/// Sampling settings the `sample` op applies on the device (penalties are applied by the host
+/// to logits beforehand; see sample.rs for the exact semantics every backend follows).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleOp {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// Uniform random number in [0, 1) from the host RNG.
+    pub uniform: f32,
+}
+
+pub trait Backend: Sized + 'static {
+    /// One raw device allocation (wgpu::Buffer, a host Vec, a CUDA slice).
+    type Raw: Send + Sync + 'static;
+
+    /// Short backend name ("cpu", "wgpu") and a description of the device.
+    fn name(&self) -> &'static str;
+    fn device_name(&self) -> String;
+
+    // ---- memory ----
+    fn alloc_raw(&self, bytes: usize) -> Result<Self::Raw>;
+    fn pool(&self) -> &Arc<Pool<Self>>;
+    /// A pooled scratch buffer of at least `bytes` bytes; contents undefined.
+    fn alloc(&self, bytes: usize) -> Result<Buf<Self>> {
+        self.pool().alloc(self, bytes)
+    }
+    /// Writes `data` at byte `offset` of `dst` (ordered after previously enqueued ops).
+    fn upload(&self, dst: &mut Buf<Self>, offset: usize, data: &[u8]) -> Result<()>;
+    /// Copies `bytes` bytes between buffers.
+    fn copy(&self, dst: &mut Buf<Self>, dst_offset: usize, src: &Buf<Self>, src_offset: usize, bytes: usize) -> Result<()>;
+    /// Waits for every enqueued op and reads `out.len()` bytes from byte `offset` of `src`.
+    fn read(&self, src: &Buf<Self>, offset: usize, out: &mut [u8]) -> Result<()>;
+    /// Waits for every enqueued op.
+    fn sync(&self) -> Result<()>;
+
+    // ---- inference ops ----
+    /// out[t, :] = table[tokens[t], :] widened to f32, for t < n_tokens (tokens: u32).
+    fn embedding(&self, out: &mut Buf<Self>, tokens: &Buf<Self>, table: &Weight<Self>, n_tokens: usize) -> Result<()>;
+    /// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w
+    fn rms_norm(&self, out: &mut Buf<Self>, x: &Buf<Self>, w: &Buf<Self>, rows: usize, dim: usize, eps: f32) -> Result<()>;
+    /// out[rows, w.rows] = x[rows, w.cols] . w^T
+    fn matmul(&self, out: &mut Buf<Self>, x: &Buf<Self>, w: &Weight<Self>, rows: usize) -> Result<()>;
+    /// x[rows, n] += bias[n]
+    fn add_bias(&self, x: &mut Buf<Self>, bias: &Buf<Self>, rows: usize, n: usize) -> Result<()>;
+    /// Rotates q and k in place (HF half-split RoPE); row r is at position pos0 + r; cos and
+    /// sin are scaled by `attn_scale` (1 except for yarn / longrope).
+    #[allow(clippy::too_many_arguments)]
+    fn rope(&self, q: &mut Buf<Self>, k: &mut Buf<Self>, inv_freq: &Buf<Self>, rows: usize, pos0: usize, heads: Heads, attn_scale: f32) -> Result<()>;
+    /// Stores k and v rows `[rows, n_kv_heads, head_dim]` at positions pos0.. of the paged cache.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_append(&self, k_cache: &mut Buf<Self>, v_cache: &mut Buf<Self>, kv_dtype: DType, table: &Buf<Self>, k: &Buf<Self>, v: &Buf<Self>, rows: usize, pos0: usize, heads: Heads) -> Result<()>;
+    /// Causal GQA attention: out[r, h] = softmax(q[r, h] . K[0..=pos0+r]^T / sqrt(head_dim)) V.
+    fn attention(&self, out: &mut Buf<Self>, q: &Buf<Self>, kv: KvView<'_, Self>, rows: usize, pos0: usize, heads: Heads) -> Result<()>;
+    /// out[i] = silu(gate[i]) * up[i] for i < n
+    fn swiglu(&self, out: &mut Buf<Self>, gate: &Buf<Self>, up: &Buf<Self>, n: usize) -> Result<()>;
+    /// x[i] += y[i] for i < n
+    fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()>;
+    /// Picks a token from logits[vocab] and writes it (u32) to out[out_index].
+    fn sample(&self, out: &mut Buf<Self>, out_index: usize, logits: &Buf<Self>, vocab: usize, s: SampleOp) -> Result<()>;
+}

@@ -1,0 +1,115 @@
+//! Per-kernel parameter blocks, `#[repr(C)]` and mirrored 1:1 by the `Params` struct at the top
+//! of each shader (shaders/wgsl/<op>.wgsl). Sizes are multiples of 16 bytes so they can sit in
+//! a uniform buffer at any 256-byte-aligned offset. tests/shaders_valid.rs checks that the WGSL
+//! struct sizes equal these.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Positions per paged-KV block (DESIGN.md: `[block][BLOCK][kv_head][head_dim]`).
+pub const KV_BLOCK: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct EmbeddingParams {
+    pub n_tokens: u32,
+    pub dim: u32,
+    pub _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct RmsNormParams {
+    pub rows: u32,
+    pub dim: u32,
+    pub eps: f32,
+    pub _pad: u32,
+}
+
+/// out[rows, n] = x[rows, k] . w[n, k]^T
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct MatmulParams {
+    pub rows: u32,
+    pub n: u32,
+    pub k: u32,
+    pub _pad: u32,
+}
+
+/// x[rows, n] += bias[n]
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AddBiasParams {
+    pub rows: u32,
+    pub n: u32,
+    pub _pad: [u32; 2],
+}
+
+/// Rotates q[rows, n_heads, head_dim] and k[rows, n_kv_heads, head_dim] in place; row r is at
+/// position pos0 + r. HF half-split convention; cos and sin are scaled by attn_scale.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct RopeParams {
+    pub rows: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub pos0: u32,
+    pub attn_scale: f32,
+    pub _pad: [u32; 2],
+}
+
+/// Writes k/v[rows, n_kv_heads, head_dim] at positions pos0.. of a sequence's paged cache.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct KvAppendParams {
+    pub rows: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub pos0: u32,
+    /// 1: the cache holds f16 (two per u32), 0: f32.
+    pub kv_f16: u32,
+    pub _pad: [u32; 3],
+}
+
+/// Causal GQA attention of q[rows, n_heads, head_dim] (row r at position pos0 + r) over the
+/// sequence's paged cache, positions 0..=pos0 + r.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AttentionParams {
+    pub rows: u32,
+    pub n_heads: u32,
+    pub n_kv_heads: u32,
+    pub head_dim: u32,
+    pub pos0: u32,
+    pub kv_f16: u32,
+    pub scale: f32,
+    /// Positions each split of the decode kernel covers (split-KV); unused by prefill.
+    pub split_len: u32,
+}
+
+/// out[i] = silu(gate[i]) * up[i], or x[i] += y[i] for `add`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct ElementwiseParams {
+    pub n: u32,
+    pub _pad: [u32; 3],
+}
+
+/// Picks one token from logits[vocab] and writes it to out[out_index].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct SampleParams {
+    pub vocab: u32,
+    /// 0 = off.
+    pub top_k: u32,
+    /// 1.0 = off.
+    pub top_p: f32,
+    /// 0.0 = off.
+    pub min_p: f32,
+    /// <= 0: greedy (argmax).
+    pub temperature: f32,
+    /// Uniform random number in [0, 1) drawn by the host RNG.
+    pub uniform: f32,
+    pub out_index: u32,
+    pub _pad: u32,
+}
