@@ -94,7 +94,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+            return bad(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
         Ok(())
     }

@@ -31,6 +31,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn load(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Load { path: path.as_ref().display().to_string(), msg: msg.into() }
+        Error::Load {
+            path: path.as_ref().display().to_string(),
+            msg: msg.into(),
+        }
     }
 }

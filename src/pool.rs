@@ -23,7 +23,10 @@ pub struct Pool<B: Backend> {
 impl<B: Backend> Default for Pool<B> {
     fn default() -> Self {
         let debug = std::env::var("ANYLLAMA_POOL_DEBUG").is_ok_and(|v| v != "0" && !v.is_empty());
-        Pool { free: Mutex::new(HashMap::new()), reuse: !debug }
+        Pool {
+            free: Mutex::new(HashMap::new()),
+            reuse: !debug,
+        }
     }
 }
 
@@ -40,7 +43,11 @@ impl<B: Backend> Pool<B> {
     pub fn alloc(self: &Arc<Self>, backend: &B, bytes: usize) -> Result<Buf<B>> {
         let class = size_class(bytes);
         let reused = if self.reuse {
-            self.free.lock().unwrap().get_mut(&class).and_then(|v| v.pop())
+            self.free
+                .lock()
+                .unwrap()
+                .get_mut(&class)
+                .and_then(|v| v.pop())
         } else {
             None
         };
@@ -48,7 +55,12 @@ impl<B: Backend> Pool<B> {
             Some(raw) => raw,
             None => backend.alloc_raw(class)?,
         };
-        Ok(Buf { raw: Some(raw), bytes, class, pool: Some(self.clone()) })
+        Ok(Buf {
+            raw: Some(raw),
+            bytes,
+            class,
+            pool: Some(self.clone()),
+        })
     }
 
     /// Drops every cached free buffer (e.g. before loading another model).
@@ -69,7 +81,12 @@ impl<B: Backend> Buf<B> {
     /// An exact, unpooled buffer (weights, KV cache).
     pub fn exact(backend: &B, bytes: usize) -> Result<Self> {
         let size = bytes.max(16).next_multiple_of(16);
-        Ok(Buf { raw: Some(backend.alloc_raw(size)?), bytes, class: size, pool: None })
+        Ok(Buf {
+            raw: Some(backend.alloc_raw(size)?),
+            bytes,
+            class: size,
+            pool: None,
+        })
     }
 
     pub fn raw(&self) -> &B::Raw {
@@ -99,7 +116,12 @@ impl<B: Backend> Drop for Buf<B> {
     fn drop(&mut self) {
         if let (Some(pool), Some(raw)) = (&self.pool, self.raw.take()) {
             if pool.reuse {
-                pool.free.lock().unwrap().entry(self.class).or_default().push(raw);
+                pool.free
+                    .lock()
+                    .unwrap()
+                    .entry(self.class)
+                    .or_default()
+                    .push(raw);
             }
         }
     }

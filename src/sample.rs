@@ -57,7 +57,10 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, ..Default::default() }
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -66,7 +69,9 @@ impl SamplingParams {
 
     /// True when logits must visit the host before sampling (penalties need the history).
     pub fn has_penalties(&self) -> bool {
-        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
+        self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
     }
 
     pub fn validate(&self) -> crate::Result<()> {
@@ -126,9 +131,15 @@ pub fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) 
         *counts.entry(t).or_default() += 1;
     }
     for (&t, &c) in &counts {
-        let Some(l) = logits.get_mut(t as usize) else { continue };
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
         if p.repetition_penalty != 1.0 {
-            *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+            *l = if *l > 0.0 {
+                *l / p.repetition_penalty
+            } else {
+                *l * p.repetition_penalty
+            };
         }
         *l -= p.presence_penalty + p.frequency_penalty * c as f32;
     }
@@ -149,17 +160,32 @@ pub fn sample_logits(logits: &[f32], s: &SampleOp) -> u32 {
         return argmax();
     }
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let p: Vec<f32> = logits.iter().map(|l| ((l - max) / s.temperature).exp()).collect();
+    let p: Vec<f32> = logits
+        .iter()
+        .map(|l| ((l - max) / s.temperature).exp())
+        .collect();
     let mut keep = vec![true; logits.len()];
     if s.top_k > 0 && s.top_k < logits.len() {
         let mut sorted = logits.to_vec();
         sorted.sort_by(|a, b| b.total_cmp(a));
         let kth = sorted[s.top_k - 1];
-        keep.iter_mut().zip(logits).for_each(|(k, l)| *k &= *l >= kth);
+        keep.iter_mut()
+            .zip(logits)
+            .for_each(|(k, l)| *k &= *l >= kth);
     }
     if s.top_p < 1.0 {
-        let mass: f32 = p.iter().zip(&keep).filter(|(_, k)| **k).map(|(p, _)| p).sum();
-        let mut kept: Vec<f32> = p.iter().zip(&keep).filter(|(_, k)| **k).map(|(p, _)| p / mass).collect();
+        let mass: f32 = p
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(p, _)| p)
+            .sum();
+        let mut kept: Vec<f32> = p
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(p, _)| p / mass)
+            .collect();
         kept.sort_by(|a, b| b.total_cmp(a));
         let mut acc = 0.0;
         let mut t = kept[kept.len() - 1];
@@ -170,13 +196,22 @@ pub fn sample_logits(logits: &[f32], s: &SampleOp) -> u32 {
                 break;
             }
         }
-        keep.iter_mut().zip(&p).for_each(|(k, p)| *k &= p / mass >= t);
+        keep.iter_mut()
+            .zip(&p)
+            .for_each(|(k, p)| *k &= p / mass >= t);
     }
     if s.min_p > 0.0 {
         // max(p) is 1 by construction (exp(0)).
-        keep.iter_mut().zip(&p).for_each(|(k, p)| *k &= *p >= s.min_p);
+        keep.iter_mut()
+            .zip(&p)
+            .for_each(|(k, p)| *k &= *p >= s.min_p);
     }
-    let mass: f32 = p.iter().zip(&keep).filter(|(_, k)| **k).map(|(p, _)| p).sum();
+    let mass: f32 = p
+        .iter()
+        .zip(&keep)
+        .filter(|(_, k)| **k)
+        .map(|(p, _)| p)
+        .sum();
     let target = s.uniform * mass;
     let mut acc = 0.0;
     let mut last = argmax();
@@ -197,18 +232,27 @@ mod tests {
     use super::*;
 
     fn op(temperature: f32, top_k: usize, top_p: f32, min_p: f32, uniform: f32) -> SampleOp {
-        SampleOp { temperature, top_k, top_p, min_p, uniform }
+        SampleOp {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            uniform,
+        }
     }
 
     #[test]
     fn greedy_picks_first_maximum() {
-        assert_eq!(sample_logits(&[1.0, 3.0, 3.0, -1.0], &op(0.0, 0, 1.0, 0.0, 0.5)), 1);
+        assert_eq!(
+            sample_logits(&[1.0, 3.0, 3.0, -1.0], &op(0.0, 0, 1.0, 0.0, 0.5)),
+            1
+        );
     }
 
     #[test]
     fn filters_follow_the_documented_rules() {
         let l = [2.0f32.ln(), 4.0f32.ln(), 1.0f32.ln(), 3.0f32.ln()]; // p = .2 .4 .1 .3
-        // top-k 2 keeps ids 1 and 3: u = 0 -> id 1, u just below 1 -> id 3.
+                                                                      // top-k 2 keeps ids 1 and 3: u = 0 -> id 1, u just below 1 -> id 3.
         assert_eq!(sample_logits(&l, &op(1.0, 2, 1.0, 0.0, 0.0)), 1);
         assert_eq!(sample_logits(&l, &op(1.0, 2, 1.0, 0.0, 0.999)), 3);
         // top-p 0.65: sorted .4 .3 reach .7 >= .65 -> ids 1, 3 kept.
@@ -239,14 +283,24 @@ mod tests {
 
     #[test]
     fn same_seed_same_stream() {
-        let a: Vec<f32> = (0..4).map({
-            let mut s = Sampler::new(SamplingParams { seed: 7, ..Default::default() });
-            move |_| s.next_op().uniform
-        }).collect();
-        let b: Vec<f32> = (0..4).map({
-            let mut s = Sampler::new(SamplingParams { seed: 7, ..Default::default() });
-            move |_| s.next_op().uniform
-        }).collect();
+        let a: Vec<f32> = (0..4)
+            .map({
+                let mut s = Sampler::new(SamplingParams {
+                    seed: 7,
+                    ..Default::default()
+                });
+                move |_| s.next_op().uniform
+            })
+            .collect();
+        let b: Vec<f32> = (0..4)
+            .map({
+                let mut s = Sampler::new(SamplingParams {
+                    seed: 7,
+                    ..Default::default()
+                });
+                move |_| s.next_op().uniform
+            })
+            .collect();
         assert_eq!(a, b);
     }
 }

@@ -20,7 +20,10 @@ pub struct Cpu {
 impl Default for Cpu {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Cpu { pool: Arc::new(Pool::default()), threads }
+        Cpu {
+            pool: Arc::new(Pool::default()),
+            threads,
+        }
     }
 }
 
@@ -108,7 +111,14 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn copy(&self, dst: &mut Buf<Self>, dst_offset: usize, src: &Buf<Self>, src_offset: usize, n: usize) -> Result<()> {
+    fn copy(
+        &self,
+        dst: &mut Buf<Self>,
+        dst_offset: usize,
+        src: &Buf<Self>,
+        src_offset: usize,
+        n: usize,
+    ) -> Result<()> {
         let s = &bytes(src)[src_offset..src_offset + n];
         let d: &mut [u8] = bytemuck::cast_slice_mut(dst.raw_mut());
         d[dst_offset..dst_offset + n].copy_from_slice(s);
@@ -124,22 +134,50 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn embedding(&self, out: &mut Buf<Self>, tokens: &Buf<Self>, table: &Weight<Self>, n_tokens: usize) -> Result<()> {
+    fn embedding(
+        &self,
+        out: &mut Buf<Self>,
+        tokens: &Buf<Self>,
+        table: &Weight<Self>,
+        n_tokens: usize,
+    ) -> Result<()> {
         let dim = table.cols;
-        let row_bytes = table.dtype.bytes_for(dim).expect("embedding row of whole blocks");
+        let row_bytes = table
+            .dtype
+            .bytes_for(dim)
+            .expect("embedding row of whole blocks");
         let tokens = &u32s(tokens)[..n_tokens];
         let out = &mut f32s_mut(out)[..n_tokens * dim];
         for (o, &t) in out.chunks_exact_mut(dim).zip(tokens) {
             let t = t as usize;
-            assert!(t < table.rows, "token id {t} past the embedding ({} rows)", table.rows);
-            dequantize(table.dtype, &bytes(&table.buf)[t * row_bytes..(t + 1) * row_bytes], o);
+            assert!(
+                t < table.rows,
+                "token id {t} past the embedding ({} rows)",
+                table.rows
+            );
+            dequantize(
+                table.dtype,
+                &bytes(&table.buf)[t * row_bytes..(t + 1) * row_bytes],
+                o,
+            );
         }
         Ok(())
     }
 
-    fn rms_norm(&self, out: &mut Buf<Self>, x: &Buf<Self>, w: &Buf<Self>, rows: usize, dim: usize, eps: f32) -> Result<()> {
+    fn rms_norm(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Buf<Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
         let (x, w) = (&f32s(x)[..rows * dim], &f32s(w)[..dim]);
-        for (o, x) in f32s_mut(out)[..rows * dim].chunks_exact_mut(dim).zip(x.chunks_exact(dim)) {
+        for (o, x) in f32s_mut(out)[..rows * dim]
+            .chunks_exact_mut(dim)
+            .zip(x.chunks_exact(dim))
+        {
             let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
             let inv = 1.0 / (ss + eps).sqrt();
             for i in 0..dim {
@@ -149,7 +187,13 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn matmul(&self, out: &mut Buf<Self>, x: &Buf<Self>, w: &Weight<Self>, rows: usize) -> Result<()> {
+    fn matmul(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+    ) -> Result<()> {
         let (n, k) = (w.rows, w.cols);
         let row_bytes = w.dtype.bytes_for(k).expect("weight row of whole blocks");
         let x = &f32s(x)[..rows * k];
@@ -165,7 +209,11 @@ impl Backend for Cpu {
                 let o = c * COLS + j;
                 dequantize(w.dtype, &wb[o * row_bytes..(o + 1) * row_bytes], &mut wrow);
                 for (r, dst) in col.iter_mut().enumerate() {
-                    *dst = x[r * k..(r + 1) * k].iter().zip(&wrow).map(|(a, b)| a * b).sum();
+                    *dst = x[r * k..(r + 1) * k]
+                        .iter()
+                        .zip(&wrow)
+                        .map(|(a, b)| a * b)
+                        .sum();
                 }
             }
         });
@@ -186,11 +234,23 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn rope(&self, q: &mut Buf<Self>, k: &mut Buf<Self>, inv_freq: &Buf<Self>, rows: usize, pos0: usize, h: Heads, attn_scale: f32) -> Result<()> {
+    fn rope(
+        &self,
+        q: &mut Buf<Self>,
+        k: &mut Buf<Self>,
+        inv_freq: &Buf<Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+        attn_scale: f32,
+    ) -> Result<()> {
         let half = h.head_dim / 2;
         let inv_freq = &f32s(inv_freq)[..half];
         let rotate = |x: &mut [f32], n_heads: usize| {
-            for (r, row) in x[..rows * n_heads * h.head_dim].chunks_exact_mut(n_heads * h.head_dim).enumerate() {
+            for (r, row) in x[..rows * n_heads * h.head_dim]
+                .chunks_exact_mut(n_heads * h.head_dim)
+                .enumerate()
+            {
                 let pos = (pos0 + r) as f32;
                 for head in row.chunks_exact_mut(h.head_dim) {
                     for i in 0..half {
@@ -209,7 +269,18 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn kv_append(&self, k_cache: &mut Buf<Self>, v_cache: &mut Buf<Self>, kv_dtype: DType, table: &Buf<Self>, k: &Buf<Self>, v: &Buf<Self>, rows: usize, pos0: usize, h: Heads) -> Result<()> {
+    fn kv_append(
+        &self,
+        k_cache: &mut Buf<Self>,
+        v_cache: &mut Buf<Self>,
+        kv_dtype: DType,
+        table: &Buf<Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+    ) -> Result<()> {
         let table = u32s(table);
         let width = h.n_kv_heads * h.head_dim;
         for (cache, src) in [(k_cache, k), (v_cache, v)] {
@@ -231,42 +302,64 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn attention(&self, out: &mut Buf<Self>, q: &Buf<Self>, kv: KvView<'_, Self>, rows: usize, pos0: usize, h: Heads) -> Result<()> {
+    fn attention(
+        &self,
+        out: &mut Buf<Self>,
+        q: &Buf<Self>,
+        kv: KvView<'_, Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+    ) -> Result<()> {
         let hd = h.head_dim;
         let group = h.n_heads / h.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let (q, table) = (&f32s(q)[..rows * h.n_heads * hd], u32s(kv.table));
         let (kc, vc) = (kv.k.raw().as_slice(), kv.v.raw().as_slice());
         // One chunk per (row, head): scores over positions 0..=pos, softmax, weighted sum of V.
-        par_chunks(self.threads, &mut f32s_mut(out)[..rows * h.n_heads * hd], hd, |i, o| {
-            let (r, head) = (i / h.n_heads, i % h.n_heads);
-            let kvh = head / group;
-            let qv = &q[i * hd..(i + 1) * hd];
-            let n_pos = pos0 + r + 1;
-            let mut scores: Vec<f32> = (0..n_pos)
-                .map(|p| {
-                    let base = kv_index(table, p, kvh, h);
-                    (0..hd).map(|d| qv[d] * kv_get(kc, kv.dtype, base + d)).sum::<f32>() * scale
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            o.fill(0.0);
-            for (p, s) in scores.iter().enumerate() {
-                let base = kv_index(table, p, kvh, h);
-                for d in 0..hd {
-                    o[d] += s / sum * kv_get(vc, kv.dtype, base + d);
+        par_chunks(
+            self.threads,
+            &mut f32s_mut(out)[..rows * h.n_heads * hd],
+            hd,
+            |i, o| {
+                let (r, head) = (i / h.n_heads, i % h.n_heads);
+                let kvh = head / group;
+                let qv = &q[i * hd..(i + 1) * hd];
+                let n_pos = pos0 + r + 1;
+                let mut scores: Vec<f32> = (0..n_pos)
+                    .map(|p| {
+                        let base = kv_index(table, p, kvh, h);
+                        (0..hd)
+                            .map(|d| qv[d] * kv_get(kc, kv.dtype, base + d))
+                            .sum::<f32>()
+                            * scale
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
                 }
-            }
-        });
+                o.fill(0.0);
+                for (p, s) in scores.iter().enumerate() {
+                    let base = kv_index(table, p, kvh, h);
+                    for d in 0..hd {
+                        o[d] += s / sum * kv_get(vc, kv.dtype, base + d);
+                    }
+                }
+            },
+        );
         Ok(())
     }
 
-    fn swiglu(&self, out: &mut Buf<Self>, gate: &Buf<Self>, up: &Buf<Self>, n: usize) -> Result<()> {
+    fn swiglu(
+        &self,
+        out: &mut Buf<Self>,
+        gate: &Buf<Self>,
+        up: &Buf<Self>,
+        n: usize,
+    ) -> Result<()> {
         let (g, u) = (&f32s(gate)[..n], &f32s(up)[..n]);
         for ((o, g), u) in f32s_mut(out)[..n].iter_mut().zip(g).zip(u) {
             *o = g / (1.0 + (-g).exp()) * u;
@@ -276,11 +369,21 @@ impl Backend for Cpu {
 
     fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()> {
         let y = &f32s(y)[..n];
-        f32s_mut(x)[..n].iter_mut().zip(y).for_each(|(a, b)| *a += b);
+        f32s_mut(x)[..n]
+            .iter_mut()
+            .zip(y)
+            .for_each(|(a, b)| *a += b);
         Ok(())
     }
 
-    fn sample(&self, out: &mut Buf<Self>, out_index: usize, logits: &Buf<Self>, vocab: usize, s: SampleOp) -> Result<()> {
+    fn sample(
+        &self,
+        out: &mut Buf<Self>,
+        out_index: usize,
+        logits: &Buf<Self>,
+        vocab: usize,
+        s: SampleOp,
+    ) -> Result<()> {
         let token = crate::sample::sample_logits(&f32s(logits)[..vocab], &s);
         out.raw_mut()[out_index] = token;
         Ok(())

@@ -79,7 +79,14 @@ pub trait Backend: Sized + 'static {
     /// Writes `data` at byte `offset` of `dst` (ordered after previously enqueued ops).
     fn upload(&self, dst: &mut Buf<Self>, offset: usize, data: &[u8]) -> Result<()>;
     /// Copies `bytes` bytes between buffers.
-    fn copy(&self, dst: &mut Buf<Self>, dst_offset: usize, src: &Buf<Self>, src_offset: usize, bytes: usize) -> Result<()>;
+    fn copy(
+        &self,
+        dst: &mut Buf<Self>,
+        dst_offset: usize,
+        src: &Buf<Self>,
+        src_offset: usize,
+        bytes: usize,
+    ) -> Result<()>;
     /// Waits for every enqueued op and reads `out.len()` bytes from byte `offset` of `src`.
     fn read(&self, src: &Buf<Self>, offset: usize, out: &mut [u8]) -> Result<()>;
     /// Waits for every enqueued op.
@@ -87,26 +94,82 @@ pub trait Backend: Sized + 'static {
 
     // ---- inference ops ----
     /// out[t, :] = table[tokens[t], :] widened to f32, for t < n_tokens (tokens: u32).
-    fn embedding(&self, out: &mut Buf<Self>, tokens: &Buf<Self>, table: &Weight<Self>, n_tokens: usize) -> Result<()>;
+    fn embedding(
+        &self,
+        out: &mut Buf<Self>,
+        tokens: &Buf<Self>,
+        table: &Weight<Self>,
+        n_tokens: usize,
+    ) -> Result<()>;
     /// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w
-    fn rms_norm(&self, out: &mut Buf<Self>, x: &Buf<Self>, w: &Buf<Self>, rows: usize, dim: usize, eps: f32) -> Result<()>;
+    fn rms_norm(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Buf<Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
     /// out[rows, w.rows] = x[rows, w.cols] . w^T
-    fn matmul(&self, out: &mut Buf<Self>, x: &Buf<Self>, w: &Weight<Self>, rows: usize) -> Result<()>;
+    fn matmul(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+    ) -> Result<()>;
     /// x[rows, n] += bias[n]
     fn add_bias(&self, x: &mut Buf<Self>, bias: &Buf<Self>, rows: usize, n: usize) -> Result<()>;
     /// Rotates q and k in place (HF half-split RoPE); row r is at position pos0 + r; cos and
     /// sin are scaled by `attn_scale` (1 except for yarn / longrope).
     #[allow(clippy::too_many_arguments)]
-    fn rope(&self, q: &mut Buf<Self>, k: &mut Buf<Self>, inv_freq: &Buf<Self>, rows: usize, pos0: usize, heads: Heads, attn_scale: f32) -> Result<()>;
+    fn rope(
+        &self,
+        q: &mut Buf<Self>,
+        k: &mut Buf<Self>,
+        inv_freq: &Buf<Self>,
+        rows: usize,
+        pos0: usize,
+        heads: Heads,
+        attn_scale: f32,
+    ) -> Result<()>;
     /// Stores k and v rows `[rows, n_kv_heads, head_dim]` at positions pos0.. of the paged cache.
     #[allow(clippy::too_many_arguments)]
-    fn kv_append(&self, k_cache: &mut Buf<Self>, v_cache: &mut Buf<Self>, kv_dtype: DType, table: &Buf<Self>, k: &Buf<Self>, v: &Buf<Self>, rows: usize, pos0: usize, heads: Heads) -> Result<()>;
+    fn kv_append(
+        &self,
+        k_cache: &mut Buf<Self>,
+        v_cache: &mut Buf<Self>,
+        kv_dtype: DType,
+        table: &Buf<Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        rows: usize,
+        pos0: usize,
+        heads: Heads,
+    ) -> Result<()>;
     /// Causal GQA attention: out[r, h] = softmax(q[r, h] . K[0..=pos0+r]^T / sqrt(head_dim)) V.
-    fn attention(&self, out: &mut Buf<Self>, q: &Buf<Self>, kv: KvView<'_, Self>, rows: usize, pos0: usize, heads: Heads) -> Result<()>;
+    fn attention(
+        &self,
+        out: &mut Buf<Self>,
+        q: &Buf<Self>,
+        kv: KvView<'_, Self>,
+        rows: usize,
+        pos0: usize,
+        heads: Heads,
+    ) -> Result<()>;
     /// out[i] = silu(gate[i]) * up[i] for i < n
-    fn swiglu(&self, out: &mut Buf<Self>, gate: &Buf<Self>, up: &Buf<Self>, n: usize) -> Result<()>;
+    fn swiglu(&self, out: &mut Buf<Self>, gate: &Buf<Self>, up: &Buf<Self>, n: usize)
+        -> Result<()>;
     /// x[i] += y[i] for i < n
     fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()>;
     /// Picks a token from logits[vocab] and writes it (u32) to out[out_index].
-    fn sample(&self, out: &mut Buf<Self>, out_index: usize, logits: &Buf<Self>, vocab: usize, s: SampleOp) -> Result<()>;
+    fn sample(
+        &self,
+        out: &mut Buf<Self>,
+        out_index: usize,
+        logits: &Buf<Self>,
+        vocab: usize,
+        s: SampleOp,
+    ) -> Result<()>;
 }
