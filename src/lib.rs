@@ -13,3 +13,8 @@ pub use error::{Error, Result};
 pub mod backend;
 pub mod pool;
 pub mod sample;
+pub mod kv_cache;
+pub mod generate;
+pub mod model;
+pub mod default_model;
+pub mod stop;
