@@ -5,8 +5,11 @@
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod generation_config;
+pub mod hub;
 pub mod quant;
 pub mod quant_blocks;
+pub mod rope;
 pub mod weights;
 
 pub use error::{Error, Result};
