@@ -99,8 +99,9 @@ impl<B: Backend> Model<B> {
             bias(b, &mut s.k, &l.bk, rows, c.kv_dim())?;
             bias(b, &mut s.v, &l.bv, rows, c.kv_dim())?;
             b.rope(&mut s.q, &mut s.k, &self.inv_freq, rows, pos0, heads, self.attn_scale)?;
+            let kv_dtype = kv.dtype;
             let (kc, vc, table) = kv.layer_mut(i, seq);
-            b.kv_append(kc, vc, kv.dtype, table, &s.k, &s.v, rows, pos0, heads)?;
+            b.kv_append(kc, vc, kv_dtype, table, &s.k, &s.v, rows, pos0, heads)?;
             b.attention(&mut s.att, &s.q, kv.view(i, seq), rows, pos0, heads)?; // att [rows, n_heads*hd]
             b.matmul(&mut s.xb2, &s.att, &l.wo, rows)?; // xb2 [rows, dim]
             bias(b, &mut s.xb2, &l.bo, rows, dim)?;

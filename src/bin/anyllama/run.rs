@@ -33,11 +33,13 @@ fn sampling(files: &ModelFiles, s: &SamplingArgs) -> SamplingParams {
         if g.do_sample == Some(false) {
             p.temperature = 0.0;
         }
-        p.temperature = g.temperature.unwrap_or(p.temperature);
+        if g.do_sample != Some(false) {
+            p.temperature = g.temperature.map_or(p.temperature, |v| v as f32);
+        }
         p.top_k = g.top_k.unwrap_or(p.top_k);
-        p.top_p = g.top_p.unwrap_or(p.top_p);
-        p.min_p = g.min_p.unwrap_or(p.min_p);
-        p.repetition_penalty = g.repetition_penalty.unwrap_or(p.repetition_penalty);
+        p.top_p = g.top_p.map_or(p.top_p, |v| v as f32);
+        p.min_p = g.min_p.map_or(p.min_p, |v| v as f32);
+        p.repetition_penalty = g.repetition_penalty.map_or(p.repetition_penalty, |v| v as f32);
     }
     p.temperature = s.temp.unwrap_or(p.temperature);
     p.top_k = s.top_k.unwrap_or(p.top_k);
