@@ -186,15 +186,26 @@ impl ModelConfig {
             mlp_bias: j.bool("mlp_bias")?.unwrap_or(false),
             rope_theta,
             rope_scaling,
-            bos_token_id: if j.has("bos_token_id") { j.token_id("bos_token_id")? } else { Some(1) },
-            eos_token_ids: if j.has("eos_token_id") { j.token_ids("eos_token_id")? } else { vec![2] },
+            bos_token_id: if j.has("bos_token_id") {
+                j.token_id("bos_token_id")?
+            } else {
+                Some(1)
+            },
+            eos_token_ids: if j.has("eos_token_id") {
+                j.token_ids("eos_token_id")?
+            } else {
+                vec![2]
+            },
             torch_dtype: match j.str("dtype")? {
                 Some(d) => Some(d.to_string()),
                 None => j.str("torch_dtype")?.map(str::to_string),
             },
         };
         if !(cfg.norm_eps.is_finite() && cfg.norm_eps >= 0.0) {
-            return Err(Error::Config(format!("rms_norm_eps ({}) must be >= 0", cfg.norm_eps)));
+            return Err(Error::Config(format!(
+                "rms_norm_eps ({}) must be >= 0",
+                cfg.norm_eps
+            )));
         }
         cfg.validate()?;
         Ok(cfg)
@@ -210,7 +221,9 @@ fn parse_rope(j: &Json, head_dim: usize, max_pos: usize) -> Result<(f64, RopeSca
             None | Some(Value::Null) => Ok(None),
             Some(Value::Object(m)) if m.is_empty() => Ok(None),
             Some(Value::Object(m)) => Ok(Some(m)),
-            Some(other) => Err(Error::Config(format!("`{key}` must be an object, got {other}"))),
+            Some(other) => Err(Error::Config(format!(
+                "`{key}` must be an object, got {other}"
+            ))),
         }
     };
     let empty = Map::new();
@@ -225,10 +238,15 @@ fn parse_rope(j: &Json, head_dim: usize, max_pos: usize) -> Result<(f64, RopeSca
         None => j.f64("rope_theta")?.unwrap_or(10_000.0),
     };
     if !(theta.is_finite() && theta > 1.0) {
-        return Err(Error::Config(format!("rope_theta ({theta}) must be a finite number > 1")));
+        return Err(Error::Config(format!(
+            "rope_theta ({theta}) must be a finite number > 1"
+        )));
     }
     // Llama rotates the whole head; a partial rotary dimension would not fit its kernels.
-    for partial in [p.f64("partial_rotary_factor")?, j.f64("partial_rotary_factor")?] {
+    for partial in [
+        p.f64("partial_rotary_factor")?,
+        j.f64("partial_rotary_factor")?,
+    ] {
         if partial.is_some_and(|f| f != 1.0) {
             return Err(Error::Config(
                 "partial_rotary_factor other than 1.0 is not supported for Llama".into(),
@@ -246,23 +264,31 @@ fn parse_rope(j: &Json, head_dim: usize, max_pos: usize) -> Result<(f64, RopeSca
     let original_max = || -> Result<usize> {
         let n = match j.usize("original_max_position_embeddings")? {
             Some(n) => n,
-            None => p.usize("original_max_position_embeddings")?.unwrap_or(max_pos),
+            None => p
+                .usize("original_max_position_embeddings")?
+                .unwrap_or(max_pos),
         };
         if n == 0 {
-            return Err(Error::Config("original_max_position_embeddings must be positive".into()));
+            return Err(Error::Config(
+                "original_max_position_embeddings must be positive".into(),
+            ));
         }
         Ok(n)
     };
     let need = |key: &str| -> Result<f64> {
         p.f64(key)?.ok_or_else(|| {
-            Error::Config(format!("rope type `{rope_type}` needs `{key}` in the RoPE parameters"))
+            Error::Config(format!(
+                "rope type `{rope_type}` needs `{key}` in the RoPE parameters"
+            ))
         })
     };
     let positive = |key: &str, v: f64| -> Result<f64> {
         if v.is_finite() && v > 0.0 {
             Ok(v)
         } else {
-            Err(Error::Config(format!("RoPE parameter `{key}` ({v}) must be a positive number")))
+            Err(Error::Config(format!(
+                "RoPE parameter `{key}` ({v}) must be a positive number"
+            )))
         }
     };
 
@@ -387,7 +413,10 @@ impl Json<'_> {
 
     pub(crate) fn bool(&self, key: &str) -> Result<Option<bool>> {
         self.value(key)
-            .map(|v| v.as_bool().ok_or_else(|| Self::wrong(key, "true or false", v)))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| Self::wrong(key, "true or false", v))
+            })
             .transpose()
     }
 
@@ -398,11 +427,18 @@ impl Json<'_> {
     }
 
     fn f64_list(&self, key: &str) -> Result<Option<Vec<f64>>> {
-        let Some(v) = self.value(key) else { return Ok(None) };
-        let items = v.as_array().ok_or_else(|| Self::wrong(key, "a list of numbers", v))?;
+        let Some(v) = self.value(key) else {
+            return Ok(None);
+        };
+        let items = v
+            .as_array()
+            .ok_or_else(|| Self::wrong(key, "a list of numbers", v))?;
         items
             .iter()
-            .map(|x| x.as_f64().ok_or_else(|| Self::wrong(key, "a list of numbers", v)))
+            .map(|x| {
+                x.as_f64()
+                    .ok_or_else(|| Self::wrong(key, "a list of numbers", v))
+            })
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
@@ -449,12 +485,21 @@ mod tests {
     fn defaults_follow_llama_config() {
         let c = parse("").unwrap();
         assert_eq!((c.n_kv_heads, c.head_dim), (4, 16));
-        assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (Some(1), vec![2]));
-        assert_eq!((c.rope_theta, c.rope_scaling), (10_000.0, RopeScaling::Default));
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_ids.clone()),
+            (Some(1), vec![2])
+        );
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling),
+            (10_000.0, RopeScaling::Default)
+        );
         assert!(!c.tie_embeddings && !c.attention_bias && !c.mlp_bias);
         assert_eq!(c.norm_eps, 1e-6);
         let c = ModelConfig::from_hf_json("{}").unwrap();
-        assert_eq!((c.dim, c.n_layers, c.vocab_size, c.max_seq_len), (4096, 32, 32000, 2048));
+        assert_eq!(
+            (c.dim, c.n_layers, c.vocab_size, c.max_seq_len),
+            (4096, 32, 32000, 2048)
+        );
     }
 
     #[test]
@@ -483,9 +528,14 @@ mod tests {
                "rope_parameters": {"rope_type": "yarn", "factor": 4, "rope_theta": 7.0}"#,
         )
         .unwrap();
-        assert_eq!((c.rope_theta, c.rope_scaling), (5.0, RopeScaling::Linear { factor: 2.0 }));
-        let c = parse(r#","rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}"#)
-            .unwrap();
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling),
+            (5.0, RopeScaling::Linear { factor: 2.0 })
+        );
+        let c = parse(
+            r#","rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}"#,
+        )
+        .unwrap();
         assert_eq!(c.rope_theta, 7.0);
     }
 
@@ -496,24 +546,49 @@ mod tests {
                "original_max_position_embeddings": 16}"#,
         )
         .unwrap();
-        let RopeScaling::Yarn { factor, beta_fast, beta_slow, truncate, .. } = c.rope_scaling else {
+        let RopeScaling::Yarn {
+            factor,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } = c.rope_scaling
+        else {
             panic!("expected yarn, got {:?}", c.rope_scaling)
         };
-        assert_eq!((factor, beta_fast, beta_slow, truncate), (4.0, 32.0, 1.0, true));
+        assert_eq!(
+            (factor, beta_fast, beta_slow, truncate),
+            (4.0, 32.0, 1.0, true)
+        );
         // A top-level original length (Phi-3 style) overrides the one in the dict.
         let c = parse(
             r#","original_max_position_embeddings": 8,
                "rope_parameters": {"rope_type": "yarn", "factor": 2, "original_max_position_embeddings": 16}"#,
         )
         .unwrap();
-        assert!(matches!(c.rope_scaling, RopeScaling::Yarn { original_max_position_embeddings: 8, .. }));
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Yarn {
+                original_max_position_embeddings: 8,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn eos_forms() {
-        assert_eq!(parse(r#","eos_token_id": [3, 7]"#).unwrap().eos_token_ids, vec![3, 7]);
-        assert_eq!(parse(r#","eos_token_id": 5"#).unwrap().eos_token_ids, vec![5]);
-        assert!(parse(r#","eos_token_id": null, "bos_token_id": null"#).unwrap().eos_token_ids.is_empty());
+        assert_eq!(
+            parse(r#","eos_token_id": [3, 7]"#).unwrap().eos_token_ids,
+            vec![3, 7]
+        );
+        assert_eq!(
+            parse(r#","eos_token_id": 5"#).unwrap().eos_token_ids,
+            vec![5]
+        );
+        assert!(parse(r#","eos_token_id": null, "bos_token_id": null"#)
+            .unwrap()
+            .eos_token_ids
+            .is_empty());
         assert!(parse(r#","eos_token_id": [-1]"#).is_err());
     }
 

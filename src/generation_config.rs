@@ -42,9 +42,9 @@ impl GenerationConfig {
     pub fn from_json(text: &str) -> Result<GenerationConfig> {
         let root: Value = serde_json::from_str(text)
             .map_err(|e| Error::Config(format!("generation_config.json is not valid JSON: {e}")))?;
-        let obj = root
-            .as_object()
-            .ok_or_else(|| Error::Config("generation_config.json must hold a JSON object".into()))?;
+        let obj = root.as_object().ok_or_else(|| {
+            Error::Config("generation_config.json must hold a JSON object".into())
+        })?;
         let j = Json(obj);
         let g = GenerationConfig {
             eos_token_ids: j.token_ids("eos_token_id")?,
@@ -69,7 +69,12 @@ impl GenerationConfig {
         check("temperature", g.temperature, |x| x >= 0.0, ">= 0")?;
         check("top_p", g.top_p, |x| x > 0.0 && x <= 1.0, "in (0, 1]")?;
         check("min_p", g.min_p, |x| (0.0..=1.0).contains(&x), "in [0, 1]")?;
-        check("repetition_penalty", g.repetition_penalty, |x| x > 0.0, "> 0")?;
+        check(
+            "repetition_penalty",
+            g.repetition_penalty,
+            |x| x > 0.0,
+            "> 0",
+        )?;
         Ok(g)
     }
 }
@@ -87,13 +92,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(g.eos_token_ids, vec![2, 7]);
-        assert_eq!((g.bos_token_id, g.pad_token_id, g.do_sample), (Some(1), None, Some(true)));
-        assert_eq!((g.temperature, g.top_k, g.top_p), (Some(0.2), Some(40), Some(0.9)));
+        assert_eq!(
+            (g.bos_token_id, g.pad_token_id, g.do_sample),
+            (Some(1), None, Some(true))
+        );
+        assert_eq!(
+            (g.temperature, g.top_k, g.top_p),
+            (Some(0.2), Some(40), Some(0.9))
+        );
         assert_eq!((g.min_p, g.repetition_penalty), (Some(0.05), Some(1.1)));
         assert_eq!((g.max_new_tokens, g.max_length), (Some(64), None));
         let g = GenerationConfig::from_json(r#"{"eos_token_id": 2}"#).unwrap();
         assert_eq!(g.eos_token_ids, vec![2]);
-        assert_eq!(GenerationConfig::from_json("{}").unwrap(), GenerationConfig::default());
+        assert_eq!(
+            GenerationConfig::from_json("{}").unwrap(),
+            GenerationConfig::default()
+        );
     }
 
     #[test]
@@ -115,9 +129,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("anyllama-genconf-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(GenerationConfig::from_hf_dir(&dir).unwrap(), None);
-        std::fs::write(dir.join("generation_config.json"), r#"{"temperature": "hot"}"#).unwrap();
+        std::fs::write(
+            dir.join("generation_config.json"),
+            r#"{"temperature": "hot"}"#,
+        )
+        .unwrap();
         let err = GenerationConfig::from_hf_dir(&dir).unwrap_err().to_string();
-        assert!(err.contains("generation_config.json") && err.contains("temperature"), "{err}");
+        assert!(
+            err.contains("generation_config.json") && err.contains("temperature"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

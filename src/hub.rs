@@ -14,7 +14,11 @@ pub fn resolve_model_path(arg: &str) -> Result<PathBuf> {
 /// The hub cache folders to search, in `huggingface_hub`'s order of precedence: HF_HUB_CACHE,
 /// then HF_HOME/hub, then $XDG_CACHE_HOME/huggingface/hub, then ~/.cache/huggingface/hub.
 pub fn hf_cache_dirs() -> Vec<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let mut dirs = Vec::new();
     dirs.extend(var("HF_HUB_CACHE"));
     dirs.extend(var("HF_HOME").map(|h| h.join("hub")));
@@ -44,7 +48,11 @@ pub fn resolve_in(arg: &str, cache_dirs: &[PathBuf]) -> Result<PathBuf> {
             return snapshot(&repo);
         }
     }
-    let list = if looked.is_empty() { "(no cache folder known)".to_string() } else { looked.join(", ") };
+    let list = if looked.is_empty() {
+        "(no cache folder known)".to_string()
+    } else {
+        looked.join(", ")
+    };
     Err(Error::Usage(format!(
         "model `{arg}` is not a path and is not in the Hugging Face cache; looked in: {list}. \
          Download it first (e.g. `hf download {arg}`) or pass a local folder"
@@ -58,7 +66,8 @@ fn repo_id(arg: &str) -> Option<(&str, &str)> {
         !s.is_empty()
             && s != "."
             && s != ".."
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     (ok(org) && ok(name)).then_some((org, name))
 }
@@ -68,22 +77,32 @@ fn snapshot(repo: &Path) -> Result<PathBuf> {
     let snapshots = repo.join("snapshots");
     let ref_file = repo.join("refs").join("main");
     if ref_file.is_file() {
-        let rev = std::fs::read_to_string(&ref_file).map_err(|e| Error::load(&ref_file, e.to_string()))?;
+        let rev = std::fs::read_to_string(&ref_file)
+            .map_err(|e| Error::load(&ref_file, e.to_string()))?;
         let rev = rev.trim();
         let plain = !rev.is_empty() && rev.chars().all(|c| c.is_ascii_alphanumeric());
         if !plain {
-            return Err(Error::load(&ref_file, format!("`{rev}` is not a revision hash")));
+            return Err(Error::load(
+                &ref_file,
+                format!("`{rev}` is not a revision hash"),
+            ));
         }
         let dir = snapshots.join(rev);
         if !dir.is_dir() {
-            return Err(Error::load(&ref_file, format!("names snapshot {rev}, but {} is missing", dir.display())));
+            return Err(Error::load(
+                &ref_file,
+                format!("names snapshot {rev}, but {} is missing", dir.display()),
+            ));
         }
         return Ok(dir);
     }
-    let entries = std::fs::read_dir(&snapshots).map_err(|e| Error::load(&snapshots, e.to_string()))?;
+    let entries =
+        std::fs::read_dir(&snapshots).map_err(|e| Error::load(&snapshots, e.to_string()))?;
     let mut dirs = Vec::new();
     for entry in entries {
-        let path = entry.map_err(|e| Error::load(&snapshots, e.to_string()))?.path();
+        let path = entry
+            .map_err(|e| Error::load(&snapshots, e.to_string()))?
+            .path();
         if path.is_dir() {
             dirs.push(path);
         }
@@ -93,7 +112,9 @@ fn snapshot(repo: &Path) -> Result<PathBuf> {
         0 => Err(Error::load(&snapshots, "no snapshot downloaded")),
         n => Err(Error::load(
             &snapshots,
-            format!("{n} snapshots and no refs/main to choose one; pass the snapshot folder itself"),
+            format!(
+                "{n} snapshots and no refs/main to choose one; pass the snapshot folder itself"
+            ),
         )),
     }
 }
@@ -106,7 +127,8 @@ mod tests {
     struct Scratch(PathBuf);
     impl Scratch {
         fn new(tag: &str) -> Scratch {
-            let dir = std::env::temp_dir().join(format!("anyllama-hub-{tag}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("anyllama-hub-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             Scratch(dir)
@@ -148,24 +170,36 @@ mod tests {
         let s = Scratch::new("only");
         let repo = s.0.join("models--org--name");
         mkdir(&repo.join("snapshots/0123abcd"));
-        assert_eq!(resolve_in("org/name", &[s.0.clone()]).unwrap(), repo.join("snapshots/0123abcd"));
+        assert_eq!(
+            resolve_in("org/name", std::slice::from_ref(&s.0)).unwrap(),
+            repo.join("snapshots/0123abcd")
+        );
         mkdir(&repo.join("snapshots/4567"));
-        let err = resolve_in("org/name", &[s.0.clone()]).unwrap_err().to_string();
+        let err = resolve_in("org/name", std::slice::from_ref(&s.0))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("2 snapshots"), "{err}");
     }
 
     #[test]
     fn errors_say_where_they_looked() {
         let s = Scratch::new("missing");
-        let err = resolve_in("org/absent", &[s.0.clone()]).unwrap_err().to_string();
-        assert!(err.contains("models--org--absent") && err.contains("looked in"), "{err}");
+        let err = resolve_in("org/absent", std::slice::from_ref(&s.0))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("models--org--absent") && err.contains("looked in"),
+            "{err}"
+        );
         assert!(resolve_in("not-a-repo-or-path", &[]).is_err());
-        assert!(resolve_in("../escape", &[s.0.clone()]).is_err());
+        assert!(resolve_in("../escape", std::slice::from_ref(&s.0)).is_err());
         // A ref that tries to leave the snapshots folder is refused.
         let repo = s.0.join("models--org--evil");
         mkdir(&repo.join("refs"));
         std::fs::write(repo.join("refs/main"), "../../etc").unwrap();
-        let err = resolve_in("org/evil", &[s.0.clone()]).unwrap_err().to_string();
+        let err = resolve_in("org/evil", std::slice::from_ref(&s.0))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a revision"), "{err}");
     }
 }

@@ -20,7 +20,10 @@ pub struct RopeFreqs {
 
 /// True when the frequencies depend on `seq_len`, so they must be recomputed per forward call.
 pub fn varies_with_len(cfg: &ModelConfig) -> bool {
-    matches!(cfg.rope_scaling, RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. })
+    matches!(
+        cfg.rope_scaling,
+        RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. }
+    )
 }
 
 /// The frequencies transformers' `LlamaRotaryEmbedding` uses in a forward call whose largest
@@ -35,25 +38,35 @@ pub fn rope_freqs(cfg: &ModelConfig, seq_len: usize) -> RopeFreqs {
     let dim = cfg.head_dim;
     let base = cfg.rope_theta;
     let unscaled = |base: f32| -> Vec<f32> { base_powers(base, dim).map(|p| 1.0 / p).collect() };
-    let plain = |inv_freq| RopeFreqs { inv_freq, attention_scaling: 1.0 };
+    let plain = |inv_freq| RopeFreqs {
+        inv_freq,
+        attention_scaling: 1.0,
+    };
 
     match &cfg.rope_scaling {
         RopeScaling::Default => plain(unscaled(base as f32)),
-        RopeScaling::Linear { factor } => {
-            plain(unscaled(base as f32).into_iter().map(|f| f / *factor as f32).collect())
-        }
-        RopeScaling::Dynamic { factor, original_max_position_embeddings: orig } => {
-            plain(unscaled(dynamic_base(base, *factor, *orig, dim, seq_len)))
-        }
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-            plain(llama3(
-                unscaled(base as f32),
-                *factor,
-                *low_freq_factor,
-                *high_freq_factor,
-                *original_max_position_embeddings as f64,
-            ))
-        }
+        RopeScaling::Linear { factor } => plain(
+            unscaled(base as f32)
+                .into_iter()
+                .map(|f| f / *factor as f32)
+                .collect(),
+        ),
+        RopeScaling::Dynamic {
+            factor,
+            original_max_position_embeddings: orig,
+        } => plain(unscaled(dynamic_base(base, *factor, *orig, dim, seq_len))),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => plain(llama3(
+            unscaled(base as f32),
+            *factor,
+            *low_freq_factor,
+            *high_freq_factor,
+            *original_max_position_embeddings as f64,
+        )),
         RopeScaling::LongRope {
             short_factor,
             long_factor,
@@ -61,7 +74,11 @@ pub fn rope_freqs(cfg: &ModelConfig, seq_len: usize) -> RopeFreqs {
             attention_factor,
             factor,
         } => {
-            let ext = if seq_len > *orig { long_factor } else { short_factor };
+            let ext = if seq_len > *orig {
+                long_factor
+            } else {
+                short_factor
+            };
             let inv_freq = base_powers(base as f32, dim)
                 .zip(ext)
                 .map(|(p, &e)| 1.0 / (e as f32 * p))
@@ -74,7 +91,10 @@ pub fn rope_freqs(cfg: &ModelConfig, seq_len: usize) -> RopeFreqs {
                     (1.0 + factor.ln() / (*orig as f64).ln()).sqrt()
                 }
             });
-            RopeFreqs { inv_freq, attention_scaling: scaling as f32 }
+            RopeFreqs {
+                inv_freq,
+                attention_scaling: scaling as f32,
+            }
         }
         RopeScaling::Yarn {
             factor,
@@ -101,7 +121,10 @@ pub fn rope_freqs(cfg: &ModelConfig, seq_len: usize) -> RopeFreqs {
                 }
                 _ => yarn_mscale(*factor, 1.0),
             });
-            RopeFreqs { inv_freq, attention_scaling: scaling as f32 }
+            RopeFreqs {
+                inv_freq,
+                attention_scaling: scaling as f32,
+            }
         }
     }
 }
@@ -140,11 +163,15 @@ fn llama3(inv: Vec<f32>, factor: f64, low: f64, high: f64, old_context_len: f64)
         .map(|f| {
             // torch evaluates `scalar / tensor` as reciprocal(tensor) * scalar.
             let wavelen = (1.0 / f) * two_pi;
-            let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+            let scaled = if wavelen > low_freq_wavelen {
+                f / factor
+            } else {
+                f
+            };
             let smooth =
                 ((1.0 / wavelen) * old_context_len as f32 - low as f32) / (high - low) as f32;
             let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-            let is_medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+            let is_medium = (high_freq_wavelen..=low_freq_wavelen).contains(&wavelen);
             if is_medium {
                 smoothed
             } else {
@@ -156,7 +183,14 @@ fn llama3(inv: Vec<f32>, factor: f64, low: f64, high: f64, old_context_len: f64)
 
 /// YaRN: interpolate (divide by `factor`) the low frequencies, extrapolate (keep) the high ones,
 /// with a linear ramp over the dimensions between the two correction bounds.
-fn yarn(base: f64, dim: usize, factor: f64, orig: f64, betas: (f64, f64), truncate: bool) -> Vec<f32> {
+fn yarn(
+    base: f64,
+    dim: usize,
+    factor: f64,
+    orig: f64,
+    betas: (f64, f64),
+    truncate: bool,
+) -> Vec<f32> {
     // The dimension whose wavelength makes `num_rotations` turns over the original context.
     let correction_dim = |num_rotations: f64| {
         (dim as f64 * (orig / (num_rotations * 2.0 * PI)).ln()) / (2.0 * base.ln())

@@ -37,7 +37,10 @@ fn matches_transformers_for_every_variant() {
             for (i, (&g, &w)) in got.inv_freq.iter().zip(&want).enumerate() {
                 let rel = ((g as f64) - w).abs() / w.abs();
                 worst = worst.max(rel);
-                assert!(rel <= TOL, "{name} seq_len {seq_len} inv_freq[{i}]: got {g:e}, want {w:e}");
+                assert!(
+                    rel <= TOL,
+                    "{name} seq_len {seq_len} inv_freq[{i}]: got {g:e}, want {w:e}"
+                );
             }
             let want_scale = result["attention_scaling"].as_f64().unwrap();
             let got_scale = got.attention_scaling as f64;
@@ -65,6 +68,9 @@ fn length_dependence_is_declared_and_real() {
             assert!(varies_with_len(&cfg), "{}", case["name"]);
         }
         let kind = cfg.rope_scaling.rope_type();
-        assert_eq!(varies_with_len(&cfg), kind == "dynamic" || kind == "longrope");
+        assert_eq!(
+            varies_with_len(&cfg),
+            kind == "dynamic" || kind == "longrope"
+        );
     }
 }

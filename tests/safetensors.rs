@@ -54,7 +54,10 @@ fn single_file_round_trip() {
         .iter()
         .flat_map(|x| x.to_le_bytes())
         .collect();
-    let c: Vec<u8> = [half::bf16::from_f32(3.0)].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let c: Vec<u8> = [half::bf16::from_f32(3.0)]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
     write(
         &s.0.join("model.safetensors"),
         &[
@@ -67,10 +70,19 @@ fn single_file_round_trip() {
         let src = SafetensorsSource::open(&path).unwrap();
         assert_eq!(src.names(), vec!["w.a", "w.b", "w.c"]);
         let t = src.get("w.a").unwrap().unwrap();
-        assert_eq!((t.dtype, t.shape.clone(), t.data.as_ref()), (DType::F32, vec![2, 3], &a[..]));
-        assert!(matches!(t.data, std::borrow::Cow::Borrowed(_)), "must borrow the mapping");
+        assert_eq!(
+            (t.dtype, t.shape.clone(), t.data.as_ref()),
+            (DType::F32, vec![2, 3], &a[..])
+        );
+        assert!(
+            matches!(t.data, std::borrow::Cow::Borrowed(_)),
+            "must borrow the mapping"
+        );
         let t = src.get("w.b").unwrap().unwrap();
-        assert_eq!((t.dtype, t.shape.clone(), t.data.as_ref()), (DType::F16, vec![2], &b[..]));
+        assert_eq!(
+            (t.dtype, t.shape.clone(), t.data.as_ref()),
+            (DType::F16, vec![2], &b[..])
+        );
         let t = src.get("w.c").unwrap().unwrap();
         assert_eq!((t.dtype, t.data.as_ref()), (DType::BF16, &c[..]));
         assert!(src.get("absent").unwrap().is_none());
@@ -78,17 +90,25 @@ fn single_file_round_trip() {
 }
 
 fn write_index(dir: &Path, entries: &[(&str, &str)]) {
-    let map: serde_json::Map<String, serde_json::Value> =
-        entries.iter().map(|(t, f)| (t.to_string(), serde_json::Value::from(*f))).collect();
+    let map: serde_json::Map<String, serde_json::Value> = entries
+        .iter()
+        .map(|(t, f)| (t.to_string(), serde_json::Value::from(*f)))
+        .collect();
     let doc = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
     std::fs::write(dir.join("model.safetensors.index.json"), doc.to_string()).unwrap();
 }
 
 fn two_shards(dir: &Path) {
-    write(&dir.join("s-1.safetensors"), &[("x", Dtype::F32, vec![2], f32_bytes(&[1.0, 2.0]))]);
+    write(
+        &dir.join("s-1.safetensors"),
+        &[("x", Dtype::F32, vec![2], f32_bytes(&[1.0, 2.0]))],
+    );
     write(
         &dir.join("s-2.safetensors"),
-        &[("y", Dtype::F32, vec![1], f32_bytes(&[3.0])), ("z", Dtype::F32, vec![], f32_bytes(&[4.0]))],
+        &[
+            ("y", Dtype::F32, vec![1], f32_bytes(&[3.0])),
+            ("z", Dtype::F32, vec![], f32_bytes(&[4.0])),
+        ],
     );
 }
 
@@ -96,28 +116,70 @@ fn two_shards(dir: &Path) {
 fn sharded_with_index() {
     let s = Scratch::new("sharded");
     two_shards(&s.0);
-    write_index(&s.0, &[("x", "s-1.safetensors"), ("y", "s-2.safetensors"), ("z", "s-2.safetensors")]);
+    write_index(
+        &s.0,
+        &[
+            ("x", "s-1.safetensors"),
+            ("y", "s-2.safetensors"),
+            ("z", "s-2.safetensors"),
+        ],
+    );
     let src = SafetensorsSource::open(&s.0).unwrap();
     assert_eq!(src.names(), vec!["x", "y", "z"]);
     assert_eq!(src.files().len(), 2);
-    assert_eq!(src.get("y").unwrap().unwrap().data.as_ref(), &f32_bytes(&[3.0])[..]);
+    assert_eq!(
+        src.get("y").unwrap().unwrap().data.as_ref(),
+        &f32_bytes(&[3.0])[..]
+    );
     let z = src.get("z").unwrap().unwrap();
     assert_eq!((z.shape.len(), z.numel()), (0, 1));
 }
 
+/// (case tag, index entries tensor -> shard, text the error must contain)
+type IndexCase<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn index_and_shards_must_agree() {
-    let cases: &[(&str, &[(&str, &str)], &str)] = &[
-        ("wrong-shard", &[("x", "s-2.safetensors"), ("y", "s-2.safetensors"), ("z", "s-2.safetensors")], "does not hold it"),
-        ("misplaced", &[("x", "s-1.safetensors"), ("y", "s-1.safetensors"), ("z", "s-2.safetensors")], "puts in"),
-        ("unlisted", &[("x", "s-1.safetensors"), ("y", "s-2.safetensors")], "does not list"),
+    let cases: &[IndexCase] = &[
+        (
+            "wrong-shard",
+            &[
+                ("x", "s-2.safetensors"),
+                ("y", "s-2.safetensors"),
+                ("z", "s-2.safetensors"),
+            ],
+            "does not hold it",
+        ),
+        (
+            "misplaced",
+            &[
+                ("x", "s-1.safetensors"),
+                ("y", "s-1.safetensors"),
+                ("z", "s-2.safetensors"),
+            ],
+            "puts in",
+        ),
+        (
+            "unlisted",
+            &[("x", "s-1.safetensors"), ("y", "s-2.safetensors")],
+            "does not list",
+        ),
         (
             "missing",
-            &[("x", "s-1.safetensors"), ("y", "s-2.safetensors"), ("z", "s-2.safetensors"), ("q", "s-1.safetensors")],
+            &[
+                ("x", "s-1.safetensors"),
+                ("y", "s-2.safetensors"),
+                ("z", "s-2.safetensors"),
+                ("q", "s-1.safetensors"),
+            ],
             "`q`",
         ),
         ("escape", &[("x", "../s-1.safetensors")], "plain file name"),
-        ("absent-shard", &[("x", "s-9.safetensors")], "s-9.safetensors"),
+        (
+            "absent-shard",
+            &[("x", "s-9.safetensors")],
+            "s-9.safetensors",
+        ),
     ];
     for (tag, entries, needle) in cases {
         let s = Scratch::new(tag);
@@ -129,11 +191,26 @@ fn index_and_shards_must_agree() {
     // The same tensor in two shards.
     let s = Scratch::new("dup");
     two_shards(&s.0);
-    write(&s.0.join("s-3.safetensors"), &[("x", Dtype::F32, vec![1], f32_bytes(&[5.0]))]);
-    write_index(&s.0, &[("x", "s-1.safetensors"), ("y", "s-2.safetensors"), ("z", "s-2.safetensors"), ("w", "s-3.safetensors")]);
+    write(
+        &s.0.join("s-3.safetensors"),
+        &[("x", Dtype::F32, vec![1], f32_bytes(&[5.0]))],
+    );
+    write_index(
+        &s.0,
+        &[
+            ("x", "s-1.safetensors"),
+            ("y", "s-2.safetensors"),
+            ("z", "s-2.safetensors"),
+            ("w", "s-3.safetensors"),
+        ],
+    );
     let err = err_of(&s.0);
     assert!(err.contains("`x`"), "{err}");
-    std::fs::write(s.0.join("model.safetensors.index.json"), "{\"weight_map\": 3}").unwrap();
+    std::fs::write(
+        s.0.join("model.safetensors.index.json"),
+        "{\"weight_map\": 3}",
+    )
+    .unwrap();
     assert!(err_of(&s.0).contains("weight_map"));
 }
 

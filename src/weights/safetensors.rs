@@ -57,7 +57,10 @@ impl SafetensorsSource {
             let files: Vec<PathBuf> = shard_names.iter().map(|n| path.join(n)).collect();
             return Self::from_files(&files, Some((&index, &weight_map)));
         }
-        Err(Error::load(path, format!("no {SINGLE_FILE} or {INDEX_FILE} found")))
+        Err(Error::load(
+            path,
+            format!("no {SINGLE_FILE} or {INDEX_FILE} found"),
+        ))
     }
 
     /// The files the tensors come from, in the order they were opened.
@@ -67,12 +70,18 @@ impl SafetensorsSource {
 
     /// Maps every file and collects its tensors. With an index, each tensor must sit in exactly
     /// the shard the index names, and every tensor the index names must exist.
-    fn from_files(files: &[PathBuf], index: Option<(&Path, &HashMap<String, String>)>) -> Result<Self> {
+    fn from_files(
+        files: &[PathBuf],
+        index: Option<(&Path, &HashMap<String, String>)>,
+    ) -> Result<Self> {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = BTreeMap::new();
         for (shard_idx, file) in files.iter().enumerate() {
             let map = map_file(file)?;
-            let shard_name = file.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let shard_name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             for (name, entry) in read_header(file, &map, shard_idx)? {
                 if let Some((index_path, weight_map)) = index {
                     match weight_map.get(&name) {
@@ -80,13 +89,19 @@ impl SafetensorsSource {
                         Some(listed) => {
                             return Err(Error::load(
                                 file,
-                                format!("holds tensor `{name}`, which {} puts in {listed}", index_path.display()),
+                                format!(
+                                    "holds tensor `{name}`, which {} puts in {listed}",
+                                    index_path.display()
+                                ),
                             ))
                         }
                         None => {
                             return Err(Error::load(
                                 file,
-                                format!("holds tensor `{name}`, which {} does not list", index_path.display()),
+                                format!(
+                                    "holds tensor `{name}`, which {} does not list",
+                                    index_path.display()
+                                ),
                             ))
                         }
                     }
@@ -99,15 +114,24 @@ impl SafetensorsSource {
                     ));
                 }
             }
-            shards.push(Shard { path: file.clone(), map });
+            shards.push(Shard {
+                path: file.clone(),
+                map,
+            });
         }
         if let Some((index_path, weight_map)) = index {
-            let mut missing: Vec<_> = weight_map.keys().filter(|n| !tensors.contains_key(*n)).collect();
+            let mut missing: Vec<_> = weight_map
+                .keys()
+                .filter(|n| !tensors.contains_key(*n))
+                .collect();
             missing.sort();
             if let Some(name) = missing.first() {
                 return Err(Error::load(
                     index_path,
-                    format!("lists tensor `{name}` in {}, which does not hold it", weight_map[*name]),
+                    format!(
+                        "lists tensor `{name}` in {}, which does not hold it",
+                        weight_map[*name]
+                    ),
                 ));
             }
         }
@@ -121,13 +145,22 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn get(&self, name: &str) -> Result<Option<HostTensor<'_>>> {
-        let Some(e) = self.tensors.get(name) else { return Ok(None) };
+        let Some(e) = self.tensors.get(name) else {
+            return Ok(None);
+        };
         let shard = &self.shards[e.shard];
         // Ranges were checked against the mapping at open; `get` keeps that a non-panicking path.
         let data = shard.map.get(e.start..e.end).ok_or_else(|| {
-            Error::load(&shard.path, format!("tensor `{name}` lies outside the file"))
+            Error::load(
+                &shard.path,
+                format!("tensor `{name}` lies outside the file"),
+            )
         })?;
-        Ok(Some(HostTensor { dtype: e.dtype, shape: e.shape.clone(), data: Cow::Borrowed(data) }))
+        Ok(Some(HostTensor {
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            data: Cow::Borrowed(data),
+        }))
     }
 }
 
@@ -196,7 +229,9 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ent
             other => {
                 return Err(Error::load(
                     path,
-                    format!("tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 are supported"),
+                    format!(
+                        "tensor `{name}` has dtype {other:?}; only F32, F16 and BF16 are supported"
+                    ),
                 ))
             }
         };
@@ -206,16 +241,32 @@ fn read_header(path: &Path, map: &[u8], shard: usize) -> Result<Vec<(String, Ent
             .zip(data_start.checked_add(e))
             .filter(|&(start, end)| start <= end && end <= map.len());
         let Some((start, end)) = range else {
-            return Err(Error::load(path, format!("tensor `{name}` lies outside the file")));
+            return Err(Error::load(
+                path,
+                format!("tensor `{name}` lies outside the file"),
+            ));
         };
         let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if numel.and_then(|n| dtype.bytes_for(n)) != Some(end - start) {
             return Err(Error::load(
                 path,
-                format!("tensor `{name}`: shape {:?} does not match its {} bytes", info.shape, end - start),
+                format!(
+                    "tensor `{name}`: shape {:?} does not match its {} bytes",
+                    info.shape,
+                    end - start
+                ),
             ));
         }
-        out.push((name, Entry { shard, dtype, shape: info.shape.clone(), start, end }));
+        out.push((
+            name,
+            Entry {
+                shard,
+                dtype,
+                shape: info.shape.clone(),
+                start,
+                end,
+            },
+        ));
     }
     Ok(out)
 }
