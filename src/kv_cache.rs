@@ -33,9 +33,15 @@ impl<B: Backend> KvCache<B> {
     /// Allocates room for `n_blocks` blocks per layer, in f16 or f32.
     pub fn new(b: &B, cfg: &ModelConfig, n_blocks: usize, dtype: DType) -> Result<Self> {
         if !matches!(dtype, DType::F16 | DType::F32) {
-            return Err(Error::Usage(format!("KV cache dtype must be f16 or f32, not {dtype}")));
+            return Err(Error::Usage(format!(
+                "KV cache dtype must be f16 or f32, not {dtype}"
+            )));
         }
-        let heads = Heads { n_heads: cfg.n_heads, n_kv_heads: cfg.n_kv_heads, head_dim: cfg.head_dim };
+        let heads = Heads {
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        };
         let elem = if dtype == DType::F16 { 2 } else { 4 };
         let bytes = n_blocks * KV_BLOCK * cfg.kv_dim() * elem;
         let mut k = Vec::with_capacity(cfg.n_layers);
@@ -45,7 +51,14 @@ impl<B: Backend> KvCache<B> {
             v.push(Buf::exact(b, bytes)?);
         }
         let free = (0..n_blocks as u32).rev().collect();
-        Ok(KvCache { k, v, dtype, heads, n_blocks, free })
+        Ok(KvCache {
+            k,
+            v,
+            dtype,
+            heads,
+            n_blocks,
+            free,
+        })
     }
 
     /// Bytes the cache takes on the device.
@@ -60,7 +73,12 @@ impl<B: Backend> KvCache<B> {
     /// A new, empty sequence that may grow to `max_len` positions.
     pub fn new_sequence(&self, b: &B, max_len: usize) -> Result<Sequence<B>> {
         let max_blocks = max_len.div_ceil(KV_BLOCK).max(1);
-        Ok(Sequence { table: Vec::new(), device_table: Buf::exact(b, max_blocks * 4)?, max_blocks, len: 0 })
+        Ok(Sequence {
+            table: Vec::new(),
+            device_table: Buf::exact(b, max_blocks * 4)?,
+            max_blocks,
+            len: 0,
+        })
     }
 
     /// Makes room for positions up to `new_len` in `seq`, taking blocks from the free list and
@@ -84,7 +102,11 @@ impl<B: Backend> KvCache<B> {
             seq.table.push(block);
         }
         if seq.table.len() != old {
-            b.upload(&mut seq.device_table, old * 4, bytemuck::cast_slice(&seq.table[old..]))?;
+            b.upload(
+                &mut seq.device_table,
+                old * 4,
+                bytemuck::cast_slice(&seq.table[old..]),
+            )?;
         }
         Ok(())
     }
@@ -96,13 +118,22 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// Layer `layer`'s K and V pools, writable, plus the sequence's table (for kv_append).
-    pub fn layer_mut<'a>(&'a mut self, layer: usize, seq: &'a Sequence<B>) -> (&'a mut Buf<B>, &'a mut Buf<B>, &'a Buf<B>) {
+    pub fn layer_mut<'a>(
+        &'a mut self,
+        layer: usize,
+        seq: &'a Sequence<B>,
+    ) -> (&'a mut Buf<B>, &'a mut Buf<B>, &'a Buf<B>) {
         (&mut self.k[layer], &mut self.v[layer], &seq.device_table)
     }
 
     /// Layer `layer` of the sequence as attention reads it.
     pub fn view<'a>(&'a self, layer: usize, seq: &'a Sequence<B>) -> KvView<'a, B> {
-        KvView { k: &self.k[layer], v: &self.v[layer], table: &seq.device_table, dtype: self.dtype }
+        KvView {
+            k: &self.k[layer],
+            v: &self.v[layer],
+            table: &seq.device_table,
+            dtype: self.dtype,
+        }
     }
 }
 

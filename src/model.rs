@@ -60,7 +60,13 @@ impl<B: Backend> Scratch<B> {
 impl<B: Backend> Model<B> {
     pub fn new(b: &B, cfg: ModelConfig, w: Weights<B>) -> Result<Self> {
         let inv_freq = b.alloc(cfg.head_dim / 2 * 4)?;
-        let mut m = Model { cfg, w, inv_freq, attn_scale: 1.0, rope_len: None };
+        let mut m = Model {
+            cfg,
+            w,
+            inv_freq,
+            attn_scale: 1.0,
+            rope_len: None,
+        };
         m.prepare_rope(b, 1)?;
         Ok(m)
     }
@@ -84,10 +90,22 @@ impl<B: Backend> Model<B> {
     /// Runs `rows` tokens (already in `s.tokens`) at positions seq.len.. through the model,
     /// appending their K/V to the cache. Writes the last row's logits to `s.logits` (every
     /// row's when `all_logits`). Call `prepare_rope` first.
-    pub fn forward(&self, b: &B, s: &mut Scratch<B>, kv: &mut KvCache<B>, seq: &Sequence<B>, rows: usize, all_logits: bool) -> Result<()> {
+    pub fn forward(
+        &self,
+        b: &B,
+        s: &mut Scratch<B>,
+        kv: &mut KvCache<B>,
+        seq: &Sequence<B>,
+        rows: usize,
+        all_logits: bool,
+    ) -> Result<()> {
         let c = &self.cfg;
         let (dim, pos0) = (c.dim, seq.len);
-        let heads = Heads { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        let heads = Heads {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
         b.embedding(&mut s.x, &s.tokens, &self.w.tok_embeddings, rows)?; // x [rows, dim]
         for (i, l) in self.w.layers.iter().enumerate() {
             // attention block
@@ -98,7 +116,15 @@ impl<B: Backend> Model<B> {
             bias(b, &mut s.q, &l.bq, rows, c.q_dim())?;
             bias(b, &mut s.k, &l.bk, rows, c.kv_dim())?;
             bias(b, &mut s.v, &l.bv, rows, c.kv_dim())?;
-            b.rope(&mut s.q, &mut s.k, &self.inv_freq, rows, pos0, heads, self.attn_scale)?;
+            b.rope(
+                &mut s.q,
+                &mut s.k,
+                &self.inv_freq,
+                rows,
+                pos0,
+                heads,
+                self.attn_scale,
+            )?;
             let kv_dtype = kv.dtype;
             let (kc, vc, table) = kv.layer_mut(i, seq);
             b.kv_append(kc, vc, kv_dtype, table, &s.k, &s.v, rows, pos0, heads)?;
@@ -106,7 +132,7 @@ impl<B: Backend> Model<B> {
             b.matmul(&mut s.xb2, &s.att, &l.wo, rows)?; // xb2 [rows, dim]
             bias(b, &mut s.xb2, &l.bo, rows, dim)?;
             b.add(&mut s.x, &s.xb2, rows * dim)?; // residual
-            // feed-forward block
+                                                  // feed-forward block
             b.rms_norm(&mut s.xb, &s.x, &l.ffn_norm, rows, dim, c.norm_eps)?;
             b.matmul(&mut s.gate, &s.xb, &l.w1, rows)?; // gate [rows, ffn]
             b.matmul(&mut s.up, &s.xb, &l.w3, rows)?; // up [rows, ffn]
@@ -129,7 +155,13 @@ impl<B: Backend> Model<B> {
     }
 }
 
-fn bias<B: Backend>(b: &B, x: &mut Buf<B>, bias: &Option<Buf<B>>, rows: usize, n: usize) -> Result<()> {
+fn bias<B: Backend>(
+    b: &B,
+    x: &mut Buf<B>,
+    bias: &Option<Buf<B>>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
     match bias {
         Some(v) => b.add_bias(x, v, rows, n),
         None => Ok(()),

@@ -10,7 +10,10 @@ pub struct StopMatcher {
 
 impl StopMatcher {
     pub fn new(stops: &[String]) -> Self {
-        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), ..Default::default() }
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            ..Default::default()
+        }
     }
 
     /// Feeds the next piece of text; returns the text that is safe to emit now.
@@ -19,7 +22,12 @@ impl StopMatcher {
             return String::new();
         }
         self.held.push_str(piece);
-        if let Some(cut) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
             self.stopped = true;
             let out = self.held[..cut].to_string();
             self.held.clear();
@@ -29,7 +37,11 @@ impl StopMatcher {
         let keep = self
             .stops
             .iter()
-            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&n| s.is_char_boundary(n))
+                    .map(move |n| &s[..n])
+            })
             .filter(|prefix| self.held.ends_with(prefix))
             .map(|p| p.len())
             .max()
@@ -71,9 +83,18 @@ mod tests {
 
     #[test]
     fn cuts_before_a_stop_string_split_across_pieces() {
-        assert_eq!(run(&["User:"], &["Hello ", "Us", "er: hi"]), ("Hello ".into(), true));
-        assert_eq!(run(&["User:"], &["Hello ", "Us", "ually"]), ("Hello Usually".into(), false));
-        assert_eq!(run(&["\n\n", "END"], &["a\n", "b", "E", "N", "D"]), ("a\nb".into(), true));
+        assert_eq!(
+            run(&["User:"], &["Hello ", "Us", "er: hi"]),
+            ("Hello ".into(), true)
+        );
+        assert_eq!(
+            run(&["User:"], &["Hello ", "Us", "ually"]),
+            ("Hello Usually".into(), false)
+        );
+        assert_eq!(
+            run(&["\n\n", "END"], &["a\n", "b", "E", "N", "D"]),
+            ("a\nb".into(), true)
+        );
         assert_eq!(run(&[], &["x", "y"]), ("xy".into(), false));
     }
 

@@ -22,7 +22,11 @@ pub trait WithBackend {
 }
 
 /// Builds the chosen backend and runs `work` on it. `adapter` selects a GPU adapter by index.
-pub fn with_backend<W: WithBackend>(choice: BackendChoice, adapter: Option<usize>, work: W) -> Result<W::Output> {
+pub fn with_backend<W: WithBackend>(
+    choice: BackendChoice,
+    adapter: Option<usize>,
+    work: W,
+) -> Result<W::Output> {
     match choice {
         BackendChoice::Cpu => work.run(Cpu::new()),
         BackendChoice::Cuda => Err(Error::Device(
@@ -40,7 +44,9 @@ fn run_wgpu<W: WithBackend>(adapter: Option<usize>, work: W) -> Result<W::Output
 
 #[cfg(not(feature = "wgpu"))]
 fn run_wgpu<W: WithBackend>(_adapter: Option<usize>, _work: W) -> Result<W::Output> {
-    Err(Error::Device("this build has no wgpu backend (built without the `wgpu` feature)".into()))
+    Err(Error::Device(
+        "this build has no wgpu backend (built without the `wgpu` feature)".into(),
+    ))
 }
 
 #[cfg(feature = "wgpu")]
@@ -52,7 +58,10 @@ fn auto<W: WithBackend>(adapter: Option<usize>, work: W) -> Result<W::Output> {
             work.run(b)
         }
         Ok(b) => {
-            eprintln!("backend: cpu (the only GPU adapter, {}, is a software renderer)", b.device_name());
+            eprintln!(
+                "backend: cpu (the only GPU adapter, {}, is a software renderer)",
+                b.device_name()
+            );
             work.run(Cpu::new())
         }
         Err(e) => {

@@ -11,30 +11,101 @@ use crate::quant::dequantize;
 
 /// Tensor roles and their names: (role, HF name, GGUF name); `{}` is the layer index.
 const NAMES: &[(&str, &str, &str)] = &[
-    ("tok_embeddings", "model.embed_tokens.weight", "token_embd.weight"),
+    (
+        "tok_embeddings",
+        "model.embed_tokens.weight",
+        "token_embd.weight",
+    ),
     ("norm", "model.norm.weight", "output_norm.weight"),
     ("output", "lm_head.weight", "output.weight"),
-    ("attn_norm", "model.layers.{}.input_layernorm.weight", "blk.{}.attn_norm.weight"),
-    ("wq", "model.layers.{}.self_attn.q_proj.weight", "blk.{}.attn_q.weight"),
-    ("wk", "model.layers.{}.self_attn.k_proj.weight", "blk.{}.attn_k.weight"),
-    ("wv", "model.layers.{}.self_attn.v_proj.weight", "blk.{}.attn_v.weight"),
-    ("wo", "model.layers.{}.self_attn.o_proj.weight", "blk.{}.attn_output.weight"),
-    ("bq", "model.layers.{}.self_attn.q_proj.bias", "blk.{}.attn_q.bias"),
-    ("bk", "model.layers.{}.self_attn.k_proj.bias", "blk.{}.attn_k.bias"),
-    ("bv", "model.layers.{}.self_attn.v_proj.bias", "blk.{}.attn_v.bias"),
-    ("bo", "model.layers.{}.self_attn.o_proj.bias", "blk.{}.attn_output.bias"),
-    ("ffn_norm", "model.layers.{}.post_attention_layernorm.weight", "blk.{}.ffn_norm.weight"),
-    ("w1", "model.layers.{}.mlp.gate_proj.weight", "blk.{}.ffn_gate.weight"),
-    ("w2", "model.layers.{}.mlp.down_proj.weight", "blk.{}.ffn_down.weight"),
-    ("w3", "model.layers.{}.mlp.up_proj.weight", "blk.{}.ffn_up.weight"),
-    ("b1", "model.layers.{}.mlp.gate_proj.bias", "blk.{}.ffn_gate.bias"),
-    ("b2", "model.layers.{}.mlp.down_proj.bias", "blk.{}.ffn_down.bias"),
-    ("b3", "model.layers.{}.mlp.up_proj.bias", "blk.{}.ffn_up.bias"),
+    (
+        "attn_norm",
+        "model.layers.{}.input_layernorm.weight",
+        "blk.{}.attn_norm.weight",
+    ),
+    (
+        "wq",
+        "model.layers.{}.self_attn.q_proj.weight",
+        "blk.{}.attn_q.weight",
+    ),
+    (
+        "wk",
+        "model.layers.{}.self_attn.k_proj.weight",
+        "blk.{}.attn_k.weight",
+    ),
+    (
+        "wv",
+        "model.layers.{}.self_attn.v_proj.weight",
+        "blk.{}.attn_v.weight",
+    ),
+    (
+        "wo",
+        "model.layers.{}.self_attn.o_proj.weight",
+        "blk.{}.attn_output.weight",
+    ),
+    (
+        "bq",
+        "model.layers.{}.self_attn.q_proj.bias",
+        "blk.{}.attn_q.bias",
+    ),
+    (
+        "bk",
+        "model.layers.{}.self_attn.k_proj.bias",
+        "blk.{}.attn_k.bias",
+    ),
+    (
+        "bv",
+        "model.layers.{}.self_attn.v_proj.bias",
+        "blk.{}.attn_v.bias",
+    ),
+    (
+        "bo",
+        "model.layers.{}.self_attn.o_proj.bias",
+        "blk.{}.attn_output.bias",
+    ),
+    (
+        "ffn_norm",
+        "model.layers.{}.post_attention_layernorm.weight",
+        "blk.{}.ffn_norm.weight",
+    ),
+    (
+        "w1",
+        "model.layers.{}.mlp.gate_proj.weight",
+        "blk.{}.ffn_gate.weight",
+    ),
+    (
+        "w2",
+        "model.layers.{}.mlp.down_proj.weight",
+        "blk.{}.ffn_down.weight",
+    ),
+    (
+        "w3",
+        "model.layers.{}.mlp.up_proj.weight",
+        "blk.{}.ffn_up.weight",
+    ),
+    (
+        "b1",
+        "model.layers.{}.mlp.gate_proj.bias",
+        "blk.{}.ffn_gate.bias",
+    ),
+    (
+        "b2",
+        "model.layers.{}.mlp.down_proj.bias",
+        "blk.{}.ffn_down.bias",
+    ),
+    (
+        "b3",
+        "model.layers.{}.mlp.up_proj.bias",
+        "blk.{}.ffn_up.bias",
+    ),
 ];
 
 /// The name of `role` (layer `layer`) in the HF (`gguf == false`) or GGUF naming.
 pub fn tensor_name(role: &str, layer: usize, gguf: bool) -> String {
-    let (_, hf, gg) = NAMES.iter().find(|(r, _, _)| *r == role).expect("known role");
+    let (_, hf, gg) = NAMES
+        .iter()
+        .find(|(r, _, _)| *r == role)
+        .expect("known role");
     (if gguf { gg } else { hf }).replace("{}", &layer.to_string())
 }
 
@@ -81,8 +152,22 @@ impl<B: Backend> Weights<B> {
             .layers
             .iter()
             .map(|l| {
-                l.attn_norm.len() + l.ffn_norm.len() + w(&l.wq) + w(&l.wk) + w(&l.wv) + w(&l.wo) + w(&l.w1) + w(&l.w2) + w(&l.w3)
-                    + o(&l.bq) + o(&l.bk) + o(&l.bv) + o(&l.bo) + o(&l.b1) + o(&l.b2) + o(&l.b3)
+                l.attn_norm.len()
+                    + l.ffn_norm.len()
+                    + w(&l.wq)
+                    + w(&l.wk)
+                    + w(&l.wv)
+                    + w(&l.wo)
+                    + w(&l.w1)
+                    + w(&l.w2)
+                    + w(&l.w3)
+                    + o(&l.bq)
+                    + o(&l.bk)
+                    + o(&l.bv)
+                    + o(&l.bo)
+                    + o(&l.b1)
+                    + o(&l.b2)
+                    + o(&l.b3)
             })
             .sum();
         w(&self.tok_embeddings) + self.norm.len() + self.output.as_ref().map_or(0, w) + layers
@@ -105,7 +190,10 @@ impl<B: Backend> Loader<'_, B> {
 
     fn check_shape(name: &str, t: &HostTensor, want: &[usize]) -> Result<()> {
         if t.shape != want {
-            return Err(Error::Config(format!("tensor {name} has shape {:?}, the config implies {want:?}", t.shape)));
+            return Err(Error::Config(format!(
+                "tensor {name} has shape {:?}, the config implies {want:?}",
+                t.shape
+            )));
         }
         Ok(())
     }
@@ -120,30 +208,50 @@ impl<B: Backend> Loader<'_, B> {
     /// A matrix `[rows, cols]` in its stored dtype.
     fn matrix(&self, role: &str, layer: usize, rows: usize, cols: usize) -> Result<Weight<B>> {
         let name = tensor_name(role, layer, self.gguf);
-        let (name, t) = self.find(role, layer)?.ok_or_else(|| Error::Config(format!("tensor {name} is missing")))?;
+        let (name, t) = self
+            .find(role, layer)?
+            .ok_or_else(|| Error::Config(format!("tensor {name} is missing")))?;
         Self::check_shape(&name, &t, &[rows, cols])?;
         if t.dtype.bytes_for(cols).is_none() {
-            return Err(Error::Config(format!("tensor {name}: {} columns are not whole {} blocks", cols, t.dtype)));
+            return Err(Error::Config(format!(
+                "tensor {name}: {} columns are not whole {} blocks",
+                cols, t.dtype
+            )));
         }
         let buf = self.upload_bytes(&t.data)?;
-        Ok(Weight { buf, dtype: t.dtype, rows, cols })
+        Ok(Weight {
+            buf,
+            dtype: t.dtype,
+            rows,
+            cols,
+        })
     }
 
     /// A vector of `n` values, widened to f32 (norm weights, biases).
     fn vector(&self, role: &str, layer: usize, n: usize) -> Result<Option<Buf<B>>> {
-        let Some((name, t)) = self.find(role, layer)? else { return Ok(None) };
+        let Some((name, t)) = self.find(role, layer)? else {
+            return Ok(None);
+        };
         Self::check_shape(&name, &t, &[n])?;
         let mut v = vec![0f32; n];
         if t.dtype.bytes_for(n) != Some(t.data.len()) {
-            return Err(Error::Config(format!("tensor {name}: {} bytes for {n} {} values", t.data.len(), t.dtype)));
+            return Err(Error::Config(format!(
+                "tensor {name}: {} bytes for {n} {} values",
+                t.data.len(),
+                t.dtype
+            )));
         }
         dequantize(t.dtype, &t.data, &mut v);
         self.upload_bytes(bytemuck::cast_slice(&v)).map(Some)
     }
 
     fn required_vector(&self, role: &str, layer: usize, n: usize) -> Result<Buf<B>> {
-        self.vector(role, layer, n)?
-            .ok_or_else(|| Error::Config(format!("tensor {} is missing", tensor_name(role, layer, self.gguf))))
+        self.vector(role, layer, n)?.ok_or_else(|| {
+            Error::Config(format!(
+                "tensor {} is missing",
+                tensor_name(role, layer, self.gguf)
+            ))
+        })
     }
 
     /// A bias: present exactly when the config's flag (attention_bias / mlp_bias) is set.
@@ -154,7 +262,9 @@ impl<B: Backend> Loader<'_, B> {
         let b = self.vector(role, layer, n)?;
         if b.is_none() {
             let name = tensor_name(role, layer, self.gguf);
-            return Err(Error::Config(format!("tensor {name} is missing but the config sets a bias flag")));
+            return Err(Error::Config(format!(
+                "tensor {name} is missing but the config sets a bias flag"
+            )));
         }
         Ok(b)
     }
@@ -162,14 +272,29 @@ impl<B: Backend> Loader<'_, B> {
 
 /// Total bytes of the tensors `load_weights` will upload (for progress bars and memory checks).
 pub fn stored_bytes(src: &dyn TensorSource) -> usize {
-    src.names().iter().filter_map(|n| src.get(n).ok().flatten()).map(|t| t.data.len()).sum()
+    src.names()
+        .iter()
+        .filter_map(|n| src.get(n).ok().flatten())
+        .map(|t| t.data.len())
+        .sum()
 }
 
 /// Uploads every tensor of the model. `gguf` selects the GGUF naming; `progress` is told how
 /// many bytes each upload moved.
-pub fn load_weights<B: Backend>(b: &B, src: &dyn TensorSource, cfg: &ModelConfig, gguf: bool, progress: &dyn Fn(usize)) -> Result<Weights<B>> {
+pub fn load_weights<B: Backend>(
+    b: &B,
+    src: &dyn TensorSource,
+    cfg: &ModelConfig,
+    gguf: bool,
+    progress: &dyn Fn(usize),
+) -> Result<Weights<B>> {
     cfg.validate()?;
-    let l = Loader { b, src, gguf, progress };
+    let l = Loader {
+        b,
+        src,
+        gguf,
+        progress,
+    };
     let (dim, ffn, q, kv) = (cfg.dim, cfg.ffn_dim, cfg.q_dim(), cfg.kv_dim());
     let tok_embeddings = l.matrix("tok_embeddings", 0, cfg.vocab_size, dim)?;
     let mut layers = Vec::with_capacity(cfg.n_layers);
@@ -206,5 +331,10 @@ pub fn load_weights<B: Backend>(b: &B, src: &dyn TensorSource, cfg: &ModelConfig
             tensor_name("output", 0, gguf)
         )));
     };
-    Ok(Weights { tok_embeddings, layers, norm, output })
+    Ok(Weights {
+        tok_embeddings,
+        layers,
+        norm,
+        output,
+    })
 }
