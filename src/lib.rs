@@ -7,6 +7,7 @@ pub mod dtype;
 pub mod error;
 pub mod quant;
 pub mod quant_blocks;
+pub mod tokenizer_gguf;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -5,6 +5,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use std::borrow::Cow;
 
+pub mod gguf;
 pub mod safetensors;
 
 /// A tensor as stored on disk, before upload. `shape` is in HF order (`[rows, cols]` for a

@@ -1,0 +1,143 @@
+//! ModelConfig from GGUF metadata (`llama.*` keys, as llama.cpp's converter writes them), giving
+//! the same values transformers derives when it loads the file with `gguf_file=`.
+
+use super::GgufFile;
+use crate::config::{ModelConfig, RopeScaling};
+use crate::error::{Error, Result};
+
+impl GgufFile {
+    /// The model's shape, from the `llama.*` and `tokenizer.ggml.*` metadata.
+    pub fn model_config(&self) -> Result<ModelConfig> {
+        let arch = self.architecture()?;
+        if arch != "llama" {
+            return Err(Error::Config(format!(
+                "{}: architecture {arch:?} is not supported (only \"llama\")",
+                self.path().display()
+            )));
+        }
+        let need = |key: &str| -> Result<usize> {
+            self.get_usize(&format!("llama.{key}"))?
+                .ok_or_else(|| self.error(format!("metadata has no llama.{key}")))
+        };
+        let opt = |key: &str| self.get_usize(&format!("llama.{key}"));
+
+        let dim = need("embedding_length")?;
+        let n_heads = need("attention.head_count")?;
+        let n_kv_heads = opt("attention.head_count_kv")?.unwrap_or(n_heads);
+
+        // The width of one head: llama.cpp takes `attention.key_length` when present, else
+        // dim / heads; transformers reads it from `rope.dimension_count`. For Llama the rotary
+        // width is the whole head, so all that are present must agree.
+        let key_length = opt("attention.key_length")?;
+        let rope_dims = opt("rope.dimension_count")?;
+        let head_dim = key_length.or(rope_dims).unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
+        if let Some(r) = rope_dims.filter(|&r| r != head_dim) {
+            return Err(Error::Config(format!(
+                "{}: llama.rope.dimension_count ({r}) differs from the head width ({head_dim}); \
+                 partial rotary embeddings are not supported for Llama",
+                self.path().display()
+            )));
+        }
+        if let Some(v) = opt("attention.value_length")?.filter(|&v| v != head_dim) {
+            return Err(Error::Config(format!(
+                "{}: llama.attention.value_length ({v}) differs from key_length ({head_dim})",
+                self.path().display()
+            )));
+        }
+
+        // transformers: `llama.vocab_size` when written, else the length of the token list.
+        let vocab_size = match opt("vocab_size")? {
+            Some(v) => v,
+            None => self
+                .get_array("tokenizer.ggml.tokens")?
+                .map(|a| a.len())
+                .ok_or_else(|| self.error("metadata has neither llama.vocab_size nor tokenizer.ggml.tokens"))?,
+        };
+
+        let norm_eps = self
+            .get_f64("llama.attention.layer_norm_rms_epsilon")?
+            .ok_or_else(|| self.error("metadata has no llama.attention.layer_norm_rms_epsilon"))?;
+
+        let has_tensor = |name: &str| self.tensor_info(name).is_some();
+        let token_id = |key: &str| -> Result<Option<u32>> {
+            match self.get_u64(key)? {
+                None => Ok(None),
+                Some(v) => u32::try_from(v)
+                    .map(Some)
+                    .map_err(|_| self.error(format!("metadata {key} = {v} is not a token id"))),
+            }
+        };
+
+        let config = ModelConfig {
+            vocab_size,
+            dim,
+            ffn_dim: need("feed_forward_length")?,
+            n_layers: need("block_count")?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            norm_eps: norm_eps as f32,
+            max_seq_len: need("context_length")?,
+            // llama.cpp writes the output projection only when it is not the embedding matrix.
+            tie_embeddings: !has_tensor("output.weight"),
+            attention_bias: has_tensor("blk.0.attn_q.bias"),
+            mlp_bias: has_tensor("blk.0.ffn_up.bias"),
+            rope_theta: self.get_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
+            rope_scaling: self.rope_scaling()?,
+            bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            torch_dtype: None,
+        };
+        config.validate().map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", self.path().display())),
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// RoPE scaling as llama.cpp records it: `rope.scaling.type` with `factor` and
+    /// `original_context_length`, or the older `rope.scale_linear`.
+    fn rope_scaling(&self) -> Result<RopeScaling> {
+        let factor = self.get_f64("llama.rope.scaling.factor")?;
+        let original = self.get_usize("llama.rope.scaling.original_context_length")?;
+        let bad = |m: String| Err(Error::Config(format!("{}: {m}", self.path().display())));
+        let need_factor = |kind: &str| -> Result<f64> {
+            match factor {
+                Some(f) if f > 0.0 => Ok(f),
+                _ => Err(Error::Config(format!(
+                    "{}: rope scaling {kind} needs a positive llama.rope.scaling.factor",
+                    self.path().display()
+                ))),
+            }
+        };
+        let Some(kind) = self.get_str("llama.rope.scaling.type")? else {
+            return Ok(match self.get_f64("llama.rope.scale_linear")? {
+                Some(f) if f != 1.0 && f > 0.0 => RopeScaling::Linear { factor: f },
+                _ => RopeScaling::Default,
+            });
+        };
+        Ok(match kind {
+            "none" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: need_factor(kind)? },
+            "yarn" => {
+                let Some(original) = original else {
+                    return bad("rope scaling yarn needs llama.rope.scaling.original_context_length".into());
+                };
+                // llama.cpp's defaults for the ramp, the same as transformers'.
+                let beta_fast = self.get_f64("llama.rope.scaling.yarn_beta_fast")?.unwrap_or(32.0);
+                let beta_slow = self.get_f64("llama.rope.scaling.yarn_beta_slow")?.unwrap_or(1.0);
+                RopeScaling::Yarn {
+                    factor: need_factor(kind)?,
+                    original_max_position_embeddings: original,
+                    beta_fast,
+                    beta_slow,
+                    attention_factor: None,
+                    mscale: None,
+                    mscale_all_dim: None,
+                    truncate: true,
+                }
+            }
+            other => return bad(format!("rope scaling type {other:?} is not supported")),
+        })
+    }
+}
