@@ -359,3 +359,70 @@ fn smollm2_reader_config_and_rows_match_transformers_and_gguf_py() {
         }
     }
 }
+
+/// A small llama file with the given metadata (kv entries already encoded) and tensor names.
+fn llama_file(n_kv: u64, kv: &Bytes, tensor_names: &[&str]) -> std::path::PathBuf {
+    let tensors: Vec<TensorSpec> = tensor_names
+        .iter()
+        .map(|n| TensorSpec { name: n.to_string(), dims: vec![2], ggml_type: 0, data: vec![0; 8] })
+        .collect();
+    temp_file(&write_gguf(n_kv, &kv.0, &tensors))
+}
+
+#[test]
+fn model_config_from_hand_made_metadata() {
+    let base = || {
+        let mut kv = Bytes::default();
+        kv.kv_str("general.architecture", "llama")
+            .kv_u32("llama.block_count", 2)
+            .kv_u32("llama.embedding_length", 64)
+            .kv_u32("llama.feed_forward_length", 96)
+            .kv_u32("llama.attention.head_count", 4)
+            .kv_u32("llama.context_length", 128)
+            .kv_f32("llama.attention.layer_norm_rms_epsilon", 1e-6);
+        kv.string("tokenizer.ggml.tokens").u32(9).u32(8).u64(3).string("a").string("b").string("c");
+        (8u64, kv)
+    };
+    // No head_count_kv (every head has its keys), no head width keys (dim / heads), no vocab_size
+    // (the token count), linear RoPE scaling, no output.weight (tied), a q bias.
+    let (n, mut kv) = base();
+    kv.kv_str("llama.rope.scaling.type", "linear").kv_f32("llama.rope.scaling.factor", 2.0);
+    let path = llama_file(n + 2, &kv, &["token_embd.weight", "blk.0.attn_q.bias"]);
+    let c = GgufFile::open(&path).unwrap().model_config().unwrap();
+    assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size), (4, 4, 16, 3));
+    assert_eq!((c.dim, c.ffn_dim, c.n_layers, c.max_seq_len), (64, 96, 2, 128));
+    assert_eq!(c.norm_eps, 1e-6);
+    assert_eq!(c.rope_theta, 10000.0);
+    assert_eq!(c.rope_scaling, anyllama::config::RopeScaling::Linear { factor: 2.0 });
+    assert!(c.tie_embeddings && c.attention_bias && !c.mlp_bias);
+    assert_eq!((c.bos_token_id, c.eos_token_ids.clone()), (None, vec![]));
+    let _ = std::fs::remove_file(path);
+
+    // An explicit head width, and an output projection.
+    let (n, mut kv) = base();
+    kv.kv_u32("llama.attention.key_length", 32).kv_u32("llama.rope.dimension_count", 32).kv_u32("llama.attention.head_count_kv", 2);
+    let path = llama_file(n + 3, &kv, &["output.weight"]);
+    let c = GgufFile::open(&path).unwrap().model_config().unwrap();
+    assert_eq!((c.head_dim, c.n_kv_heads, c.tie_embeddings), (32, 2, false));
+    let _ = std::fs::remove_file(path);
+
+    // Refusals: partial rotary, unknown scaling, a missing required key, a bad head ratio.
+    let refuse = |extra: &dyn Fn(&mut Bytes) -> u64, needle: &str| {
+        let (n, mut kv) = base();
+        let added = extra(&mut kv);
+        let path = llama_file(n + added, &kv, &[]);
+        let err = GgufFile::open(&path).unwrap().model_config().unwrap_err().to_string();
+        assert!(err.contains(needle) && err.contains(&path.display().to_string()), "{needle}: {err}");
+        let _ = std::fs::remove_file(path);
+    };
+    refuse(&|kv| { kv.kv_u32("llama.rope.dimension_count", 8); 1 }, "partial rotary");
+    refuse(&|kv| { kv.kv_str("llama.rope.scaling.type", "su"); 1 }, "\"su\"");
+    refuse(&|kv| { kv.kv_u32("llama.attention.head_count_kv", 3); 1 }, "not a multiple");
+    refuse(&|kv| { kv.kv_str("llama.rope.scaling.type", "yarn").kv_f32("llama.rope.scaling.factor", 4.0); 2 }, "original_context_length");
+    let mut kv = Bytes::default();
+    kv.kv_str("general.architecture", "llama").kv_u32("llama.embedding_length", 64);
+    let path = llama_file(2, &kv, &[]);
+    let err = GgufFile::open(&path).unwrap().model_config().unwrap_err().to_string();
+    assert!(err.contains("llama.attention.head_count"), "{err}");
+    let _ = std::fs::remove_file(path);
+}

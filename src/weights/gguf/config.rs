@@ -25,12 +25,12 @@ impl GgufFile {
         let n_heads = need("attention.head_count")?;
         let n_kv_heads = opt("attention.head_count_kv")?.unwrap_or(n_heads);
 
-        // The width of one head: llama.cpp takes `attention.key_length` when present, else
-        // dim / heads; transformers reads it from `rope.dimension_count`. For Llama the rotary
-        // width is the whole head, so all that are present must agree.
+        // The width of one head: `attention.key_length` when present, else dim / heads (as
+        // llama.cpp). transformers reads it from `rope.dimension_count` instead; for Llama the
+        // rotary width must be the whole head (llama.cpp refuses other files), so they agree.
         let key_length = opt("attention.key_length")?;
         let rope_dims = opt("rope.dimension_count")?;
-        let head_dim = key_length.or(rope_dims).unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
+        let head_dim = key_length.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
         if let Some(r) = rope_dims.filter(|&r| r != head_dim) {
             return Err(Error::Config(format!(
                 "{}: llama.rope.dimension_count ({r}) differs from the head width ({head_dim}); \
