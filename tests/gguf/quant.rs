@@ -66,8 +66,12 @@ fn q4_k_block_by_hand() {
     // quantize_row_q4_K_ref packs them: bytes 0-3 / 4-7 hold sub-blocks 0-3's scale / min in
     // their low 6 bits and the top 2 bits of sub-blocks 4-7's; bytes 8-11 hold sub-blocks 4-7's
     // low 4 bits of scale (low nibble) and min (high nibble).
-    let sc: Vec<u8> = (0..8).map(|j| j as u8 + 1 + if j >= 4 { 40 } else { 0 }).collect();
-    let mn: Vec<u8> = (0..8).map(|j| 2 * j as u8 + if j >= 4 { 33 } else { 0 }).collect();
+    let sc: Vec<u8> = (0..8)
+        .map(|j| j as u8 + 1 + if j >= 4 { 40 } else { 0 })
+        .collect();
+    let mn: Vec<u8> = (0..8)
+        .map(|j| 2 * j as u8 + if j >= 4 { 33 } else { 0 })
+        .collect();
     let mut scales = [0u8; 12];
     for j in 0..4 {
         scales[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
@@ -109,7 +113,8 @@ fn q6_k_block_by_hand() {
             let lv = |k: usize| level(j + l + 32 * k);
             ql[64 * half + l] = (lv(0) & 0xf) | ((lv(2) & 0xf) << 4);
             ql[64 * half + l + 32] = (lv(1) & 0xf) | ((lv(3) & 0xf) << 4);
-            qh[32 * half + l] = (lv(0) >> 4) | ((lv(1) >> 4) << 2) | ((lv(2) >> 4) << 4) | ((lv(3) >> 4) << 6);
+            qh[32 * half + l] =
+                (lv(0) >> 4) | ((lv(1) >> 4) << 2) | ((lv(2) >> 4) << 4) | ((lv(3) >> 4) << 6);
         }
     }
     let d = 0.03125f32;

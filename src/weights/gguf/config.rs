@@ -30,7 +30,7 @@ impl GgufFile {
         // rotary width must be the whole head (llama.cpp refuses other files), so they agree.
         let key_length = opt("attention.key_length")?;
         let rope_dims = opt("rope.dimension_count")?;
-        let head_dim = key_length.unwrap_or(if n_heads > 0 { dim / n_heads } else { 0 });
+        let head_dim = key_length.unwrap_or(dim.checked_div(n_heads).unwrap_or(0));
         if let Some(r) = rope_dims.filter(|&r| r != head_dim) {
             return Err(Error::Config(format!(
                 "{}: llama.rope.dimension_count ({r}) differs from the head width ({head_dim}); \
@@ -51,7 +51,9 @@ impl GgufFile {
             None => self
                 .get_array("tokenizer.ggml.tokens")?
                 .map(|a| a.len())
-                .ok_or_else(|| self.error("metadata has neither llama.vocab_size nor tokenizer.ggml.tokens"))?,
+                .ok_or_else(|| {
+                    self.error("metadata has neither llama.vocab_size nor tokenizer.ggml.tokens")
+                })?,
         };
 
         let norm_eps = self
@@ -68,6 +70,7 @@ impl GgufFile {
             }
         };
 
+        let rope_theta = self.get_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
         let config = ModelConfig {
             vocab_size,
             dim,
@@ -82,10 +85,12 @@ impl GgufFile {
             tie_embeddings: !has_tensor("output.weight"),
             attention_bias: has_tensor("blk.0.attn_q.bias"),
             mlp_bias: has_tensor("blk.0.ffn_up.bias"),
-            rope_theta: self.get_f64("llama.rope.freq_base")?.unwrap_or(10000.0),
-            rope_scaling: self.rope_scaling()?,
+            rope_theta,
+            rope_scaling: self.rope_scaling(rope_theta, head_dim)?,
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
-            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            eos_token_ids: token_id("tokenizer.ggml.eos_token_id")?
+                .into_iter()
+                .collect(),
             torch_dtype: None,
         };
         config.validate().map_err(|e| match e {
@@ -96,8 +101,41 @@ impl GgufFile {
     }
 
     /// RoPE scaling as llama.cpp records it: `rope.scaling.type` with `factor` and
-    /// `original_context_length`, or the older `rope.scale_linear`.
-    fn rope_scaling(&self) -> Result<RopeScaling> {
+    /// `original_context_length`, the older `rope.scale_linear`, or (llama3 scaling) a
+    /// `rope_freqs.weight` tensor of per-frequency divisors. transformers ignores that tensor
+    /// and runs such files with unscaled RoPE; we recover the scaling it encodes.
+    fn rope_scaling(&self, theta: f64, head_dim: usize) -> Result<RopeScaling> {
+        let from_metadata = self.rope_scaling_metadata()?;
+        let Some(info) = self.tensor_info("rope_freqs.weight") else {
+            return Ok(from_metadata);
+        };
+        let bad = |m: &str| {
+            Err(Error::Config(format!(
+                "{}: rope_freqs.weight {m}",
+                self.path().display()
+            )))
+        };
+        if from_metadata != RopeScaling::Default {
+            return bad("and llama.rope.scaling.* both scale RoPE; only one is supported");
+        }
+        if info.ggml_type != super::GgmlType::F32 {
+            return bad(&format!("is stored as {}, expected F32", info.ggml_type));
+        }
+        let divisors: Vec<f32> = self
+            .tensor_bytes(info)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        match super::rope_freqs::llama3_from_divisors(&divisors, theta, head_dim) {
+            Some(s) => Ok(s),
+            None => bad(&format!(
+                "({} values for head width {head_dim}) does not follow the llama3 scaling scheme",
+                divisors.len()
+            )),
+        }
+    }
+
+    fn rope_scaling_metadata(&self) -> Result<RopeScaling> {
         let factor = self.get_f64("llama.rope.scaling.factor")?;
         let original = self.get_usize("llama.rope.scaling.original_context_length")?;
         let bad = |m: String| Err(Error::Config(format!("{}: {m}", self.path().display())));
@@ -118,14 +156,22 @@ impl GgufFile {
         };
         Ok(match kind {
             "none" => RopeScaling::Default,
-            "linear" => RopeScaling::Linear { factor: need_factor(kind)? },
+            "linear" => RopeScaling::Linear {
+                factor: need_factor(kind)?,
+            },
             "yarn" => {
                 let Some(original) = original else {
-                    return bad("rope scaling yarn needs llama.rope.scaling.original_context_length".into());
+                    return bad(
+                        "rope scaling yarn needs llama.rope.scaling.original_context_length".into(),
+                    );
                 };
                 // llama.cpp's defaults for the ramp, the same as transformers'.
-                let beta_fast = self.get_f64("llama.rope.scaling.yarn_beta_fast")?.unwrap_or(32.0);
-                let beta_slow = self.get_f64("llama.rope.scaling.yarn_beta_slow")?.unwrap_or(1.0);
+                let beta_fast = self
+                    .get_f64("llama.rope.scaling.yarn_beta_fast")?
+                    .unwrap_or(32.0);
+                let beta_slow = self
+                    .get_f64("llama.rope.scaling.yarn_beta_slow")?
+                    .unwrap_or(1.0);
                 RopeScaling::Yarn {
                     factor: need_factor(kind)?,
                     original_max_position_embeddings: original,

@@ -129,7 +129,10 @@ mod tests {
         ] {
             let t = GgmlType::from_dtype(dtype);
             assert_eq!(t.to_dtype(), Some(dtype));
-            assert_eq!(t.block_geometry(), Some((dtype.block_elems(), dtype.block_bytes())));
+            assert_eq!(
+                t.block_geometry(),
+                Some((dtype.block_elems(), dtype.block_bytes()))
+            );
         }
     }
 }

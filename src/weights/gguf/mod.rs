@@ -9,6 +9,7 @@
 mod config;
 mod ggml_type;
 mod parse;
+mod rope_freqs;
 mod value;
 
 pub use ggml_type::GgmlType;
@@ -72,7 +73,10 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| Error::load(path, e.to_string()))?;
-        let len = file.metadata().map_err(|e| Error::load(path, e.to_string()))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| Error::load(path, e.to_string()))?
+            .len();
         if len < 24 {
             return Err(Error::load(
                 path,
@@ -83,8 +87,18 @@ impl GgufFile {
         // being truncated or rewritten while it is open.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::load(path, e.to_string()))?;
         let h = parse::parse_header(&mmap, path)?;
-        let metadata_index = h.metadata.iter().enumerate().map(|(i, (k, _))| (k.clone(), i)).collect();
-        let tensor_index = h.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let metadata_index = h
+            .metadata
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.clone(), i))
+            .collect();
+        let tensor_index = h
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(GgufFile {
             path: path.to_path_buf(),
             mmap,
@@ -142,7 +156,10 @@ impl GgufFile {
         match self.metadata(key) {
             None => Ok(None),
             Some(v) => conv(v).map(Some).ok_or_else(|| {
-                self.error(format!("metadata {key} is a {} ({v:?}), expected {want}", v.type_name()))
+                self.error(format!(
+                    "metadata {key} is a {} ({v:?}), expected {want}",
+                    v.type_name()
+                ))
             }),
         }
     }
@@ -228,7 +245,9 @@ impl GgufFile {
             .get_usize("llama.attention.head_count")?
             .ok_or_else(|| self.error("metadata has no llama.attention.head_count"))?;
         // llama.cpp: without an explicit KV head count, every head has its own keys.
-        let n_kv_heads = self.get_usize("llama.attention.head_count_kv")?.unwrap_or(n_heads);
+        let n_kv_heads = self
+            .get_usize("llama.attention.head_count_kv")?
+            .unwrap_or(n_heads);
         Ok(Some(if is_q { n_heads } else { n_kv_heads }))
     }
 }
@@ -263,7 +282,9 @@ impl TensorSource for GgufFile {
     }
 
     fn get(&self, name: &str) -> Result<Option<HostTensor<'_>>> {
-        let Some(info) = self.tensor_info(name) else { return Ok(None) };
+        let Some(info) = self.tensor_info(name) else {
+            return Ok(None);
+        };
         let dtype: DType = info.ggml_type.to_dtype().ok_or_else(|| {
             self.error(format!(
                 "tensor {name} is stored as {}, which cannot be decoded \
@@ -280,7 +301,9 @@ impl TensorSource for GgufFile {
                 // of blocks cannot be, since its elements are not separately addressable.
                 let rows = shape[0];
                 let whole_rows = shape.len() > 1 || !dtype.is_quantized();
-                let out = whole_rows.then(|| unpermute_rows(bytes, rows, n_heads)).flatten();
+                let out = whole_rows
+                    .then(|| unpermute_rows(bytes, rows, n_heads))
+                    .flatten();
                 Cow::Owned(out.ok_or_else(|| {
                     self.error(format!(
                         "tensor {name} ({dtype}, shape {shape:?}) cannot be split into {n_heads} \

@@ -45,7 +45,10 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::load(self.path, format!("malformed GGUF at byte {}: {msg}", self.pos))
+        Error::load(
+            self.path,
+            format!("malformed GGUF at byte {}: {msg}", self.pos),
+        )
     }
 
     fn remaining(&self) -> u64 {
@@ -65,7 +68,10 @@ impl<'a> Cursor<'a> {
     }
 
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        Ok(self.take(N as u64, what)?.try_into().expect("take returns N bytes"))
+        Ok(self
+            .take(N as u64, what)?
+            .try_into()
+            .expect("take returns N bytes"))
     }
 
     fn u32(&mut self, what: &str) -> Result<u32> {
@@ -91,7 +97,9 @@ impl<'a> Cursor<'a> {
 
     /// Fails unless `count` elements of at least `min_bytes` each can fit in what is left.
     fn check_count(&self, count: u64, min_bytes: u64, what: &str) -> Result<usize> {
-        let fits = count.checked_mul(min_bytes).is_some_and(|n| n <= self.remaining());
+        let fits = count
+            .checked_mul(min_bytes)
+            .is_some_and(|n| n <= self.remaining());
         if !fits {
             return Err(self.err(format_args!(
                 "{what} {count} cannot fit in the {} bytes left in the file",
@@ -134,7 +142,10 @@ impl<'a> Cursor<'a> {
     ) -> Result<Vec<T>> {
         let n = self.check_count(count, N as u64, &format!("key {key:?}: array length"))?;
         let bytes = self.take(n as u64 * N as u64, key)?;
-        Ok(bytes.chunks_exact(N).map(|c| conv(c.try_into().expect("chunk of N"))).collect())
+        Ok(bytes
+            .chunks_exact(N)
+            .map(|c| conv(c.try_into().expect("chunk of N")))
+            .collect())
     }
 
     fn array_value(&mut self, key: &str, depth: usize) -> Result<Array> {
@@ -184,7 +195,9 @@ impl<'a> Cursor<'a> {
                 Array::Array(v)
             }
             other => {
-                return Err(self.err(format_args!("key {key:?}: unknown array element type {other}")))
+                return Err(self.err(format_args!(
+                    "key {key:?}: unknown array element type {other}"
+                )))
             }
         })
     }
@@ -196,7 +209,10 @@ pub(crate) fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
     if buf.len() < 24 {
         return Err(Error::load(
             path,
-            format!("file is {} bytes, too short for a GGUF header (24 bytes)", buf.len()),
+            format!(
+                "file is {} bytes, too short for a GGUF header (24 bytes)",
+                buf.len()
+            ),
         ));
     }
     let magic = c.array::<4>("magic")?;
@@ -259,7 +275,9 @@ pub(crate) fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
     let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
     let file_len = buf.len() as u64;
     for t in &tensors {
-        let end = data_offset.checked_add(t.offset).and_then(|s| s.checked_add(t.n_bytes as u64));
+        let end = data_offset
+            .checked_add(t.offset)
+            .and_then(|s| s.checked_add(t.n_bytes as u64));
         if end.is_none_or(|e| e > file_len) {
             return Err(Error::load(
                 path,
@@ -271,7 +289,13 @@ pub(crate) fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
             ));
         }
     }
-    Ok(Header { version, metadata, tensors, alignment, data_offset })
+    Ok(Header {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset,
+    })
 }
 
 fn tensor_info(c: &mut Cursor<'_>, alignment: u64) -> Result<TensorInfo> {
@@ -290,7 +314,10 @@ fn tensor_info(c: &mut Cursor<'_>, alignment: u64) -> Result<TensorInfo> {
     let offset = c.u64("tensor offset")?;
 
     let Some((block_elems, block_bytes)) = ggml_type.block_geometry() else {
-        return Err(c.err(format_args!("tensor {name:?} has unknown ggml type {}", ggml_type.0)));
+        return Err(c.err(format_args!(
+            "tensor {name:?} has unknown ggml type {}",
+            ggml_type.0
+        )));
     };
     // Element count and byte size, refusing anything that overflows: a huge count could never be
     // backed by the file anyway, and the end-of-file check below needs an honest size.
@@ -298,7 +325,11 @@ fn tensor_info(c: &mut Cursor<'_>, alignment: u64) -> Result<TensorInfo> {
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
         .and_then(|n| usize::try_from(n).ok())
-        .ok_or_else(|| c.err(format_args!("tensor {name:?}: dimensions {dims:?} overflow")))?;
+        .ok_or_else(|| {
+            c.err(format_args!(
+                "tensor {name:?}: dimensions {dims:?} overflow"
+            ))
+        })?;
     if dims[0] % block_elems as u64 != 0 {
         return Err(c.err(format_args!(
             "tensor {name:?}: row length {} is not a multiple of the {} block size {block_elems}",
@@ -314,5 +345,12 @@ fn tensor_info(c: &mut Cursor<'_>, alignment: u64) -> Result<TensorInfo> {
             "tensor {name:?}: data offset {offset} is not a multiple of the alignment {alignment}"
         )));
     }
-    Ok(TensorInfo { name, ggml_type, dims, offset, n_elements, n_bytes })
+    Ok(TensorInfo {
+        name,
+        ggml_type,
+        dims,
+        offset,
+        n_elements,
+        n_bytes,
+    })
 }
