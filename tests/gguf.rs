@@ -737,3 +737,75 @@ fn llama3_rope_scaling_is_recovered_from_rope_freqs() {
         (128, 500000.0, 131072)
     );
 }
+
+/// Corrupted copies of valid files (bytes overwritten with random or extreme values, files cut
+/// short) must give errors, never panics, and never allocate much beyond the file's size.
+#[test]
+fn corrupted_files_never_panic_or_allocate_hugely() {
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut opened, mut refused) = (0, 0);
+    for name in [
+        "meta_v3.gguf",
+        "tok_spm.gguf",
+        "tok_bpe_llama3.gguf",
+        "llama3_rope.gguf",
+    ] {
+        let original = std::fs::read(fixture(name)).unwrap();
+        for round in 0..150 {
+            let mut bytes = original.clone();
+            if round % 5 == 4 {
+                bytes.truncate(next() as usize % bytes.len());
+            } else {
+                for _ in 0..1 + round % 3 {
+                    // mostly in the header, where the counts and lengths live; often a printable
+                    // byte, which keeps strings valid UTF-8 and so reaches the tokenizer builder
+                    let span = if next() % 4 == 0 {
+                        bytes.len()
+                    } else {
+                        bytes.len().min(2048)
+                    };
+                    let at = next() as usize % span;
+                    bytes[at] = match next() % 3 {
+                        0 => [0x00, 0xff, 0x7f, 0x80][next() as usize % 4],
+                        1 => next() as u8,
+                        _ => b' ' + (next() % 95) as u8,
+                    };
+                }
+            }
+            let path = temp_file(&bytes);
+            let (_, largest) = largest_allocation(|| {
+                let Ok(g) = GgufFile::open(&path) else {
+                    refused += 1;
+                    return;
+                };
+                opened += 1;
+                {
+                    for n in g.names() {
+                        if let Ok(Some(t)) = g.get(&n) {
+                            let _ = decode(&t);
+                        }
+                    }
+                    let _ = g.model_config();
+                    let _ = anyllama::tokenizer_gguf::tokenizer_from_gguf(&g);
+                }
+            });
+            let _ = std::fs::remove_file(&path);
+            assert!(
+                largest < 16 << 20,
+                "{name} round {round}: allocated {largest} bytes at once"
+            );
+        }
+    }
+    // Both outcomes must be exercised for the test to mean anything.
+    eprintln!("corrupted files: {opened} opened, {refused} refused");
+    assert!(
+        opened > 100 && refused > 100,
+        "{opened} opened, {refused} refused"
+    );
+}

@@ -257,7 +257,10 @@ impl GgufFile {
 /// transposed; transformers reverses it the same way when it loads a GGUF. `data` holds `rows`
 /// rows of equal byte length.
 pub fn unpermute_rows(data: &[u8], rows: usize, n_heads: usize) -> Option<Vec<u8>> {
-    if n_heads == 0 || rows % (2 * n_heads) != 0 || data.len() % rows.max(1) != 0 {
+    if rows == 0 {
+        return data.is_empty().then(Vec::new);
+    }
+    if n_heads == 0 || rows % (2 * n_heads) != 0 || data.len() % rows != 0 {
         return None;
     }
     let row_bytes = data.len() / rows;
@@ -313,5 +316,22 @@ impl TensorSource for GgufFile {
             }
         };
         Ok(Some(HostTensor { dtype, shape, data }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unpermute_rows;
+
+    #[test]
+    fn unpermute_rows_handles_edges() {
+        assert_eq!(unpermute_rows(&[], 0, 2), Some(vec![]));
+        assert_eq!(unpermute_rows(&[0; 6], 6, 2), None); // 6 rows are not 2 heads of even halves
+        assert_eq!(unpermute_rows(&[0; 4], 4, 0), None);
+        // one head of width 4: stored rows (d, t) = 0:(0,0) 1:(0,1) 2:(1,0) 3:(1,1) -> HF t*2+d
+        assert_eq!(
+            unpermute_rows(&[10, 11, 12, 13], 4, 1),
+            Some(vec![10, 12, 11, 13])
+        );
     }
 }
