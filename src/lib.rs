@@ -12,6 +12,7 @@ pub mod dtype;
 pub mod hub;
 pub mod quant;
 pub mod quant_blocks;
+pub mod tokenizer_gguf;
 pub mod weights;
 
 pub mod backend;

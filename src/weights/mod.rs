@@ -5,7 +5,11 @@ use crate::dtype::DType;
 use crate::error::Result;
 use std::borrow::Cow;
 
+pub mod gguf;
 pub mod load;
+pub mod safetensors;
+
+pub use load::{load_weights, tensor_name, LayerWeights, Weights};
 pub mod safetensors;
 
 pub use load::{load_weights, tensor_name, LayerWeights, Weights};
