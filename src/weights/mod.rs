@@ -10,9 +10,6 @@ pub mod load;
 pub mod safetensors;
 
 pub use load::{load_weights, tensor_name, LayerWeights, Weights};
-pub mod safetensors;
-
-pub use load::{load_weights, tensor_name, LayerWeights, Weights};
 
 /// A tensor as stored on disk, before upload. `shape` is in HF order (`[rows, cols]` for a
 /// matrix: `[out_features, in_features]`); `data` holds the stored bytes (little-endian floats or

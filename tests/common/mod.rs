@@ -57,3 +57,18 @@ pub fn nmse(a: &[f32], b: &[f32]) -> f64 {
         .max(1e-30);
     num / den
 }
+
+/// The real SmolLM2-135M-Instruct GGUF: `ANYLLAMA_SMOLLM2_GGUF`, else the default model (fetched
+/// into the cache once). None after skip_or_fail when it cannot be had.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("ANYLLAMA_SMOLLM2_GGUF").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    match anyllama::default_model::ensure_default_model() {
+        Ok(p) => Some(p),
+        Err(e) => {
+            skip_or_fail(&format!("SmolLM2 GGUF unavailable: {e}"));
+            None
+        }
+    }
+}

