@@ -7,7 +7,9 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::generation_config::GenerationConfig;
 use crate::model::Model;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{SpecialToken, SpecialTokens, Tokenizer};
+use crate::tokenizer_gguf::tokenizer_from_gguf;
+use crate::weights::gguf::GgufFile;
 use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::{load_weights, TensorSource};
 use std::path::{Path, PathBuf};
@@ -33,10 +35,40 @@ impl ModelFiles {
             check_vocab(&cfg, &tokenizer)?;
             return Ok(ModelFiles { path: path.into(), cfg, tokenizer, generation, source: Box::new(source), gguf: false });
         }
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return Self::open_gguf(path);
+        }
         if !path.exists() {
             return Err(Error::load(path, "no such file or folder"));
         }
         Err(Error::load(path, "not a model folder (config.json + *.safetensors) or a .gguf file"))
+    }
+
+    fn open_gguf(path: &Path) -> Result<ModelFiles> {
+        let g = GgufFile::open(path)?;
+        let cfg = g.model_config()?;
+        let (inner, sp) = tokenizer_from_gguf(&g)?;
+        let token = |id: Option<u32>, text: Option<String>| -> Option<SpecialToken> {
+            let id = id?;
+            let text = text.or_else(|| inner.id_to_token(id))?;
+            Some(SpecialToken { id, text })
+        };
+        let specials = SpecialTokens {
+            bos: token(sp.bos_id, sp.bos.clone()),
+            eos: token(sp.eos_id, sp.eos.clone()),
+            unk: token(sp.unk_id, None),
+            pad: token(sp.pad_id, None),
+            other: Vec::new(),
+            add_bos: sp.add_bos,
+            add_eos: sp.add_eos,
+        };
+        let tokenizer = Tokenizer::from_parts(inner, specials, sp.chat_template.clone());
+        check_vocab(&cfg, &tokenizer)?;
+        // A GGUF file has no generation_config.json: end on EOS and on the end-of-turn token.
+        let mut eos = cfg.eos_token_ids.clone();
+        eos.extend(sp.eot_id.filter(|id| !eos.contains(id)));
+        let generation = Some(GenerationConfig { eos_token_ids: eos, ..Default::default() });
+        Ok(ModelFiles { path: path.into(), cfg, tokenizer, generation, source: Box::new(g), gguf: true })
     }
 
     /// A short name for messages: the folder or file name.
