@@ -120,7 +120,7 @@ impl Tokenizer {
         specials.add_bos &= specials.bos.is_some();
         specials.add_eos &= specials.eos.is_some();
         for token in specials.all() {
-            register_special(&mut inner, &token.text, None);
+            register_special(&mut inner, &token.text);
             if inner.token_to_id(&token.text) != Some(token.id) {
                 tracing::warn!(
                     "special token {:?} has id {} in the metadata but {:?} in the vocabulary",
@@ -267,17 +267,13 @@ fn disable_truncation_and_padding(inner: &mut tokenizers::Tokenizer) {
 }
 
 /// Makes `text` a special added token, keeping the flags it already has as an added token, else
-/// using `flags` (from a config file) or the defaults transformers uses for named special tokens.
-fn register_special(inner: &mut tokenizers::Tokenizer, text: &str, flags: Option<&AddedToken>) {
+/// with the flags transformers gives named special tokens (matched as is, not normalized).
+fn register_special(inner: &mut tokenizers::Tokenizer, text: &str) {
     let existing = inner
         .get_added_tokens_decoder()
         .into_values()
         .find(|t| t.content == text);
-    let token = match (existing, flags) {
-        (Some(t), _) => t,
-        (None, Some(f)) => f.clone(),
-        (None, None) => AddedToken::from(text, true).normalized(false),
-    };
+    let token = existing.unwrap_or_else(|| AddedToken::from(text, true).normalized(false));
     inner.add_special_tokens(&[token.special(true)]);
 }
 
