@@ -2,7 +2,8 @@
 //!
 //! Reading order: config and rope (the model's shape), weights (files -> tensors), backend (the
 //! trait, the cpu reference, wgpu), pool and kv_cache (memory), model (the forward pass),
-//! sample and generate (the decode loop), tokenizer (text <-> ids, chat templates).
+//! sample and generate (the decode loop), tokenizer and chat_template (text <-> ids), loader
+//! (a model folder or GGUF file -> everything above).
 
 pub mod config;
 pub mod generation_config;
@@ -12,7 +13,6 @@ pub mod dtype;
 pub mod hub;
 pub mod quant;
 pub mod quant_blocks;
-pub mod tokenizer_gguf;
 pub mod weights;
 
 pub mod backend;
@@ -25,7 +25,12 @@ pub mod generate;
 pub mod sample;
 pub mod stop;
 
+pub mod chat_template;
+pub mod tokenizer;
+pub mod tokenizer_gguf;
+
 pub mod default_model;
 pub mod error;
+pub mod loader;
 
 pub use error::{Error, Result};

@@ -33,15 +33,28 @@ impl ModelFiles {
             let tokenizer = Tokenizer::from_hf_dir(path)?;
             let generation = GenerationConfig::from_hf_dir(path)?;
             check_vocab(&cfg, &tokenizer)?;
-            return Ok(ModelFiles { path: path.into(), cfg, tokenizer, generation, source: Box::new(source), gguf: false });
+            return Ok(ModelFiles {
+                path: path.into(),
+                cfg,
+                tokenizer,
+                generation,
+                source: Box::new(source),
+                gguf: false,
+            });
         }
-        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
             return Self::open_gguf(path);
         }
         if !path.exists() {
             return Err(Error::load(path, "no such file or folder"));
         }
-        Err(Error::load(path, "not a model folder (config.json + *.safetensors) or a .gguf file"))
+        Err(Error::load(
+            path,
+            "not a model folder (config.json + *.safetensors) or a .gguf file",
+        ))
     }
 
     fn open_gguf(path: &Path) -> Result<ModelFiles> {
@@ -67,19 +80,36 @@ impl ModelFiles {
         // A GGUF file has no generation_config.json: end on EOS and on the end-of-turn token.
         let mut eos = cfg.eos_token_ids.clone();
         eos.extend(sp.eot_id.filter(|id| !eos.contains(id)));
-        let generation = Some(GenerationConfig { eos_token_ids: eos, ..Default::default() });
-        Ok(ModelFiles { path: path.into(), cfg, tokenizer, generation, source: Box::new(g), gguf: true })
+        let generation = Some(GenerationConfig {
+            eos_token_ids: eos,
+            ..Default::default()
+        });
+        Ok(ModelFiles {
+            path: path.into(),
+            cfg,
+            tokenizer,
+            generation,
+            source: Box::new(g),
+            gguf: true,
+        })
     }
 
     /// A short name for messages: the folder or file name.
     pub fn name(&self) -> String {
-        self.path.file_name().map_or_else(|| self.path.display().to_string(), |n| n.to_string_lossy().into_owned())
+        self.path.file_name().map_or_else(
+            || self.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
     }
 
     /// Token ids that end generation: generation_config.json's, else the config's, else the
     /// tokenizer's.
     pub fn eos_ids(&self) -> Vec<u32> {
-        let mut ids = self.generation.as_ref().map(|g| g.eos_token_ids.clone()).unwrap_or_default();
+        let mut ids = self
+            .generation
+            .as_ref()
+            .map(|g| g.eos_token_ids.clone())
+            .unwrap_or_default();
         if ids.is_empty() {
             ids = self.cfg.eos_token_ids.clone();
         }
@@ -94,19 +124,32 @@ impl ModelFiles {
         let total = crate::weights::load::stored_bytes(self.source.as_ref());
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(total as u64),
-            if progress { indicatif::ProgressDrawTarget::stderr() } else { indicatif::ProgressDrawTarget::hidden() },
+            if progress {
+                indicatif::ProgressDrawTarget::stderr()
+            } else {
+                indicatif::ProgressDrawTarget::hidden()
+            },
         );
         bar.set_style(
-            indicatif::ProgressStyle::with_template("loading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "loading {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_message(format!("{} on {}", self.name(), b.name()));
-        let weights = load_weights(b, self.source.as_ref(), &self.cfg, self.gguf, &|n| bar.inc(n as u64))?;
+        let weights = load_weights(b, self.source.as_ref(), &self.cfg, self.gguf, &|n| {
+            bar.inc(n as u64)
+        })?;
         b.sync()?;
         bar.finish_and_clear();
         if progress {
-            eprintln!("loaded {} ({:.1} MB of weights) on {}", self.name(), weights.bytes() as f64 / 1e6, b.device_name());
+            eprintln!(
+                "loaded {} ({:.1} MB of weights) on {}",
+                self.name(),
+                weights.bytes() as f64 / 1e6,
+                b.device_name()
+            );
         }
         Model::new(b, self.cfg.clone(), weights)
     }
@@ -114,14 +157,23 @@ impl ModelFiles {
     /// What `anyllama info` prints.
     pub fn describe(&self) -> String {
         let c = &self.cfg;
-        let mut s = format!("model: {}\nformat: {}\n", self.path.display(), if self.gguf { "gguf" } else { "hf safetensors" });
+        let mut s = format!(
+            "model: {}\nformat: {}\n",
+            self.path.display(),
+            if self.gguf { "gguf" } else { "hf safetensors" }
+        );
         s += &format!(
             "layers {} | dim {} | ffn {} | heads {} (kv {}) | head_dim {} | vocab {} | context {}\n",
             c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.max_seq_len
         );
         s += &format!(
             "rope: {} theta {} | rms eps {} | tied embeddings {} | bias attn {} mlp {}\n",
-            c.rope_scaling.rope_type(), c.rope_theta, c.norm_eps, c.tie_embeddings, c.attention_bias, c.mlp_bias
+            c.rope_scaling.rope_type(),
+            c.rope_theta,
+            c.norm_eps,
+            c.tie_embeddings,
+            c.attention_bias,
+            c.mlp_bias
         );
         let mut by_dtype = std::collections::BTreeMap::<String, (usize, usize)>::new();
         let mut names = self.source.names();
@@ -136,8 +188,19 @@ impl ModelFiles {
         for (d, (n, bytes)) in by_dtype {
             s += &format!("tensors {d}: {n} ({:.1} MB)\n", bytes as f64 / 1e6);
         }
-        s += &format!("tokenizer: {} tokens | eos ids {:?}\n", self.tokenizer.vocab_size(), self.eos_ids());
-        s += &format!("chat template: {}\n", if self.tokenizer.chat_template().is_some() { "yes" } else { "none" });
+        s += &format!(
+            "tokenizer: {} tokens | eos ids {:?}\n",
+            self.tokenizer.vocab_size(),
+            self.eos_ids()
+        );
+        s += &format!(
+            "chat template: {}\n",
+            if self.tokenizer.chat_template().is_some() {
+                "yes"
+            } else {
+                "none"
+            }
+        );
         s
     }
 }

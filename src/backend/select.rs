@@ -76,3 +76,13 @@ fn auto<W: WithBackend>(_adapter: Option<usize>, work: W) -> Result<W::Output> {
     eprintln!("backend: cpu (built without GPU backends)");
     work.run(Cpu::new())
 }
+
+/// What `anyllama devices` prints: every GPU adapter, then the CPU backend.
+pub fn describe_devices() -> String {
+    let mut s = String::new();
+    #[cfg(feature = "wgpu")]
+    for (i, a) in super::wgpu::list_adapters().iter().enumerate() {
+        s += &format!("[{i}] wgpu {a}\n");
+    }
+    s + &format!("cpu: {}\n", Cpu::new().device_name())
+}

@@ -1,0 +1,147 @@
+//! Command-line flags (llama.cpp-style names where they exist).
+
+use anyllama::backend::select::BackendChoice;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "anyllama",
+    version,
+    about = "Llama-family language models on any GPU"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Raw text completion: prints only the generated text on stdout.
+    Generate(GenerateArgs),
+    /// Chat with the model's chat template (one answer with -p, else interactive).
+    Chat(ChatArgs),
+    /// Describe a model: config, tensor dtypes and sizes, tokenizer, chat template.
+    Info(InfoArgs),
+    /// List GPU adapters with their backend, features and limits.
+    Devices,
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: an HF folder, a .gguf file, or org/name resolved in the local HF cache.
+    /// `chat` without -m uses the default model (SmolLM2-135M-Instruct), fetching it once.
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<String>,
+    /// Where to run: auto picks a GPU adapter, else the CPU.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// Index of the GPU adapter to use (see `anyllama devices`).
+    #[arg(long)]
+    pub adapter: Option<usize>,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(short = 'c', long = "ctx-size")]
+    pub ctx_size: Option<usize>,
+    /// KV cache storage type.
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::F16)]
+    pub kv_dtype: KvDtypeArg,
+    /// Print load details and timings (prompt and decode tokens/s) on stderr.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    pub n_predict: usize,
+    /// Temperature; 0 means greedy (default: generation_config.json, else 0.8).
+    #[arg(long = "temp")]
+    pub temp: Option<f32>,
+    /// Keep the K most likely tokens, 0 = off (default 40).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling mass, 1.0 = off (default 0.95).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Drop tokens below this fraction of the best token's probability (default 0.05).
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Penalise repeated tokens (HF repetition_penalty), 1.0 = off.
+    #[arg(long = "repeat-penalty")]
+    pub repeat_penalty: Option<f32>,
+    /// Tokens the penalties look back over, 0 = all.
+    #[arg(long = "repeat-last-n", default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// OpenAI-style presence penalty.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// OpenAI-style frequency penalty.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Random seed: the same seed gives the same output.
+    #[arg(short = 's', long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The text to continue.
+    #[arg(short = 'p', long)]
+    pub prompt: String,
+}
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Answer this one message and exit (only the reply goes to stdout).
+    #[arg(short = 'p', long)]
+    pub prompt: Option<String>,
+    /// System message.
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Model: an HF folder, a .gguf file, or org/name in the local HF cache.
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BackendArg {
+    Auto,
+    Wgpu,
+    Cpu,
+    Cuda,
+}
+
+impl From<BackendArg> for BackendChoice {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Auto => BackendChoice::Auto,
+            BackendArg::Wgpu => BackendChoice::Wgpu,
+            BackendArg::Cpu => BackendChoice::Cpu,
+            BackendArg::Cuda => BackendChoice::Cuda,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum KvDtypeArg {
+    F16,
+    F32,
+}

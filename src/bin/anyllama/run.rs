@@ -1,0 +1,274 @@
+//! What each subcommand does, on whichever backend `--backend` picks.
+
+use crate::args::{ChatArgs, GenerateArgs, InfoArgs, KvDtypeArg, ModelArgs, SamplingArgs};
+use anyllama::backend::select::{with_backend, WithBackend};
+use anyllama::backend::Backend;
+use anyllama::chat_template::Message;
+use anyllama::dtype::DType;
+use anyllama::generate::{GenerateOptions, Generation, Generator};
+use anyllama::loader::ModelFiles;
+use anyllama::sample::SamplingParams;
+use anyllama::stop::StopMatcher;
+use anyllama::{Error, Result};
+use std::io::{BufRead, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Tokens prefilled per forward call.
+const PREFILL_CHUNK: usize = 512;
+
+fn open(m: &ModelArgs, default_if_missing: bool) -> Result<ModelFiles> {
+    let path = match &m.model {
+        Some(arg) => anyllama::hub::resolve_model_path(arg)?,
+        None if default_if_missing => anyllama::default_model::ensure_default_model()?,
+        None => {
+            return Err(Error::Usage(
+                "no model given: pass -m <folder | file.gguf | org/name>".into(),
+            ))
+        }
+    };
+    ModelFiles::open(&path)
+}
+
+/// The user's flags over generation_config.json's values over llama.cpp's defaults.
+fn sampling(files: &ModelFiles, s: &SamplingArgs) -> SamplingParams {
+    let mut p = SamplingParams {
+        seed: s.seed,
+        penalty_last_n: s.repeat_last_n,
+        ..Default::default()
+    };
+    if let Some(g) = &files.generation {
+        if g.do_sample == Some(false) {
+            p.temperature = 0.0;
+        }
+        if g.do_sample != Some(false) {
+            p.temperature = g.temperature.map_or(p.temperature, |v| v as f32);
+        }
+        p.top_k = g.top_k.unwrap_or(p.top_k);
+        p.top_p = g.top_p.map_or(p.top_p, |v| v as f32);
+        p.min_p = g.min_p.map_or(p.min_p, |v| v as f32);
+        p.repetition_penalty = g
+            .repetition_penalty
+            .map_or(p.repetition_penalty, |v| v as f32);
+    }
+    p.temperature = s.temp.unwrap_or(p.temperature);
+    p.top_k = s.top_k.unwrap_or(p.top_k);
+    p.top_p = s.top_p.unwrap_or(p.top_p);
+    p.min_p = s.min_p.unwrap_or(p.min_p);
+    p.repetition_penalty = s.repeat_penalty.unwrap_or(p.repetition_penalty);
+    p.presence_penalty = s.presence_penalty;
+    p.frequency_penalty = s.frequency_penalty;
+    p
+}
+
+fn options(files: &ModelFiles, s: &SamplingArgs) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens: s.n_predict,
+        sampling: sampling(files, s),
+        eos_ids: files.eos_ids(),
+        ignore_eos: s.ignore_eos,
+    }
+}
+
+fn kv_dtype(m: &ModelArgs) -> DType {
+    match m.kv_dtype {
+        KvDtypeArg::F16 => DType::F16,
+        KvDtypeArg::F32 => DType::F32,
+    }
+}
+
+fn ctx_len(files: &ModelFiles, m: &ModelArgs) -> usize {
+    m.ctx_size.unwrap_or(files.cfg.max_seq_len.min(4096))
+}
+
+/// Ctrl-C stops the current generation (a second one exits).
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    // Setting the handler fails only if one is already set (a second chat turn): keep it.
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    flag
+}
+
+/// Streams generated tokens as text to stdout, honouring stop strings.
+fn stream_reply<B: Backend>(
+    gen: &mut Generator<B>,
+    files: &ModelFiles,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    stops: &[String],
+    stop_flag: &AtomicBool,
+) -> Result<(String, Generation)> {
+    let mut dec = files.tokenizer.stream_decoder(true);
+    let mut stop = StopMatcher::new(stops);
+    let mut text = String::new();
+    let mut err = None;
+    let mut out = std::io::stdout().lock();
+    let generation = gen.generate(prompt, opts, &mut |id| {
+        let piece = match dec.push(id) {
+            Ok(p) => p,
+            Err(e) => {
+                err = Some(e);
+                return false;
+            }
+        };
+        let emit = stop.push(&piece);
+        text.push_str(&emit);
+        let _ = out.write_all(emit.as_bytes()).and_then(|_| out.flush());
+        !stop.stopped() && !stop_flag.load(Ordering::SeqCst)
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if !stop.stopped() {
+        let tail = stop.push(&dec.finish()?) + &stop.finish();
+        text.push_str(&tail);
+        let _ = out.write_all(tail.as_bytes());
+    }
+    let _ = out.flush();
+    Ok((text, generation))
+}
+
+fn report(verbose: bool, g: &Generation) {
+    if verbose {
+        let s = &g.stats;
+        eprintln!(
+            "\nprompt: {} tokens ({} cached) in {:.3} s, {:.1} tok/s | decode: {} tokens in {:.3} s, {:.1} tok/s | stop: {:?}",
+            s.prompt_tokens, s.cached_tokens, s.prompt_time.as_secs_f64(), s.prompt_tok_s(),
+            s.generated_tokens, s.decode_time.as_secs_f64(), s.decode_tok_s(), g.reason
+        );
+    }
+}
+
+struct GenerateJob {
+    files: ModelFiles,
+    args: GenerateArgs,
+}
+
+impl WithBackend for GenerateJob {
+    type Output = ();
+    fn run<B: Backend>(self, b: B) -> Result<()> {
+        let (files, a) = (&self.files, &self.args);
+        let prompt = files.tokenizer.encode(&a.prompt, true)?;
+        let mut model = files.load(&b, a.model.verbose)?;
+        let mut gen = Generator::new(
+            &b,
+            &mut model,
+            ctx_len(files, &a.model),
+            kv_dtype(&a.model),
+            PREFILL_CHUNK,
+        )?;
+        let flag = interrupt_flag();
+        let (_, g) = stream_reply(
+            &mut gen,
+            files,
+            &prompt,
+            &options(files, &a.sampling),
+            &a.sampling.stop,
+            &flag,
+        )?;
+        println!();
+        report(a.model.verbose, &g);
+        Ok(())
+    }
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let files = open(&a.model, false)?;
+    with_backend(
+        a.model.backend.into(),
+        a.model.adapter,
+        GenerateJob { files, args: a },
+    )
+}
+
+struct ChatJob {
+    files: ModelFiles,
+    args: ChatArgs,
+}
+
+impl WithBackend for ChatJob {
+    type Output = ();
+    fn run<B: Backend>(self, b: B) -> Result<()> {
+        let (files, a) = (&self.files, &self.args);
+        let mut model = files.load(&b, a.model.verbose)?;
+        let mut gen = Generator::new(
+            &b,
+            &mut model,
+            ctx_len(files, &a.model),
+            kv_dtype(&a.model),
+            PREFILL_CHUNK,
+        )?;
+        let opts = options(files, &a.sampling);
+        let mut messages: Vec<Message> = Vec::new();
+        if let Some(sys) = &a.system {
+            messages.push(Message::new("system", sys));
+        }
+        let flag = interrupt_flag();
+        let mut turn = |messages: &mut Vec<Message>, user: &str| -> Result<()> {
+            messages.push(Message::new("user", user));
+            let prompt = files.tokenizer.encode_chat(messages, true)?;
+            flag.store(false, Ordering::SeqCst);
+            let (reply, g) =
+                stream_reply(&mut gen, files, &prompt, &opts, &a.sampling.stop, &flag)?;
+            println!();
+            report(a.model.verbose, &g);
+            messages.push(Message::new("assistant", reply.trim()));
+            Ok(())
+        };
+        if let Some(p) = &a.prompt {
+            return turn(&mut messages, p);
+        }
+        eprintln!(
+            "chat with {} ({}); empty line or Ctrl-D to quit, /reset to forget the conversation",
+            files.name(),
+            b.device_name()
+        );
+        let stdin = std::io::stdin();
+        loop {
+            eprint!("> ");
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+                break;
+            }
+            if line.trim() == "/reset" {
+                messages.retain(|m| m.role == "system");
+                continue;
+            }
+            turn(&mut messages, line.trim_end_matches(['\n', '\r']))?;
+        }
+        Ok(())
+    }
+}
+
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let files = open(&a.model, true)?;
+    with_backend(
+        a.model.backend.into(),
+        a.model.adapter,
+        ChatJob { files, args: a },
+    )
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let m = ModelArgs {
+        model: a.model,
+        backend: crate::args::BackendArg::Cpu,
+        adapter: None,
+        ctx_size: None,
+        kv_dtype: KvDtypeArg::F16,
+        verbose: false,
+    };
+    let files = open(&m, true)?;
+    print!("{}", files.describe());
+    Ok(())
+}
+
+pub fn devices() -> Result<()> {
+    print!("{}", anyllama::backend::select::describe_devices());
+    Ok(())
+}
