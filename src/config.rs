@@ -1,7 +1,13 @@
 //! ModelConfig: the shape of a Llama-family model, from an HF config.json (transformers 4 and 5
 //! forms) or from GGUF metadata, plus the dimensions derived from it.
+//!
+//! Reading config.json follows transformers' `LlamaConfig` exactly: the same defaults for absent
+//! keys, the same precedence between the v4 keys (`rope_theta`, `rope_scaling`, `torch_dtype`) and
+//! the v5 keys (`rope_parameters`, `dtype`), and the same fallbacks inside the RoPE parameters.
 
 use crate::error::{Error, Result};
+use serde_json::{Map, Value};
+use std::path::Path;
 
 /// RoPE frequency scheme, as transformers' `ROPE_INIT_FUNCTIONS` names them.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -12,6 +18,7 @@ pub enum RopeScaling {
         factor: f64,
     },
     /// NTK-aware scaling recomputed from the current sequence length once it passes the original.
+    /// transformers takes the original length from `max_position_embeddings` for this variant.
     Dynamic {
         factor: f64,
         original_max_position_embeddings: usize,
@@ -40,6 +47,20 @@ pub enum RopeScaling {
         mscale_all_dim: Option<f64>,
         truncate: bool,
     },
+}
+
+impl RopeScaling {
+    /// The `rope_type` string transformers uses for this variant.
+    pub fn rope_type(&self) -> &'static str {
+        match self {
+            RopeScaling::Default => "default",
+            RopeScaling::Linear { .. } => "linear",
+            RopeScaling::Dynamic { .. } => "dynamic",
+            RopeScaling::Llama3 { .. } => "llama3",
+            RopeScaling::LongRope { .. } => "longrope",
+            RopeScaling::Yarn { .. } => "yarn",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,5 +121,491 @@ impl ModelConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Reads `config.json` from an HF model folder.
+    pub fn from_hf_dir(dir: &Path) -> Result<ModelConfig> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::load(&path, e.to_string()))?;
+        Self::from_hf_json(&text).map_err(|e| match e {
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses the text of an HF `config.json` (transformers 4 or 5 form) of a Llama model.
+    pub fn from_hf_json(text: &str) -> Result<ModelConfig> {
+        let root: Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("config.json is not valid JSON: {e}")))?;
+        let obj = root
+            .as_object()
+            .ok_or_else(|| Error::Config("config.json must hold a JSON object".into()))?;
+        let j = Json(obj);
+
+        if let Some(model_type) = j.str("model_type")? {
+            if model_type != "llama" {
+                return Err(Error::Config(format!(
+                    "model_type `{model_type}` is not supported (only `llama`)"
+                )));
+            }
+        }
+        if let Some(act) = j.str("hidden_act")? {
+            if act != "silu" {
+                return Err(Error::Config(format!(
+                    "hidden_act `{act}` is not supported (Llama uses `silu`)"
+                )));
+            }
+        }
+
+        // Defaults are LlamaConfig's class defaults, so a config that leaves a key out means
+        // what it means to transformers.
+        let dim = j.usize("hidden_size")?.unwrap_or(4096);
+        let n_heads = j.usize("num_attention_heads")?.unwrap_or(32);
+        if n_heads == 0 || dim % n_heads != 0 {
+            // LlamaConfig.validate_architecture rejects this even when head_dim is explicit.
+            return Err(Error::Config(format!(
+                "hidden_size ({dim}) is not a multiple of num_attention_heads ({n_heads})"
+            )));
+        }
+        let max_seq_len = j.usize("max_position_embeddings")?.unwrap_or(2048);
+        let head_dim = j.usize("head_dim")?.unwrap_or(dim / n_heads);
+        let (rope_theta, rope_scaling) = parse_rope(&j, head_dim, max_seq_len)?;
+
+        let cfg = ModelConfig {
+            vocab_size: j.usize("vocab_size")?.unwrap_or(32000),
+            dim,
+            ffn_dim: j.usize("intermediate_size")?.unwrap_or(11008),
+            n_layers: j.usize("num_hidden_layers")?.unwrap_or(32),
+            n_heads,
+            n_kv_heads: j.usize("num_key_value_heads")?.unwrap_or(n_heads),
+            head_dim,
+            norm_eps: j.f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            max_seq_len,
+            tie_embeddings: j.bool("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: j.bool("attention_bias")?.unwrap_or(false),
+            mlp_bias: j.bool("mlp_bias")?.unwrap_or(false),
+            rope_theta,
+            rope_scaling,
+            bos_token_id: if j.has("bos_token_id") {
+                j.token_id("bos_token_id")?
+            } else {
+                Some(1)
+            },
+            eos_token_ids: if j.has("eos_token_id") {
+                j.token_ids("eos_token_id")?
+            } else {
+                vec![2]
+            },
+            torch_dtype: match j.str("dtype")? {
+                Some(d) => Some(d.to_string()),
+                None => j.str("torch_dtype")?.map(str::to_string),
+            },
+        };
+        if !(cfg.norm_eps.is_finite() && cfg.norm_eps >= 0.0) {
+            return Err(Error::Config(format!(
+                "rms_norm_eps ({}) must be >= 0",
+                cfg.norm_eps
+            )));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Resolves rope_theta and the scaling variant the way `RotaryEmbeddingConfigMixin` standardizes
+/// them: `rope_scaling` (v4) wins over `rope_parameters` (v5) when both are non-empty; a theta
+/// inside the dict wins over the top-level `rope_theta`; the default theta is 10000.
+fn parse_rope(j: &Json, head_dim: usize, max_pos: usize) -> Result<(f64, RopeScaling)> {
+    let dict_of = |key: &str| -> Result<Option<&Map<String, Value>>> {
+        match j.0.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(m)) if m.is_empty() => Ok(None),
+            Some(Value::Object(m)) => Ok(Some(m)),
+            Some(other) => Err(Error::Config(format!(
+                "`{key}` must be an object, got {other}"
+            ))),
+        }
+    };
+    let empty = Map::new();
+    let params = match dict_of("rope_scaling")? {
+        Some(m) => m,
+        None => dict_of("rope_parameters")?.unwrap_or(&empty),
+    };
+    let p = Json(params);
+
+    let theta = match p.f64("rope_theta")? {
+        Some(t) => t,
+        None => j.f64("rope_theta")?.unwrap_or(10_000.0),
+    };
+    if !(theta.is_finite() && theta > 1.0) {
+        return Err(Error::Config(format!(
+            "rope_theta ({theta}) must be a finite number > 1"
+        )));
+    }
+    // Llama rotates the whole head; a partial rotary dimension would not fit its kernels.
+    for partial in [
+        p.f64("partial_rotary_factor")?,
+        j.f64("partial_rotary_factor")?,
+    ] {
+        if partial.is_some_and(|f| f != 1.0) {
+            return Err(Error::Config(
+                "partial_rotary_factor other than 1.0 is not supported for Llama".into(),
+            ));
+        }
+    }
+
+    // `rope_type`, or the legacy `type` key of older configs.
+    let rope_type = match p.str("rope_type")? {
+        Some(t) => t.to_string(),
+        None => p.str("type")?.unwrap_or("default").to_string(),
+    };
+    // llama3 / yarn / longrope read the pretraining length from a top-level key when a config has
+    // one (Phi-3 style), else from the dict, else max_position_embeddings.
+    let original_max = || -> Result<usize> {
+        let n = match j.usize("original_max_position_embeddings")? {
+            Some(n) => n,
+            None => p
+                .usize("original_max_position_embeddings")?
+                .unwrap_or(max_pos),
+        };
+        if n == 0 {
+            return Err(Error::Config(
+                "original_max_position_embeddings must be positive".into(),
+            ));
+        }
+        Ok(n)
+    };
+    let need = |key: &str| -> Result<f64> {
+        p.f64(key)?.ok_or_else(|| {
+            Error::Config(format!(
+                "rope type `{rope_type}` needs `{key}` in the RoPE parameters"
+            ))
+        })
+    };
+    let positive = |key: &str, v: f64| -> Result<f64> {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(Error::Config(format!(
+                "RoPE parameter `{key}` ({v}) must be a positive number"
+            )))
+        }
+    };
+
+    let scaling = match rope_type.as_str() {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: positive("factor", need("factor")?)? },
+        "dynamic" => {
+            let factor = positive("factor", need("factor")?)?;
+            if max_pos == 0 || head_dim <= 2 {
+                // Its base grows as (..)^(head_dim / (head_dim - 2)), relative to max_pos.
+                return Err(Error::Config(
+                    "dynamic RoPE needs max_position_embeddings > 0 and head_dim > 2".into(),
+                ));
+            }
+            RopeScaling::Dynamic { factor, original_max_position_embeddings: max_pos }
+        }
+        "llama3" => {
+            let low = positive("low_freq_factor", need("low_freq_factor")?)?;
+            let high = positive("high_freq_factor", need("high_freq_factor")?)?;
+            if high <= low {
+                return Err(Error::Config(format!(
+                    "llama3 RoPE needs high_freq_factor ({high}) > low_freq_factor ({low})"
+                )));
+            }
+            RopeScaling::Llama3 {
+                factor: positive("factor", need("factor")?)?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: original_max()?,
+            }
+        }
+        "longrope" => {
+            let list = |key: &str| -> Result<Vec<f64>> {
+                let v = p.f64_list(key)?.ok_or_else(|| {
+                    Error::Config(format!("rope type `longrope` needs `{key}`"))
+                })?;
+                if v.len() != head_dim / 2 {
+                    return Err(Error::Config(format!(
+                        "longrope `{key}` has {} entries, head_dim {head_dim} needs {}",
+                        v.len(),
+                        head_dim / 2
+                    )));
+                }
+                for &x in &v {
+                    positive(key, x)?;
+                }
+                Ok(v)
+            };
+            RopeScaling::LongRope {
+                short_factor: list("short_factor")?,
+                long_factor: list("long_factor")?,
+                original_max_position_embeddings: original_max()?,
+                attention_factor: p.f64("attention_factor")?,
+                factor: p.f64("factor")?,
+            }
+        }
+        "yarn" => {
+            let original = original_max()?;
+            // transformers requires the key but reads an explicit null as "the ratio of the
+            // two context lengths".
+            if !p.has("factor") {
+                return Err(Error::Config("rope type `yarn` needs `factor`".into()));
+            }
+            let factor = match p.f64("factor")? {
+                Some(f) => f,
+                None => max_pos as f64 / original as f64,
+            };
+            // transformers writes `get(...) or 32`: a 0 counts as unset too.
+            let or_default = |v: Option<f64>, d: f64| v.filter(|&x| x != 0.0).unwrap_or(d);
+            RopeScaling::Yarn {
+                factor: positive("factor", factor)?,
+                original_max_position_embeddings: original,
+                beta_fast: or_default(p.f64("beta_fast")?, 32.0),
+                beta_slow: or_default(p.f64("beta_slow")?, 1.0),
+                attention_factor: p.f64("attention_factor")?,
+                mscale: p.f64("mscale")?,
+                mscale_all_dim: p.f64("mscale_all_dim")?,
+                truncate: p.bool("truncate")?.unwrap_or(true),
+            }
+        }
+        other => {
+            return Err(Error::Config(format!(
+                "unknown rope type `{other}` (supported: default, linear, dynamic, llama3, longrope, yarn)"
+            )))
+        }
+    };
+    Ok((theta, scaling))
+}
+
+/// Typed, error-reporting reads from a JSON object. Absent keys and `null` both read as None,
+/// as `dict.get` does in transformers; a value of the wrong type is an error naming the key.
+pub(crate) struct Json<'a>(pub(crate) &'a Map<String, Value>);
+
+impl Json<'_> {
+    fn value(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    pub(crate) fn has(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    fn wrong(key: &str, what: &str, v: &Value) -> Error {
+        Error::Config(format!("`{key}` must be {what}, got {v}"))
+    }
+
+    pub(crate) fn usize(&self, key: &str) -> Result<Option<usize>> {
+        self.value(key)
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| Self::wrong(key, "a non-negative integer", v))
+            })
+            .transpose()
+    }
+
+    pub(crate) fn f64(&self, key: &str) -> Result<Option<f64>> {
+        self.value(key)
+            .map(|v| v.as_f64().ok_or_else(|| Self::wrong(key, "a number", v)))
+            .transpose()
+    }
+
+    pub(crate) fn bool(&self, key: &str) -> Result<Option<bool>> {
+        self.value(key)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| Self::wrong(key, "true or false", v))
+            })
+            .transpose()
+    }
+
+    pub(crate) fn str(&self, key: &str) -> Result<Option<&str>> {
+        self.value(key)
+            .map(|v| v.as_str().ok_or_else(|| Self::wrong(key, "a string", v)))
+            .transpose()
+    }
+
+    fn f64_list(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        let Some(v) = self.value(key) else {
+            return Ok(None);
+        };
+        let items = v
+            .as_array()
+            .ok_or_else(|| Self::wrong(key, "a list of numbers", v))?;
+        items
+            .iter()
+            .map(|x| {
+                x.as_f64()
+                    .ok_or_else(|| Self::wrong(key, "a list of numbers", v))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    pub(crate) fn token_id(&self, key: &str) -> Result<Option<u32>> {
+        self.value(key)
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| Self::wrong(key, "a token id", v))
+            })
+            .transpose()
+    }
+
+    /// A token id or a list of them (`eos_token_id` takes both forms); null reads as empty.
+    pub(crate) fn token_ids(&self, key: &str) -> Result<Vec<u32>> {
+        match self.value(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or_else(|| Self::wrong(key, "a token id or a list of token ids", x))
+                })
+                .collect(),
+            Some(_) => Ok(self.token_id(key)?.into_iter().collect()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<ModelConfig> {
+        ModelConfig::from_hf_json(&format!(
+            r#"{{"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128,
+                "num_hidden_layers": 2, "vocab_size": 512, "max_position_embeddings": 64 {extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn defaults_follow_llama_config() {
+        let c = parse("").unwrap();
+        assert_eq!((c.n_kv_heads, c.head_dim), (4, 16));
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_ids.clone()),
+            (Some(1), vec![2])
+        );
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling),
+            (10_000.0, RopeScaling::Default)
+        );
+        assert!(!c.tie_embeddings && !c.attention_bias && !c.mlp_bias);
+        assert_eq!(c.norm_eps, 1e-6);
+        let c = ModelConfig::from_hf_json("{}").unwrap();
+        assert_eq!(
+            (c.dim, c.n_layers, c.vocab_size, c.max_seq_len),
+            (4096, 32, 32000, 2048)
+        );
+    }
+
+    #[test]
+    fn v4_and_v5_forms_agree() {
+        let v4 = parse(
+            r#","rope_theta": 5e5, "torch_dtype": "bfloat16",
+               "rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1,
+                                "high_freq_factor": 4, "original_max_position_embeddings": 16}"#,
+        )
+        .unwrap();
+        let v5 = parse(
+            r#","dtype": "bfloat16", "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
+               "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}"#,
+        )
+        .unwrap();
+        assert_eq!(v4, v5);
+        assert_eq!(v4.torch_dtype.as_deref(), Some("bfloat16"));
+    }
+
+    #[test]
+    fn precedence_between_rope_keys() {
+        // rope_scaling wins over rope_parameters; a theta in the dict wins over the top level.
+        let c = parse(
+            r#","rope_theta": 5.0, "rope_scaling": {"type": "linear", "factor": 2},
+               "rope_parameters": {"rope_type": "yarn", "factor": 4, "rope_theta": 7.0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling),
+            (5.0, RopeScaling::Linear { factor: 2.0 })
+        );
+        let c = parse(
+            r#","rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rope_theta, 7.0);
+    }
+
+    #[test]
+    fn yarn_fallbacks() {
+        let c = parse(
+            r#","rope_parameters": {"rope_type": "yarn", "factor": null, "beta_fast": 0,
+               "original_max_position_embeddings": 16}"#,
+        )
+        .unwrap();
+        let RopeScaling::Yarn {
+            factor,
+            beta_fast,
+            beta_slow,
+            truncate,
+            ..
+        } = c.rope_scaling
+        else {
+            panic!("expected yarn, got {:?}", c.rope_scaling)
+        };
+        assert_eq!(
+            (factor, beta_fast, beta_slow, truncate),
+            (4.0, 32.0, 1.0, true)
+        );
+        // A top-level original length (Phi-3 style) overrides the one in the dict.
+        let c = parse(
+            r#","original_max_position_embeddings": 8,
+               "rope_parameters": {"rope_type": "yarn", "factor": 2, "original_max_position_embeddings": 16}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Yarn {
+                original_max_position_embeddings: 8,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn eos_forms() {
+        assert_eq!(
+            parse(r#","eos_token_id": [3, 7]"#).unwrap().eos_token_ids,
+            vec![3, 7]
+        );
+        assert_eq!(
+            parse(r#","eos_token_id": 5"#).unwrap().eos_token_ids,
+            vec![5]
+        );
+        assert!(parse(r#","eos_token_id": null, "bos_token_id": null"#)
+            .unwrap()
+            .eos_token_ids
+            .is_empty());
+        assert!(parse(r#","eos_token_id": [-1]"#).is_err());
+    }
+
+    #[test]
+    fn bad_configs_are_named() {
+        let err = |extra: &str| parse(extra).unwrap_err().to_string();
+        assert!(err(r#","rope_parameters": {"rope_type": "su", "factor": 2}"#).contains("`su`"));
+        assert!(err(r#","rope_scaling": {"type": "linear"}"#).contains("factor"));
+        assert!(err(r#","num_key_value_heads": 3"#).contains("num_key_value_heads"));
+        assert!(err(r#","hidden_size": "64""#).contains("hidden_size"));
+        assert!(err(r#","model_type": "gpt2""#).contains("gpt2"));
+        assert!(err(r#","head_dim": 7"#).contains("even"));
+        assert!(err(
+            r#","rope_parameters": {"rope_type": "longrope", "short_factor": [1], "long_factor": [1]}"#
+        )
+        .contains("short_factor"));
+        assert!(ModelConfig::from_hf_json("[1]").is_err());
+        assert!(ModelConfig::from_hf_json("{").is_err());
     }
 }

@@ -1,15 +1,31 @@
 //! anyllama: Llama-family language models on any GPU.
 //!
-//! Reading order: config -> weights -> backend (trait, cpu reference, wgpu) -> model -> generate.
+//! Reading order: config and rope (the model's shape), weights (files -> tensors), backend (the
+//! trait, the cpu reference, wgpu), pool and kv_cache (memory), model (the forward pass),
+//! sample and generate (the decode loop), tokenizer (text <-> ids, chat templates).
 
 pub mod config;
+pub mod generation_config;
+pub mod rope;
+
 pub mod dtype;
-pub mod error;
+pub mod hub;
 pub mod quant;
 pub mod quant_blocks;
+pub mod tokenizer_gguf;
 pub mod weights;
 
-pub use error::{Error, Result};
 pub mod backend;
+pub mod kv_cache;
 pub mod pool;
+
+pub mod model;
+
+pub mod generate;
 pub mod sample;
+pub mod stop;
+
+pub mod default_model;
+pub mod error;
+
+pub use error::{Error, Result};

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 pub mod cpu;
 pub mod params;
+pub mod select;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 

@@ -5,7 +5,11 @@ use crate::dtype::DType;
 use crate::error::Result;
 use std::borrow::Cow;
 
+pub mod gguf;
+pub mod load;
 pub mod safetensors;
+
+pub use load::{load_weights, tensor_name, LayerWeights, Weights};
 
 /// A tensor as stored on disk, before upload. `shape` is in HF order (`[rows, cols]` for a
 /// matrix: `[out_features, in_features]`); `data` holds the stored bytes (little-endian floats or

@@ -1,0 +1,254 @@
+//! Prefill + decode with the paged KV cache, sampling, stop conditions and timing.
+//!
+//! A `Generator` holds one sequence in the cache and remembers which tokens it holds, so a
+//! chat that re-sends the whole conversation each turn only prefills what is new.
+
+use crate::backend::Backend;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kv_cache::{KvCache, Sequence};
+use crate::model::{Model, Scratch};
+use crate::pool::Buf;
+use crate::sample::{apply_penalties, sample_logits, Sampler, SamplingParams};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Token ids that end generation (not emitted).
+    pub eos_ids: Vec<u32>,
+    /// Keep going past eos ids (benchmarks).
+    pub ignore_eos: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    MaxTokens,
+    ContextFull,
+    /// The token callback asked to stop (a stop string, Ctrl-C).
+    Callback,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub prompt_tokens: usize,
+    /// Tokens of the prompt found already in the cache.
+    pub cached_tokens: usize,
+    pub prompt_time: Duration,
+    pub generated_tokens: usize,
+    pub decode_time: Duration,
+}
+
+impl Stats {
+    pub fn prompt_tok_s(&self) -> f64 {
+        (self.prompt_tokens - self.cached_tokens) as f64 / self.prompt_time.as_secs_f64().max(1e-9)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        // The first generated token comes from the prefill's logits.
+        self.generated_tokens.saturating_sub(1) as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub reason: StopReason,
+    pub stats: Stats,
+}
+
+pub struct Generator<'a, B: Backend> {
+    b: &'a B,
+    model: &'a mut Model<B>,
+    kv: KvCache<B>,
+    seq: Sequence<B>,
+    scratch: Scratch<B>,
+    /// Sampled token ids written by the device.
+    ids: Buf<B>,
+    /// The tokens whose K/V the sequence holds, in order.
+    cached: Vec<u32>,
+}
+
+impl<'a, B: Backend> Generator<'a, B> {
+    /// A generator with room for `ctx_len` positions, prefilling up to `chunk` tokens per call.
+    pub fn new(
+        b: &'a B,
+        model: &'a mut Model<B>,
+        ctx_len: usize,
+        kv_dtype: DType,
+        chunk: usize,
+    ) -> Result<Self> {
+        if ctx_len == 0 {
+            return Err(Error::Usage("context length must be positive".into()));
+        }
+        let n_blocks = ctx_len.div_ceil(crate::backend::params::KV_BLOCK);
+        let kv = KvCache::new(b, &model.cfg, n_blocks, kv_dtype)?;
+        let seq = kv.new_sequence(b, ctx_len)?;
+        let scratch = Scratch::new(b, &model.cfg, chunk.clamp(1, ctx_len), false)?;
+        let ids = b.alloc(4)?;
+        Ok(Generator {
+            b,
+            model,
+            kv,
+            seq,
+            scratch,
+            ids,
+            cached: Vec::new(),
+        })
+    }
+
+    pub fn context_len(&self) -> usize {
+        self.seq.capacity()
+    }
+
+    pub fn model(&self) -> &Model<B> {
+        self.model
+    }
+
+    /// Forgets the cached sequence.
+    pub fn reset(&mut self) {
+        self.kv.release(&mut self.seq);
+        self.cached.clear();
+    }
+
+    /// Runs `tokens` at the end of the sequence; the last one's logits end in scratch.logits.
+    fn feed(&mut self, tokens: &[u32], rope_len: usize) -> Result<()> {
+        let vocab = self.model.cfg.vocab_size;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Generation(format!(
+                "token id {t} is outside the model's vocabulary of {vocab}"
+            )));
+        }
+        self.model.prepare_rope(self.b, rope_len)?;
+        for chunk in tokens.chunks(self.scratch.rows) {
+            let end = self.seq.len + chunk.len();
+            self.kv.reserve(self.b, &mut self.seq, end)?;
+            self.b
+                .upload(&mut self.scratch.tokens, 0, bytemuck::cast_slice(chunk))?;
+            self.model.forward(
+                self.b,
+                &mut self.scratch,
+                &mut self.kv,
+                &self.seq,
+                chunk.len(),
+                false,
+            )?;
+            self.seq.len = end;
+            self.cached.extend_from_slice(chunk);
+        }
+        Ok(())
+    }
+
+    /// Picks the next token from the last logits.
+    fn pick(&mut self, sampler: &mut Sampler, history: &[u32]) -> Result<u32> {
+        let op = sampler.next_op();
+        let vocab = self.model.cfg.vocab_size;
+        if sampler.params.has_penalties() {
+            let mut logits = vec![0f32; vocab];
+            self.b.read(
+                &self.scratch.logits,
+                0,
+                bytemuck::cast_slice_mut(&mut logits),
+            )?;
+            apply_penalties(&mut logits, history, &sampler.params);
+            return Ok(sample_logits(&logits, &op));
+        }
+        self.b
+            .sample(&mut self.ids, 0, &self.scratch.logits, vocab, op)?;
+        let mut id = [0u32];
+        self.b
+            .read(&self.ids, 0, bytemuck::cast_slice_mut(&mut id))?;
+        Ok(id[0])
+    }
+
+    /// Generates after `prompt` (the whole conversation so far: the part already in the cache is
+    /// reused). `on_token` sees each new token and returns false to stop.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<Generation> {
+        opts.sampling.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::Generation("the prompt is empty".into()));
+        }
+        let ctx = self.context_len();
+        if prompt.len() >= ctx {
+            return Err(Error::Generation(format!(
+                "the prompt has {} tokens but the context holds {ctx}; raise -c or shorten the prompt",
+                prompt.len()
+            )));
+        }
+        // Reuse the longest cached prefix, but always run at least the last prompt token.
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(prompt.len() - 1);
+        self.cached.truncate(common);
+        self.seq.truncate(common);
+        let mut stats = Stats {
+            prompt_tokens: prompt.len(),
+            cached_tokens: common,
+            ..Default::default()
+        };
+
+        let t0 = Instant::now();
+        self.feed(&prompt[common..], prompt.len())?;
+        let mut sampler = Sampler::new(opts.sampling.clone());
+        let mut history = prompt.to_vec();
+        let mut next = self.pick(&mut sampler, &history)?;
+        stats.prompt_time = t0.elapsed();
+
+        let t1 = Instant::now();
+        let mut out = Vec::new();
+        let reason = loop {
+            if !opts.ignore_eos && opts.eos_ids.contains(&next) {
+                break StopReason::Eos;
+            }
+            out.push(next);
+            history.push(next);
+            if !on_token(next) {
+                break StopReason::Callback;
+            }
+            if out.len() >= opts.max_new_tokens {
+                break StopReason::MaxTokens;
+            }
+            if self.seq.len + 1 >= ctx {
+                break StopReason::ContextFull;
+            }
+            let len = self.seq.len + 1;
+            self.feed(&[next], len)?;
+            next = self.pick(&mut sampler, &history)?;
+        };
+        stats.decode_time = t1.elapsed();
+        stats.generated_tokens = out.len();
+        Ok(Generation {
+            tokens: out,
+            reason,
+            stats,
+        })
+    }
+
+    /// Logits of every position of `tokens` run from an empty cache (for parity tests).
+    pub fn all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.reset();
+        let cfg = &self.model.cfg;
+        let mut s = Scratch::new(self.b, cfg, tokens.len(), true)?;
+        self.kv.reserve(self.b, &mut self.seq, tokens.len())?;
+        self.model.prepare_rope(self.b, tokens.len())?;
+        self.b
+            .upload(&mut s.tokens, 0, bytemuck::cast_slice(tokens))?;
+        self.model
+            .forward(self.b, &mut s, &mut self.kv, &self.seq, tokens.len(), true)?;
+        self.seq.len = tokens.len();
+        self.cached = tokens.to_vec();
+        let mut out = vec![0f32; tokens.len() * self.model.cfg.vocab_size];
+        self.b
+            .read(&s.logits, 0, bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+}

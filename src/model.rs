@@ -1,0 +1,169 @@
+//! The Llama forward pass: llama2.c's forward() as a list of backend ops with shape comments.
+
+use crate::backend::{Backend, Heads};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::{KvCache, Sequence};
+use crate::pool::Buf;
+use crate::rope::rope_freqs;
+use crate::weights::Weights;
+
+pub struct Model<B: Backend> {
+    pub cfg: ModelConfig,
+    pub w: Weights<B>,
+    /// RoPE inverse frequencies on the device, and the sequence length they were made for
+    /// (dynamic / longrope scaling change them as the sequence grows, as HF does per call).
+    inv_freq: Buf<B>,
+    attn_scale: f32,
+    rope_len: Option<usize>,
+}
+
+/// Activation buffers for up to `rows` tokens per forward call, reused for every call.
+pub struct Scratch<B: Backend> {
+    pub rows: usize,
+    pub tokens: Buf<B>, // u32 [rows]
+    x: Buf<B>,          // residual stream [rows, dim]
+    xb: Buf<B>,         // normed input [rows, dim]
+    xb2: Buf<B>,        // projection output [rows, dim]
+    q: Buf<B>,          // [rows, n_heads * head_dim]
+    k: Buf<B>,          // [rows, n_kv_heads * head_dim]
+    v: Buf<B>,          // [rows, n_kv_heads * head_dim]
+    att: Buf<B>,        // attention output [rows, n_heads * head_dim]
+    gate: Buf<B>,       // [rows, ffn]
+    up: Buf<B>,         // [rows, ffn]
+    hb: Buf<B>,         // silu(gate) * up [rows, ffn]
+    pub logits: Buf<B>, // [rows or 1, vocab]
+}
+
+impl<B: Backend> Scratch<B> {
+    /// `all_logits`: keep the logits of every row (tests), not just of the last.
+    pub fn new(b: &B, cfg: &ModelConfig, rows: usize, all_logits: bool) -> Result<Self> {
+        let f = |n: usize| b.alloc(rows * n * 4);
+        Ok(Scratch {
+            rows,
+            tokens: f(1)?,
+            x: f(cfg.dim)?,
+            xb: f(cfg.dim)?,
+            xb2: f(cfg.dim)?,
+            q: f(cfg.q_dim())?,
+            k: f(cfg.kv_dim())?,
+            v: f(cfg.kv_dim())?,
+            att: f(cfg.q_dim())?,
+            gate: f(cfg.ffn_dim)?,
+            up: f(cfg.ffn_dim)?,
+            hb: f(cfg.ffn_dim)?,
+            logits: b.alloc(if all_logits { rows } else { 1 } * cfg.vocab_size * 4)?,
+        })
+    }
+}
+
+impl<B: Backend> Model<B> {
+    pub fn new(b: &B, cfg: ModelConfig, w: Weights<B>) -> Result<Self> {
+        let inv_freq = b.alloc(cfg.head_dim / 2 * 4)?;
+        let mut m = Model {
+            cfg,
+            w,
+            inv_freq,
+            attn_scale: 1.0,
+            rope_len: None,
+        };
+        m.prepare_rope(b, 1)?;
+        Ok(m)
+    }
+
+    /// Uploads the RoPE frequencies for a forward call whose last position is `seq_len - 1`
+    /// (only when they depend on the length and it changed).
+    pub fn prepare_rope(&mut self, b: &B, seq_len: usize) -> Result<()> {
+        let varies = crate::rope::varies_with_len(&self.cfg);
+        if self.rope_len.is_some() && !varies {
+            return Ok(());
+        }
+        let f = rope_freqs(&self.cfg, seq_len);
+        if self.rope_len.is_none() || f.attention_scaling != self.attn_scale || varies {
+            b.upload(&mut self.inv_freq, 0, bytemuck::cast_slice(&f.inv_freq))?;
+            self.attn_scale = f.attention_scaling;
+        }
+        self.rope_len = Some(seq_len);
+        Ok(())
+    }
+
+    /// Runs `rows` tokens (already in `s.tokens`) at positions seq.len.. through the model,
+    /// appending their K/V to the cache. Writes the last row's logits to `s.logits` (every
+    /// row's when `all_logits`). Call `prepare_rope` first.
+    pub fn forward(
+        &self,
+        b: &B,
+        s: &mut Scratch<B>,
+        kv: &mut KvCache<B>,
+        seq: &Sequence<B>,
+        rows: usize,
+        all_logits: bool,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let (dim, pos0) = (c.dim, seq.len);
+        let heads = Heads {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        b.embedding(&mut s.x, &s.tokens, &self.w.tok_embeddings, rows)?; // x [rows, dim]
+        for (i, l) in self.w.layers.iter().enumerate() {
+            // attention block
+            b.rms_norm(&mut s.xb, &s.x, &l.attn_norm, rows, dim, c.norm_eps)?; // xb [rows, dim]
+            b.matmul(&mut s.q, &s.xb, &l.wq, rows)?; // q [rows, n_heads*hd]
+            b.matmul(&mut s.k, &s.xb, &l.wk, rows)?; // k [rows, n_kv*hd]
+            b.matmul(&mut s.v, &s.xb, &l.wv, rows)?; // v [rows, n_kv*hd]
+            bias(b, &mut s.q, &l.bq, rows, c.q_dim())?;
+            bias(b, &mut s.k, &l.bk, rows, c.kv_dim())?;
+            bias(b, &mut s.v, &l.bv, rows, c.kv_dim())?;
+            b.rope(
+                &mut s.q,
+                &mut s.k,
+                &self.inv_freq,
+                rows,
+                pos0,
+                heads,
+                self.attn_scale,
+            )?;
+            let kv_dtype = kv.dtype;
+            let (kc, vc, table) = kv.layer_mut(i, seq);
+            b.kv_append(kc, vc, kv_dtype, table, &s.k, &s.v, rows, pos0, heads)?;
+            b.attention(&mut s.att, &s.q, kv.view(i, seq), rows, pos0, heads)?; // att [rows, n_heads*hd]
+            b.matmul(&mut s.xb2, &s.att, &l.wo, rows)?; // xb2 [rows, dim]
+            bias(b, &mut s.xb2, &l.bo, rows, dim)?;
+            b.add(&mut s.x, &s.xb2, rows * dim)?; // residual
+                                                  // feed-forward block
+            b.rms_norm(&mut s.xb, &s.x, &l.ffn_norm, rows, dim, c.norm_eps)?;
+            b.matmul(&mut s.gate, &s.xb, &l.w1, rows)?; // gate [rows, ffn]
+            b.matmul(&mut s.up, &s.xb, &l.w3, rows)?; // up [rows, ffn]
+            bias(b, &mut s.gate, &l.b1, rows, c.ffn_dim)?;
+            bias(b, &mut s.up, &l.b3, rows, c.ffn_dim)?;
+            b.swiglu(&mut s.hb, &s.gate, &s.up, rows * c.ffn_dim)?; // hb [rows, ffn]
+            b.matmul(&mut s.xb2, &s.hb, &l.w2, rows)?; // xb2 [rows, dim]
+            bias(b, &mut s.xb2, &l.b2, rows, dim)?;
+            b.add(&mut s.x, &s.xb2, rows * dim)?; // residual
+        }
+        // final norm and classifier, on the last row only unless every row's logits are wanted
+        let out_rows = if all_logits { rows } else { 1 };
+        if !all_logits && rows > 1 {
+            b.copy(&mut s.xb2, 0, &s.x, (rows - 1) * dim * 4, dim * 4)?;
+            b.rms_norm(&mut s.xb, &s.xb2, &self.w.norm, 1, dim, c.norm_eps)?;
+        } else {
+            b.rms_norm(&mut s.xb, &s.x, &self.w.norm, out_rows, dim, c.norm_eps)?;
+        }
+        b.matmul(&mut s.logits, &s.xb, self.w.output(), out_rows) // logits [out_rows, vocab]
+    }
+}
+
+fn bias<B: Backend>(
+    b: &B,
+    x: &mut Buf<B>,
+    bias: &Option<Buf<B>>,
+    rows: usize,
+    n: usize,
+) -> Result<()> {
+    match bias {
+        Some(v) => b.add_bias(x, v, rows, n),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,127 @@
+//! The forward pass and the decode loop against HF transformers on tiny random Llama fixtures
+//! (tests/fixtures/hf, made by tests/fixtures/make_fixtures.py): logits of the prompt within an
+//! NMSE bound, and the 24 greedy tokens HF generated through its KV cache, identical.
+
+mod common;
+
+use anyllama::backend::cpu::Cpu;
+use anyllama::backend::Backend;
+use anyllama::config::ModelConfig;
+use anyllama::dtype::DType;
+use anyllama::generate::{GenerateOptions, Generator};
+use anyllama::model::Model;
+use anyllama::sample::SamplingParams;
+use anyllama::weights::load_weights;
+use anyllama::weights::safetensors::SafetensorsSource;
+use common::{fixtures, nmse};
+use serde_json::Value;
+use std::path::Path;
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn load<B: Backend>(b: &B, dir: &Path) -> Model<B> {
+    let cfg = ModelConfig::from_hf_dir(dir).unwrap();
+    let src = SafetensorsSource::open(dir).unwrap();
+    let w = load_weights(b, &src, &cfg, false, &|_| {}).unwrap();
+    Model::new(b, cfg, w).unwrap()
+}
+
+/// Checks every fixture on backend `b`; returns how many cases ran.
+fn check_all<B: Backend>(b: &B) -> usize {
+    let mut checked = 0;
+    let mut dirs: Vec<_> = std::fs::read_dir(fixtures().join("hf"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let mut model = load(b, &dir);
+        let vocab = model.cfg.vocab_size;
+        for case in expected["cases"].as_array().unwrap() {
+            let case_name = format!("{name}/{} on {}", case["name"].as_str().unwrap(), b.name());
+            let prompt = ids(&case["prompt_ids"]);
+            for kv in [DType::F32, DType::F16] {
+                let mut gen = Generator::new(b, &mut model, 128, kv, 64).unwrap();
+                // Logits of the stored positions, from one forward over the whole prompt.
+                let logits = gen.all_logits(&prompt).unwrap();
+                let positions = case["logits_positions"].as_array().unwrap();
+                let bound = if kv == DType::F32 { 1e-8 } else { 1e-4 };
+                for (p, want) in positions.iter().zip(case["logits"].as_array().unwrap()) {
+                    let p = p.as_u64().unwrap() as usize;
+                    let want: Vec<f32> = want
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                        .collect();
+                    let got = &logits[p * vocab..(p + 1) * vocab];
+                    let e = nmse(got, &want);
+                    assert!(
+                        e < bound,
+                        "{case_name} kv {kv}: logits at position {p}: nmse {e:e} >= {bound:e}"
+                    );
+                }
+                // Greedy argmax at every prompt position.
+                let argmax: Vec<u32> = logits
+                    .chunks_exact(vocab)
+                    .map(|row| {
+                        row.iter()
+                            .enumerate()
+                            .fold(0, |best, (i, v)| if *v > row[best] { i } else { best })
+                            as u32
+                    })
+                    .collect();
+                // With an f16 cache, near ties (HF's margin < 0.02) may flip; f32 must match all.
+                let margins = case["prompt_margins"].as_array().unwrap();
+                for (p, (got, want)) in argmax.iter().zip(ids(&case["argmax"])).enumerate() {
+                    let decisive = kv == DType::F32 || margins[p].as_f64().unwrap() >= 0.02;
+                    assert!(
+                        !decisive || *got == want,
+                        "{case_name} kv {kv}: argmax at position {p}: {got} != {want}"
+                    );
+                }
+                // 24 greedy tokens through the paged KV cache, prefilled in chunks of 64.
+                gen.reset();
+                let opts = GenerateOptions {
+                    max_new_tokens: 24,
+                    sampling: SamplingParams::greedy(),
+                    eos_ids: vec![],
+                    ignore_eos: true,
+                };
+                let g = gen.generate(&prompt, &opts, &mut |_| true).unwrap();
+                assert_eq!(
+                    g.tokens,
+                    ids(&case["generated_ids"]),
+                    "{case_name} kv {kv}: greedy tokens"
+                );
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
+#[test]
+fn hf_fixtures_on_cpu() {
+    let n = check_all(&Cpu::new());
+    assert!(n >= 14, "only {n} cases ran");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn hf_fixtures_on_wgpu() {
+    if let Some(b) = common::wgpu_backend() {
+        let n = check_all(&b);
+        assert!(n >= 14, "only {n} cases ran");
+    }
+}
