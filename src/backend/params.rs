@@ -13,7 +13,13 @@ pub const KV_BLOCK: usize = 16;
 pub struct EmbeddingParams {
     pub n_tokens: u32,
     pub dim: u32,
-    pub _pad: [u32; 2],
+    /// Table rows [row0, row0 + chunk_rows) are bound (tables over one storage binding are
+    /// looked up in row chunks); tokens outside the chunk are left to the other chunks.
+    pub row0: u32,
+    pub chunk_rows: u32,
+    /// Rows of the whole table: a token id at or past it yields a NaN row.
+    pub vocab: u32,
+    pub _pad: [u32; 3],
 }
 
 #[repr(C)]
@@ -25,14 +31,18 @@ pub struct RmsNormParams {
     pub _pad: u32,
 }
 
-/// out[rows, n] = x[rows, k] . w[n, k]^T
+/// out[r, col0 + o] = x[r, :] . w[o, :] for o < n (w: n rows of k; out rows are out_stride wide).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
 pub struct MatmulParams {
     pub rows: u32,
     pub n: u32,
     pub k: u32,
-    pub _pad: u32,
+    /// Row stride of `out` (the full output width when w is bound in row chunks).
+    pub out_stride: u32,
+    /// First output column of this chunk (0 unless w is bound in row chunks).
+    pub col0: u32,
+    pub _pad: [u32; 3],
 }
 
 /// x[rows, n] += bias[n]

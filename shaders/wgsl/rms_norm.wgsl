@@ -1,0 +1,51 @@
+// rms_norm: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w.
+// One workgroup per row (2D grid of workgroups for many rows): each thread sums the squares of
+// a strided slice, a tree reduction in workgroup memory gives the row's sum, then every thread
+// scales its slice.
+
+struct Params {
+    rows: u32,
+    dim: u32,
+    eps: f32,
+    _pad: u32,
+}
+
+override WG: u32 = 256u;
+
+@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(3) var<storage, read> w: array<f32>;
+
+var<workgroup> red: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = wg.y * nwg.x + wg.x;
+    if (r >= params.rows) {
+        return;
+    }
+    let dim = params.dim;
+    let base = r * dim;
+    var ss = 0.0;
+    for (var i = lid; i < dim; i += WG) {
+        let v = x[base + i];
+        ss += v * v;
+    }
+    red[lid] = ss;
+    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lid < s) {
+            red[lid] += red[lid + s];
+        }
+    }
+    workgroupBarrier();
+    let inv = 1.0 / sqrt(red[0] / f32(dim) + params.eps);
+    for (var i = lid; i < dim; i += WG) {
+        out[base + i] = x[base + i] * inv * w[i];
+    }
+}

@@ -1,0 +1,580 @@
+//! `Backend` for wgpu: checks each op's sizes against its buffers (a bad size is an error here,
+//! not an out-of-bounds read on the device), fills the kernel's params block and picks the
+//! dispatch shape. The kernels themselves are in shaders/wgsl/.
+
+use super::exec::{Bind, Scratch};
+use super::pipelines::{Float, Kernel};
+use super::Wgpu;
+use crate::backend::params::*;
+use crate::backend::{Backend, Heads, KvView, SampleOp, Weight};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::pool::{Buf, Pool};
+use std::sync::Arc;
+
+/// Threads per workgroup of the one-thread-per-element kernels.
+const WG: u64 = 256;
+/// Up to this many rows, matmul runs the mat-vec kernel (4 rows per pass over the weights).
+const MATVEC_MAX_ROWS: usize = 8;
+/// Up to this many query rows, attention runs the split-KV decode kernel.
+const DECODE_MAX_ROWS: usize = 4;
+/// attention_decode.wgsl: most positions per split, most query heads per workgroup.
+const SPLIT_MAX: usize = 128;
+const HEADS_PER_WG_MAX: usize = 8;
+/// Workgroups the split-KV kernel aims for, so that one query row still fills a big GPU.
+const DECODE_TARGET_WORKGROUPS: usize = 256;
+
+fn dev(msg: String) -> Error {
+    Error::Device(msg)
+}
+
+fn float_of(dtype: DType, op: &str) -> Result<Float> {
+    match dtype {
+        DType::F32 => Ok(Float::F32),
+        DType::F16 => Ok(Float::F16),
+        DType::BF16 => Ok(Float::BF16),
+        other => Err(dev(format!(
+            "{op}: {other} weights are not supported by the wgpu backend yet"
+        ))),
+    }
+}
+
+fn kv_is_f16(dtype: DType, op: &str) -> Result<bool> {
+    match dtype {
+        DType::F16 => Ok(true),
+        DType::F32 => Ok(false),
+        other => Err(dev(format!(
+            "{op}: KV cache dtype {other} (f16 or f32 only)"
+        ))),
+    }
+}
+
+/// Query heads per decode workgroup: the largest divisor of the GQA group size <= 8 (mirrors
+/// `heads_per_workgroup` in attention_decode.wgsl).
+fn heads_per_workgroup(group: usize) -> usize {
+    (1..=HEADS_PER_WG_MAX.min(group))
+        .rev()
+        .find(|c| group % c == 0)
+        .unwrap_or(1)
+}
+
+fn check_heads(h: Heads, op: &str, head_dim_max: usize) -> Result<()> {
+    if h.n_heads == 0 || h.n_kv_heads == 0 || h.n_heads % h.n_kv_heads != 0 {
+        return Err(dev(format!(
+            "{op}: {} query heads do not split into groups over {} kv heads",
+            h.n_heads, h.n_kv_heads
+        )));
+    }
+    if h.head_dim == 0 || h.head_dim % 2 != 0 || h.head_dim > head_dim_max {
+        return Err(dev(format!(
+            "{op}: head_dim {} (must be even and at most {head_dim_max} on this device)",
+            h.head_dim
+        )));
+    }
+    Ok(())
+}
+
+impl Wgpu {
+    /// Checks that `b` holds `need` bytes.
+    fn check_len(&self, b: &Buf<Wgpu>, need: usize, what: &str, op: &str) -> Result<()> {
+        let cap = b.raw().size();
+        if need as u64 > cap {
+            return Err(dev(format!(
+                "{op}: {what} holds {cap} bytes, the op needs {need}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Binds all of `b` (up to the storage binding limit), checking that `need` bytes are there.
+    fn bind<'a>(&self, b: &'a Buf<Wgpu>, need: usize, what: &str, op: &str) -> Result<Bind<'a>> {
+        self.check_len(b, need, what, op)?;
+        let buf = b.raw();
+        let cap = buf.size();
+        let need = need as u64;
+        let size = cap.min(self.max_binding());
+        if need > size {
+            return Err(dev(format!(
+                "{op}: {what} needs {need} bytes bound, over the device's storage binding \
+                 limit of {size}"
+            )));
+        }
+        Ok(Bind {
+            buf,
+            offset: 0,
+            size,
+        })
+    }
+
+    fn max_binding(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// Workgroups for `threads` threads of `wg` each, as a 2D grid when one dimension is short.
+    fn grid(&self, threads: u64, wg: u64) -> [u32; 3] {
+        let groups = threads.div_ceil(wg);
+        let max = self.exec.limits.max_compute_workgroups_per_dimension as u64;
+        let x = groups.min(max);
+        let y = if x == 0 { 0 } else { groups.div_ceil(x) };
+        [x as u32, y.min(u32::MAX as u64) as u32, 1]
+    }
+
+    /// Rows of a `[rows, row_bytes]` weight bound per dispatch: all of them when the tensor
+    /// fits one storage binding, else the most whose bytes fit with every chunk starting on
+    /// the storage offset alignment.
+    fn rows_per_chunk(&self, rows: usize, row_bytes: u64, op: &str) -> Result<usize> {
+        let max = self.max_binding();
+        if rows as u64 * row_bytes <= max {
+            return Ok(rows.max(1));
+        }
+        let align = self.exec.limits.min_storage_buffer_offset_alignment as u64;
+        let unit = align / gcd(row_bytes, align);
+        let chunk = (max / row_bytes) / unit * unit;
+        if chunk == 0 {
+            return Err(dev(format!(
+                "{op}: one weight row of {row_bytes} bytes exceeds the storage binding limit"
+            )));
+        }
+        Ok(chunk as usize)
+    }
+
+    /// Binding of weight rows [row0, row0 + n) (16-byte rounded, within the buffer).
+    fn bind_rows<'a>(
+        &self,
+        w: &'a Buf<Wgpu>,
+        rows: usize,
+        row0: usize,
+        n: usize,
+        row_bytes: u64,
+    ) -> Bind<'a> {
+        let buf = w.raw();
+        if row0 == 0 && n == rows {
+            return Bind {
+                buf,
+                offset: 0,
+                size: buf.size().min(self.max_binding()),
+            };
+        }
+        let offset = row0 as u64 * row_bytes;
+        let size = (n as u64 * row_bytes)
+            .next_multiple_of(16)
+            .min(buf.size() - offset);
+        Bind { buf, offset, size }
+    }
+
+    fn run<P: bytemuck::Pod>(
+        &self,
+        k: Kernel,
+        params: &P,
+        binds: &[Bind],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let p = self.pipelines.get(k)?;
+        self.exec
+            .dispatch(p, bytemuck::bytes_of(params), binds, groups)
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl Backend for Wgpu {
+    type Raw = wgpu::Buffer;
+
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn device_name(&self) -> String {
+        format!(
+            "{} ({}, {:?} via {})",
+            self.adapter.name, self.adapter.device_type, self.adapter.driver, self.adapter.backend
+        )
+    }
+
+    fn alloc_raw(&self, bytes: usize) -> Result<wgpu::Buffer> {
+        match self.exec.create_buffer(bytes as u64, "anyllama") {
+            Ok(b) => Ok(b),
+            Err(_) => {
+                // Cached bind groups and pooled buffers may hold what is needed: free, retry.
+                self.trim();
+                self.exec.sync()?;
+                self.exec.create_buffer(bytes as u64, "anyllama")
+            }
+        }
+    }
+
+    fn pool(&self) -> &Arc<Pool<Self>> {
+        &self.pool
+    }
+
+    fn upload(&self, dst: &mut Buf<Self>, offset: usize, data: &[u8]) -> Result<()> {
+        self.exec.upload(dst.raw(), offset as u64, data)
+    }
+
+    fn copy(
+        &self,
+        dst: &mut Buf<Self>,
+        dst_offset: usize,
+        src: &Buf<Self>,
+        src_offset: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        self.exec.copy(
+            dst.raw(),
+            dst_offset as u64,
+            src.raw(),
+            src_offset as u64,
+            bytes as u64,
+        )
+    }
+
+    fn read(&self, src: &Buf<Self>, offset: usize, out: &mut [u8]) -> Result<()> {
+        self.exec.read(src.raw(), offset as u64, out)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.exec.sync()
+    }
+
+    fn embedding(
+        &self,
+        out: &mut Buf<Self>,
+        tokens: &Buf<Self>,
+        table: &Weight<Self>,
+        n_tokens: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding";
+        let d = float_of(table.dtype, OP)?;
+        let dim = table.cols;
+        let row_bytes = table.dtype.bytes_for(dim).expect("float rows") as u64;
+        self.check_len(&table.buf, table.rows * row_bytes as usize, "the table", OP)?;
+        let o = self.bind(out, n_tokens * dim * 4, "out", OP)?;
+        let t = self.bind(tokens, n_tokens * 4, "tokens", OP)?;
+        let chunk = self.rows_per_chunk(table.rows, row_bytes, OP)?;
+        let mut row0 = 0;
+        loop {
+            let n = chunk.min(table.rows - row0);
+            let params = EmbeddingParams {
+                n_tokens: n_tokens as u32,
+                dim: dim as u32,
+                row0: row0 as u32,
+                chunk_rows: n as u32,
+                vocab: table.rows as u32,
+                _pad: [0; 3],
+            };
+            let w = self.bind_rows(&table.buf, table.rows, row0, n, row_bytes);
+            let groups = self.grid((n_tokens * dim) as u64, WG);
+            self.run(Kernel::Embedding(d), &params, &[o, t, w], groups)?;
+            row0 += n;
+            if row0 >= table.rows {
+                return Ok(());
+            }
+        }
+    }
+
+    fn rms_norm(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Buf<Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "rms_norm";
+        let binds = [
+            self.bind(out, rows * dim * 4, "out", OP)?,
+            self.bind(x, rows * dim * 4, "x", OP)?,
+            self.bind(w, dim * 4, "w", OP)?,
+        ];
+        let params = RmsNormParams {
+            rows: rows as u32,
+            dim: dim as u32,
+            eps,
+            _pad: 0,
+        };
+        self.run(Kernel::RmsNorm, &params, &binds, self.grid(rows as u64, 1))
+    }
+
+    fn matmul(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul";
+        let d = float_of(w.dtype, OP)?;
+        let (n, k) = (w.rows, w.cols);
+        let row_bytes = w.dtype.bytes_for(k).expect("float rows") as u64;
+        self.check_len(&w.buf, n * row_bytes as usize, "the weight", OP)?;
+        let o = self.bind(out, rows * n * 4, "out", OP)?;
+        let xb = self.bind(x, rows * k * 4, "x", OP)?;
+        let matvec = rows <= MATVEC_MAX_ROWS;
+        let kernel = match (d, self.native_f16, matvec) {
+            (Float::F16, true, true) => Kernel::MatVecF16,
+            (Float::F16, true, false) => Kernel::MatTiledF16,
+            (_, _, true) => Kernel::MatVec(d),
+            (_, _, false) => Kernel::MatTiled(d),
+        };
+        let chunk = self.rows_per_chunk(n, row_bytes, OP)?;
+        let mut col0 = 0;
+        while col0 < n {
+            let nc = chunk.min(n - col0);
+            let params = MatmulParams {
+                rows: rows as u32,
+                n: nc as u32,
+                k: k as u32,
+                out_stride: n as u32,
+                col0: col0 as u32,
+                _pad: [0; 3],
+            };
+            let wb = self.bind_rows(&w.buf, n, col0, nc, row_bytes);
+            // matvec: 8 output features per workgroup, 4 rows per grid row; tiled: 64 x 64.
+            let groups = if matvec {
+                [nc.div_ceil(8) as u32, rows.div_ceil(4) as u32, 1]
+            } else {
+                [nc.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1]
+            };
+            self.run(kernel, &params, &[o, xb, wb], groups)?;
+            col0 += nc;
+        }
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Buf<Self>, bias: &Buf<Self>, rows: usize, n: usize) -> Result<()> {
+        const OP: &str = "add_bias";
+        let binds = [
+            self.bind(x, rows * n * 4, "x", OP)?,
+            self.bind(bias, n * 4, "bias", OP)?,
+        ];
+        let params = AddBiasParams {
+            rows: rows as u32,
+            n: n as u32,
+            _pad: [0; 2],
+        };
+        self.run(
+            Kernel::AddBias,
+            &params,
+            &binds,
+            self.grid((rows * n) as u64, WG),
+        )
+    }
+
+    fn rope(
+        &self,
+        q: &mut Buf<Self>,
+        k: &mut Buf<Self>,
+        inv_freq: &Buf<Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+        attn_scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "rope";
+        check_heads(h, OP, usize::MAX)?;
+        let binds = [
+            self.bind(q, rows * h.n_heads * h.head_dim * 4, "q", OP)?,
+            self.bind(k, rows * h.n_kv_heads * h.head_dim * 4, "k", OP)?,
+            self.bind(inv_freq, h.head_dim / 2 * 4, "inv_freq", OP)?,
+        ];
+        let params = RopeParams {
+            rows: rows as u32,
+            n_heads: h.n_heads as u32,
+            n_kv_heads: h.n_kv_heads as u32,
+            head_dim: h.head_dim as u32,
+            pos0: pos0 as u32,
+            attn_scale,
+            _pad: [0; 2],
+        };
+        let threads = rows * (h.n_heads + h.n_kv_heads) * h.head_dim / 2;
+        self.run(Kernel::Rope, &params, &binds, self.grid(threads as u64, WG))
+    }
+
+    fn kv_append(
+        &self,
+        k_cache: &mut Buf<Self>,
+        v_cache: &mut Buf<Self>,
+        kv_dtype: DType,
+        table: &Buf<Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+    ) -> Result<()> {
+        const OP: &str = "kv_append";
+        let f16 = kv_is_f16(kv_dtype, OP)?;
+        check_heads(h, OP, usize::MAX)?;
+        let width = h.n_kv_heads * h.head_dim;
+        let blocks = (pos0 + rows).div_ceil(KV_BLOCK);
+        let binds = [
+            self.bind(k_cache, 0, "the K cache", OP)?,
+            self.bind(v_cache, 0, "the V cache", OP)?,
+            self.bind(table, blocks * 4, "the block table", OP)?,
+            self.bind(k, rows * width * 4, "k", OP)?,
+            self.bind(v, rows * width * 4, "v", OP)?,
+        ];
+        let params = KvAppendParams {
+            rows: rows as u32,
+            n_kv_heads: h.n_kv_heads as u32,
+            head_dim: h.head_dim as u32,
+            pos0: pos0 as u32,
+            kv_f16: f16 as u32,
+            _pad: [0; 3],
+        };
+        let groups = self.grid((rows * width / 2) as u64, WG);
+        self.run(Kernel::KvAppend { f16 }, &params, &binds, groups)
+    }
+
+    fn attention(
+        &self,
+        out: &mut Buf<Self>,
+        q: &Buf<Self>,
+        kv: KvView<'_, Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+    ) -> Result<()> {
+        const OP: &str = "attention";
+        let f16 = kv_is_f16(kv.dtype, OP)?;
+        check_heads(h, OP, self.max_head_dim())?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let n_ctx = pos0 + rows;
+        let width = rows * h.n_heads * h.head_dim * 4;
+        let o = self.bind(out, width, "out", OP)?;
+        let inputs = [
+            self.bind(q, width, "q", OP)?,
+            self.bind(kv.k, 0, "the K cache", OP)?,
+            self.bind(kv.v, 0, "the V cache", OP)?,
+            self.bind(
+                kv.table,
+                n_ctx.div_ceil(KV_BLOCK) * 4,
+                "the block table",
+                OP,
+            )?,
+        ];
+        let mut params = AttentionParams {
+            rows: rows as u32,
+            n_heads: h.n_heads as u32,
+            n_kv_heads: h.n_kv_heads as u32,
+            head_dim: h.head_dim as u32,
+            pos0: pos0 as u32,
+            kv_f16: f16 as u32,
+            scale: 1.0 / (h.head_dim as f32).sqrt(),
+            split_len: 0,
+        };
+        if rows > DECODE_MAX_ROWS {
+            let groups = [rows.div_ceil(16) as u32, h.n_heads as u32, 1];
+            let [q, k, v, t] = inputs;
+            return self.run(
+                Kernel::AttentionPrefill { f16 },
+                &params,
+                &[o, q, k, v, t],
+                groups,
+            );
+        }
+        // Split-KV: enough splits that ~DECODE_TARGET_WORKGROUPS workgroups run.
+        let head_groups = h.n_heads / heads_per_workgroup(h.n_heads / h.n_kv_heads);
+        let wanted = DECODE_TARGET_WORKGROUPS.div_ceil(head_groups * rows).max(1);
+        let split_len = n_ctx
+            .div_ceil(wanted)
+            .next_multiple_of(KV_BLOCK)
+            .clamp(KV_BLOCK, SPLIT_MAX);
+        let n_splits = n_ctx.div_ceil(split_len);
+        params.split_len = split_len as u32;
+        let part_bytes = (rows * h.n_heads * n_splits * (h.head_dim + 2) * 4) as u64;
+        let partials = self.exec.scratch(Scratch::AttentionPartials, part_bytes)?;
+        let part = Bind {
+            buf: &partials,
+            offset: 0,
+            size: partials.size().min(self.max_binding()),
+        };
+        if part_bytes > part.size {
+            return Err(dev(format!(
+                "{OP}: {part_bytes} bytes of split partials exceed the storage binding limit"
+            )));
+        }
+        let [q, k, v, t] = inputs;
+        let groups = [n_splits as u32, head_groups as u32, rows as u32];
+        self.run(
+            Kernel::AttentionDecode { f16 },
+            &params,
+            &[part, q, k, v, t],
+            groups,
+        )?;
+        let groups = [h.n_heads as u32, rows as u32, 1];
+        self.run(Kernel::AttentionCombine, &params, &[o, part], groups)
+    }
+
+    fn swiglu(
+        &self,
+        out: &mut Buf<Self>,
+        gate: &Buf<Self>,
+        up: &Buf<Self>,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "swiglu";
+        let binds = [
+            self.bind(out, n * 4, "out", OP)?,
+            self.bind(gate, n * 4, "gate", OP)?,
+            self.bind(up, n * 4, "up", OP)?,
+        ];
+        let params = ElementwiseParams {
+            n: n as u32,
+            _pad: [0; 3],
+        };
+        self.run(Kernel::Swiglu, &params, &binds, self.grid(n as u64, WG))
+    }
+
+    fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()> {
+        const OP: &str = "add";
+        let binds = [self.bind(x, n * 4, "x", OP)?, self.bind(y, n * 4, "y", OP)?];
+        let params = ElementwiseParams {
+            n: n as u32,
+            _pad: [0; 3],
+        };
+        self.run(Kernel::Add, &params, &binds, self.grid(n as u64, WG))
+    }
+
+    fn sample(
+        &self,
+        out: &mut Buf<Self>,
+        out_index: usize,
+        logits: &Buf<Self>,
+        vocab: usize,
+        s: SampleOp,
+    ) -> Result<()> {
+        const OP: &str = "sample";
+        if vocab == 0 {
+            return Err(dev(format!("{OP}: empty vocabulary")));
+        }
+        let o = self.bind(out, (out_index + 1) * 4, "out", OP)?;
+        let l = self.bind(logits, vocab * 4, "logits", OP)?;
+        let probs = self.exec.scratch(Scratch::SampleProbs, vocab as u64 * 4)?;
+        let p = Bind {
+            buf: &probs,
+            offset: 0,
+            size: probs.size().min(self.max_binding()),
+        };
+        let params = SampleParams {
+            vocab: vocab as u32,
+            top_k: s.top_k.min(u32::MAX as usize) as u32,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            temperature: s.temperature,
+            uniform: s.uniform,
+            out_index: out_index as u32,
+            _pad: 0,
+        };
+        self.run(Kernel::Sample, &params, &[o, l, p], [1, 1, 1])
+    }
+}
