@@ -1,18 +1,21 @@
-//! The real SmolLM2-135M-Instruct (Q4_1 GGUF) against HF transformers' greedy output on the same
-//! file (tests/fixtures/smollm2/expected.json, made by make_expected.py): several chat and raw
-//! prompts, 48 new tokens each, identical ids on every backend (f32 KV cache).
+//! The real SmolLM2-135M-Instruct against HF transformers' greedy output on the same weights
+//! (tests/fixtures/smollm2/expected.json, made by make_expected.py): several chat and raw prompts,
+//! 48 new tokens each; our tokenizer must produce the same prompt ids and every backend the same
+//! generated ids (f32 KV cache). Runs on the Q4_1 GGUF (the default model, fetched if needed) and,
+//! when `ANYLLAMA_SMOLLM2_HF` names it, on the HF folder transformers saves from that GGUF
+//! (tests/fixtures/smollm2/gguf_to_hf.py).
 
 mod common;
 
 use anyllama::backend::cpu::Cpu;
 use anyllama::backend::Backend;
+use anyllama::chat_template::Message;
 use anyllama::dtype::DType;
 use anyllama::generate::{GenerateOptions, Generator, StopReason};
-use anyllama::model::Model;
+use anyllama::loader::ModelFiles;
 use anyllama::sample::SamplingParams;
-use anyllama::weights::gguf::GgufFile;
-use anyllama::weights::load_weights;
 use serde_json::Value;
+use std::path::{Path, PathBuf};
 
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
@@ -22,55 +25,96 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn check<B: Backend>(b: &B) {
-    let Some(path) = common::smollm2_gguf() else {
-        return;
-    };
+fn check<B: Backend>(b: &B, path: &Path) {
     let expected: Value = serde_json::from_str(
         &std::fs::read_to_string(common::fixtures().join("smollm2/expected.json")).unwrap(),
     )
     .unwrap();
-    let g = GgufFile::open(&path).unwrap();
-    let cfg = g.model_config().unwrap();
-    let eos = cfg.eos_token_ids.clone();
-    let w = load_weights(b, &g, &cfg, true, &|_| {}).unwrap();
-    let mut model = Model::new(b, cfg, w).unwrap();
+    let files = ModelFiles::open(path).unwrap();
+    let mut model = files.load(b, false).unwrap();
     let mut gen = Generator::new(b, &mut model, 512, DType::F32, 128).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: expected["new_tokens"].as_u64().unwrap() as usize,
         sampling: SamplingParams::greedy(),
-        eos_ids: eos,
+        eos_ids: files.eos_ids(),
         ignore_eos: false,
     };
     for (i, case) in expected["cases"].as_array().unwrap().iter().enumerate() {
+        let what = format!(
+            "case {i} ({}) on {} from {}",
+            case["kind"],
+            b.name(),
+            path.display()
+        );
+        let prompt = ids(&case["prompt_ids"]);
+        let ours = if case["kind"] == "chat" {
+            let messages: Vec<Message> = case["prompt"]["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| Message::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+                .collect();
+            files.tokenizer.encode_chat(&messages, true).unwrap()
+        } else {
+            files
+                .tokenizer
+                .encode(case["prompt"]["text"].as_str().unwrap(), true)
+                .unwrap()
+        };
+        assert_eq!(ours, prompt, "{what}: prompt ids");
         gen.reset();
-        let out = gen
-            .generate(&ids(&case["prompt_ids"]), &opts, &mut |_| true)
-            .unwrap();
+        let out = gen.generate(&prompt, &opts, &mut |_| true).unwrap();
         let mut got = out.tokens.clone();
         if out.reason == StopReason::Eos {
-            got.push(opts.eos_ids[0]); // HF's output ends with the eos token it stopped on
+            got.push(*opts.eos_ids.iter().find(|_| true).unwrap()); // HF's output ends with the eos it stopped on
         }
         assert_eq!(
             got,
             ids(&case["generated_ids"]),
-            "case {i} ({}) on {}: {:?}",
-            case["kind"],
-            b.name(),
+            "{what}: {:?}",
             case["text"]
         );
+        let text = files.tokenizer.decode(&out.tokens, true).unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap(), "{what}: decoded text");
+    }
+}
+
+fn hf_folder() -> Option<PathBuf> {
+    let dir = std::env::var_os("ANYLLAMA_SMOLLM2_HF")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    if dir.is_none() {
+        eprintln!("SKIPPED: set ANYLLAMA_SMOLLM2_HF to an HF folder saved from the SmolLM2 GGUF");
+    }
+    dir
+}
+
+#[test]
+fn smollm2_gguf_on_cpu() {
+    if let Some(p) = common::smollm2_gguf() {
+        check(&Cpu::new(), &p);
     }
 }
 
 #[test]
-fn smollm2_greedy_matches_transformers_on_cpu() {
-    check(&Cpu::new());
+fn smollm2_hf_folder_on_cpu() {
+    if let Some(p) = hf_folder() {
+        check(&Cpu::new(), &p);
+    }
 }
 
 #[cfg(feature = "wgpu")]
 #[test]
-fn smollm2_greedy_matches_transformers_on_wgpu() {
-    if let Some(b) = common::wgpu_backend() {
-        check(&b);
+fn smollm2_gguf_on_wgpu() {
+    if let (Some(b), Some(p)) = (common::wgpu_backend(), common::smollm2_gguf()) {
+        check(&b, &p);
+    }
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn smollm2_hf_folder_on_wgpu() {
+    if let (Some(b), Some(p)) = (common::wgpu_backend(), hf_folder()) {
+        check(&b, &p);
     }
 }

@@ -82,7 +82,8 @@ pub fn describe_devices() -> String {
     let mut s = String::new();
     #[cfg(feature = "wgpu")]
     for (i, a) in super::wgpu::list_adapters().iter().enumerate() {
-        s += &format!("[{i}] wgpu {a}\n");
+        let _ = i;
+        s += &format!("wgpu {a}\n");
     }
     s + &format!("cpu: {}\n", Cpu::new().device_name())
 }

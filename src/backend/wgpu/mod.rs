@@ -74,6 +74,11 @@ impl Wgpu {
     }
 
     /// The adapter in use.
+    /// True for software renderers (lavapipe, SwiftShader, WARP): slower than the CPU backend.
+    pub fn is_software(&self) -> bool {
+        self.adapter().device_type == format!("{:?}", ::wgpu::DeviceType::Cpu)
+    }
+
     pub fn adapter(&self) -> &AdapterSummary {
         &self.adapter
     }
