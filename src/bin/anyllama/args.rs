@@ -51,9 +51,9 @@ pub struct ModelArgs {
 
 #[derive(Args, Clone)]
 pub struct SamplingArgs {
-    /// Tokens to generate at most.
-    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
-    pub n_predict: usize,
+    /// Tokens to generate at most (default: generation_config.json's max_new_tokens, else 512).
+    #[arg(short = 'n', long = "n-predict")]
+    pub n_predict: Option<usize>,
     /// Temperature; 0 means greedy (default: generation_config.json, else 0.8).
     #[arg(long = "temp")]
     pub temp: Option<f32>,

@@ -63,7 +63,10 @@ fn sampling(files: &ModelFiles, s: &SamplingArgs) -> SamplingParams {
 
 fn options(files: &ModelFiles, s: &SamplingArgs) -> GenerateOptions {
     GenerateOptions {
-        max_new_tokens: s.n_predict,
+        max_new_tokens: s
+            .n_predict
+            .or(files.generation.as_ref().and_then(|g| g.max_new_tokens))
+            .unwrap_or(512),
         sampling: sampling(files, s),
         eos_ids: files.eos_ids(),
         ignore_eos: s.ignore_eos,
