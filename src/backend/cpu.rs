@@ -180,8 +180,8 @@ impl Backend for Cpu {
         {
             let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
             let inv = 1.0 / (ss + eps).sqrt();
-            for i in 0..dim {
-                o[i] = x[i] * inv * w[i];
+            for ((o, x), w) in o.iter_mut().zip(x).zip(w) {
+                *o = x * inv * w;
             }
         }
         Ok(())
@@ -344,8 +344,8 @@ impl Backend for Cpu {
                 o.fill(0.0);
                 for (p, s) in scores.iter().enumerate() {
                     let base = kv_index(table, p, kvh, h);
-                    for d in 0..hd {
-                        o[d] += s / sum * kv_get(vc, kv.dtype, base + d);
+                    for (d, od) in o.iter_mut().enumerate() {
+                        *od += s / sum * kv_get(vc, kv.dtype, base + d);
                     }
                 }
             },
