@@ -48,7 +48,9 @@ pub fn ensure_default_model() -> Result<PathBuf> {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    // stdout is reserved for the model's reply: pip's chatter goes to stderr.
     let status = cmd
+        .stdout(std::io::stderr())
         .status()
         .map_err(|e| Error::Usage(format!("{what}: cannot start python3: {e}")))?;
     if !status.success() {
