@@ -15,13 +15,21 @@ use anyllama::weights::load_weights;
 use serde_json::Value;
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn check<B: Backend>(b: &B) {
-    let Some(path) = common::smollm2_gguf() else { return };
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixtures().join("smollm2/expected.json")).unwrap()).unwrap();
+    let Some(path) = common::smollm2_gguf() else {
+        return;
+    };
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("smollm2/expected.json")).unwrap(),
+    )
+    .unwrap();
     let g = GgufFile::open(&path).unwrap();
     let cfg = g.model_config().unwrap();
     let eos = cfg.eos_token_ids.clone();
@@ -36,12 +44,21 @@ fn check<B: Backend>(b: &B) {
     };
     for (i, case) in expected["cases"].as_array().unwrap().iter().enumerate() {
         gen.reset();
-        let out = gen.generate(&ids(&case["prompt_ids"]), &opts, &mut |_| true).unwrap();
+        let out = gen
+            .generate(&ids(&case["prompt_ids"]), &opts, &mut |_| true)
+            .unwrap();
         let mut got = out.tokens.clone();
         if out.reason == StopReason::Eos {
             got.push(opts.eos_ids[0]); // HF's output ends with the eos token it stopped on
         }
-        assert_eq!(got, ids(&case["generated_ids"]), "case {i} ({}) on {}: {:?}", case["kind"], b.name(), case["text"]);
+        assert_eq!(
+            got,
+            ids(&case["generated_ids"]),
+            "case {i} ({}) on {}: {:?}",
+            case["kind"],
+            b.name(),
+            case["text"]
+        );
     }
 }
 

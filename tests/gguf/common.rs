@@ -49,7 +49,9 @@ pub fn smollm2() -> Option<PathBuf> {
     }
     match anyllama::default_model::ensure_default_model() {
         Ok(p) => Some(p),
-        Err(e) if std::env::var_os("CI").is_some() => panic!("CI is set but the SmolLM2 GGUF is unavailable: {e}"),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("CI is set but the SmolLM2 GGUF is unavailable: {e}")
+        }
         Err(e) => {
             eprintln!("skipped: SmolLM2 GGUF unavailable ({e}); set ANYLLAMA_SMOLLM2_GGUF");
             None

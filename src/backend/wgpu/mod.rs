@@ -78,6 +78,12 @@ impl Wgpu {
         &self.adapter
     }
 
+    /// Whether the adapter is a software renderer (lavapipe, SwiftShader, WARP): correct, but
+    /// slower than the CPU backend.
+    pub fn is_software(&self) -> bool {
+        self.adapter.device_type == format!("{:?}", ::wgpu::DeviceType::Cpu)
+    }
+
     /// Whether f16 weights go through the SHADER_F16 kernels (else the portable ones).
     pub fn uses_native_f16(&self) -> bool {
         self.native_f16
