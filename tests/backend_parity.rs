@@ -121,6 +121,62 @@ fn weight<B: Backend>(b: &B, dtype: DType, rows: usize, cols: usize, v: &[f32]) 
     }
 }
 
+/// GGUF blocks of every kind: random bytes (every quant value and packed scale occurs) with
+/// the f16 block scales / mins set to modest finite values.
+fn quant_bytes(r: &mut ChaCha8Rng, dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
+    let n = dtype.bytes_for(rows * cols).unwrap();
+    let mut bytes: Vec<u8> = (0..n).map(|_| r.random()).collect();
+    // (offset, low, high) of each f16 field in a block.
+    let fields: &[(usize, f32, f32)] = match dtype {
+        DType::Q8_0 | DType::Q4_0 => &[(0, -0.05, 0.05)],
+        DType::Q4_1 => &[(0, 0.001, 0.05), (2, -0.5, 0.5)],
+        DType::Q4K => &[(0, 0.001, 0.05), (2, 0.0, 0.02)],
+        DType::Q6K => &[(208, -0.05, 0.05)],
+        _ => unreachable!(),
+    };
+    for block in bytes.chunks_exact_mut(dtype.block_bytes()) {
+        for &(at, lo, hi) in fields {
+            let v = f16::from_f32(r.random_range(lo..hi));
+            block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+const QUANTS: [DType; 5] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q4K,
+    DType::Q6K,
+];
+
+fn raw_weight<B: Backend>(
+    b: &B,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    bytes: &[u8],
+) -> Weight<B> {
+    let mut buf = Buf::exact(b, bytes.len()).unwrap();
+    b.upload(&mut buf, 0, bytes).unwrap();
+    Weight {
+        buf,
+        dtype,
+        rows,
+        cols,
+    }
+}
+
+/// Row widths for a block format: odd block counts make rows start off 4-byte boundaries.
+fn quant_widths(dtype: DType) -> &'static [usize] {
+    if dtype.block_elems() == 256 {
+        &[256, 768, 1536]
+    } else {
+        &[32, 96, 576]
+    }
+}
+
 fn assert_close(what: &str, cpu: &[f32], gpu: &[f32], tol: f64) {
     assert_eq!(cpu.len(), gpu.len(), "{what}: lengths");
     if let Some(i) = gpu.iter().position(|v| v.is_nan()) {
@@ -179,6 +235,55 @@ fn embedding_widens_every_float_dtype_exactly() {
                     assert_close(&what, &outs[0], &outs[1], 0.0);
                 }
             }
+        }
+    }
+}
+
+fn check_quant_embedding(
+    name: &str,
+    gpu: &Wgpu,
+    r: &mut ChaCha8Rng,
+    dtype: DType,
+    vocab: usize,
+    dim: usize,
+) {
+    let cpu = Cpu::new();
+    let bytes = quant_bytes(r, dtype, vocab, dim);
+    let ids: Vec<u32> = (0..6).map(|_| r.random_range(0..vocab as u32)).collect();
+    let n = ids.len();
+    let mut oc = poisoned(&cpu, n * dim);
+    let tc = raw_weight(&cpu, dtype, vocab, dim, &bytes);
+    cpu.embedding(&mut oc, &u32_buf(&cpu, &ids), &tc, n)
+        .unwrap();
+    let mut og = poisoned(gpu, n * dim);
+    let tg = raw_weight(gpu, dtype, vocab, dim, &bytes);
+    gpu.embedding(&mut og, &u32_buf(gpu, &ids), &tg, n).unwrap();
+    let what = format!("{name} embedding {dtype} vocab {vocab} dim {dim}");
+    assert_close(
+        &what,
+        &read_f32(&cpu, &oc, n * dim),
+        &read_f32(gpu, &og, n * dim),
+        1e-12,
+    );
+}
+
+#[test]
+fn embedding_decodes_every_block_format() {
+    let mut r = rng(11);
+    for (name, gpu) in &gpus() {
+        for dtype in QUANTS {
+            for &dim in quant_widths(dtype) {
+                check_quant_embedding(name, gpu, &mut r, dtype, 50, dim);
+            }
+        }
+    }
+    if let Some(gpu) = open(WgpuOptions {
+        max_storage_binding: Some(8192),
+        ..Default::default()
+    }) {
+        for dtype in QUANTS {
+            let dim = quant_widths(dtype)[0];
+            check_quant_embedding("chunked", &gpu, &mut r, dtype, 300, dim);
         }
     }
 }
@@ -278,6 +383,72 @@ fn matmul_matches_for_every_dtype_and_path() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for (rows, n, k) in [(1, 500, 12), (3, 300, 8), (12, 40, 64), (9, 150, 13)] {
                 check_matmul("chunked", &gpu, &mut r, dtype, rows, n, k);
+            }
+        }
+    }
+}
+
+fn check_quant_matmul(
+    name: &str,
+    gpu: &Wgpu,
+    r: &mut ChaCha8Rng,
+    dtype: DType,
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
+    let cpu = Cpu::new();
+    let x = randn(r, rows * k, 1.0);
+    let bytes = quant_bytes(r, dtype, n, k);
+    let mut oc = poisoned(&cpu, rows * n);
+    cpu.matmul(
+        &mut oc,
+        &f32_buf(&cpu, &x),
+        &raw_weight(&cpu, dtype, n, k, &bytes),
+        rows,
+    )
+    .unwrap();
+    let mut og = poisoned(gpu, rows * n);
+    gpu.matmul(
+        &mut og,
+        &f32_buf(gpu, &x),
+        &raw_weight(gpu, dtype, n, k, &bytes),
+        rows,
+    )
+    .unwrap();
+    // A handful of outputs may all be small by cancellation, which makes the normalised
+    // error of a different summation order large: bound those more loosely.
+    let tol = if rows * n < 8 { 1e-8 } else { TOL_F32 };
+    assert_close(
+        &format!("{name} matmul {dtype} rows {rows} n {n} k {k}"),
+        &read_f32(&cpu, &oc, rows * n),
+        &read_f32(gpu, &og, rows * n),
+        tol,
+    );
+}
+
+#[test]
+fn matmul_decodes_every_block_format() {
+    let mut r = rng(12);
+    for (name, gpu) in &gpus() {
+        for dtype in QUANTS {
+            for rows in [1, 4, 5, 9, 33] {
+                for &k in quant_widths(dtype) {
+                    for n in [1, 49, 130] {
+                        check_quant_matmul(name, gpu, &mut r, dtype, rows, n, k);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(gpu) = open(WgpuOptions {
+        max_storage_binding: Some(16384),
+        ..Default::default()
+    }) {
+        for dtype in QUANTS {
+            for rows in [1, 9] {
+                let k = if dtype.block_elems() == 256 { 256 } else { 96 };
+                check_quant_matmul("chunked", &gpu, &mut r, dtype, rows, 400, k);
             }
         }
     }

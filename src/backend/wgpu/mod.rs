@@ -74,13 +74,14 @@ impl Wgpu {
     }
 
     /// The adapter in use.
-    /// True for software renderers (lavapipe, SwiftShader, WARP): slower than the CPU backend.
-    pub fn is_software(&self) -> bool {
-        self.adapter().device_type == format!("{:?}", ::wgpu::DeviceType::Cpu)
-    }
-
     pub fn adapter(&self) -> &AdapterSummary {
         &self.adapter
+    }
+
+    /// Whether the adapter is a software renderer (lavapipe, SwiftShader, WARP): correct, but
+    /// slower than the CPU backend.
+    pub fn is_software(&self) -> bool {
+        self.adapter.device_type == format!("{:?}", ::wgpu::DeviceType::Cpu)
     }
 
     /// Whether f16 weights go through the SHADER_F16 kernels (else the portable ones).

@@ -3,7 +3,7 @@
 //! dispatch shape. The kernels themselves are in shaders/wgsl/.
 
 use super::exec::{Bind, Scratch};
-use super::pipelines::{Float, Kernel};
+use super::pipelines::{Float, Kernel, Quant};
 use super::Wgpu;
 use crate::backend::params::*;
 use crate::backend::{Backend, Heads, KvView, SampleOp, Weight};
@@ -28,15 +28,34 @@ fn dev(msg: String) -> Error {
     Error::Device(msg)
 }
 
-fn float_of(dtype: DType, op: &str) -> Result<Float> {
+/// How the kernels read a weight dtype.
+#[derive(Clone, Copy)]
+enum Storage {
+    Float(Float),
+    Quant(Quant),
+}
+
+fn storage_of(dtype: DType) -> Storage {
     match dtype {
-        DType::F32 => Ok(Float::F32),
-        DType::F16 => Ok(Float::F16),
-        DType::BF16 => Ok(Float::BF16),
-        other => Err(dev(format!(
-            "{op}: {other} weights are not supported by the wgpu backend yet"
-        ))),
+        DType::F32 => Storage::Float(Float::F32),
+        DType::F16 => Storage::Float(Float::F16),
+        DType::BF16 => Storage::Float(Float::BF16),
+        DType::Q8_0 => Storage::Quant(Quant::Q8_0),
+        DType::Q4_0 => Storage::Quant(Quant::Q4_0),
+        DType::Q4_1 => Storage::Quant(Quant::Q4_1),
+        DType::Q4K => Storage::Quant(Quant::Q4K),
+        DType::Q6K => Storage::Quant(Quant::Q6K),
     }
+}
+
+/// Bytes of one weight row of `cols` values, which must be whole blocks.
+fn row_bytes(dtype: DType, cols: usize, op: &str) -> Result<u64> {
+    dtype.bytes_for(cols).map(|b| b as u64).ok_or_else(|| {
+        dev(format!(
+            "{op}: rows of {cols} values are not a whole number of {dtype} blocks ({} values)",
+            dtype.block_elems()
+        ))
+    })
 }
 
 fn kv_is_f16(dtype: DType, op: &str) -> Result<bool> {
@@ -250,9 +269,13 @@ impl Backend for Wgpu {
         n_tokens: usize,
     ) -> Result<()> {
         const OP: &str = "embedding";
-        let d = float_of(table.dtype, OP)?;
         let dim = table.cols;
-        let row_bytes = table.dtype.bytes_for(dim).expect("float rows") as u64;
+        let row_bytes = row_bytes(table.dtype, dim, OP)?;
+        let (kernel, per_thread) = match storage_of(table.dtype) {
+            Storage::Float(d) => (Kernel::Embedding(d), 1),
+            // One thread per 8 values (rows are whole 32-value blocks).
+            Storage::Quant(q) => (Kernel::EmbeddingQ(q), 8),
+        };
         self.check_len(&table.buf, table.rows * row_bytes as usize, "the table", OP)?;
         let o = self.bind(out, n_tokens * dim * 4, "out", OP)?;
         let t = self.bind(tokens, n_tokens * 4, "tokens", OP)?;
@@ -269,8 +292,8 @@ impl Backend for Wgpu {
                 _pad: [0; 3],
             };
             let w = self.bind_rows(&table.buf, table.rows, row0, n, row_bytes);
-            let groups = self.grid((n_tokens * dim) as u64, WG);
-            self.run(Kernel::Embedding(d), &params, &[o, t, w], groups)?;
+            let groups = self.grid((n_tokens * dim / per_thread) as u64, WG);
+            self.run(kernel, &params, &[o, t, w], groups)?;
             row0 += n;
             if row0 >= table.rows {
                 return Ok(());
@@ -310,18 +333,19 @@ impl Backend for Wgpu {
         rows: usize,
     ) -> Result<()> {
         const OP: &str = "matmul";
-        let d = float_of(w.dtype, OP)?;
         let (n, k) = (w.rows, w.cols);
-        let row_bytes = w.dtype.bytes_for(k).expect("float rows") as u64;
+        let row_bytes = row_bytes(w.dtype, k, OP)?;
         self.check_len(&w.buf, n * row_bytes as usize, "the weight", OP)?;
         let o = self.bind(out, rows * n * 4, "out", OP)?;
         let xb = self.bind(x, rows * k * 4, "x", OP)?;
         let matvec = rows <= MATVEC_MAX_ROWS;
-        let kernel = match (d, self.native_f16, matvec) {
-            (Float::F16, true, true) => Kernel::MatVecF16,
-            (Float::F16, true, false) => Kernel::MatTiledF16,
-            (_, _, true) => Kernel::MatVec(d),
-            (_, _, false) => Kernel::MatTiled(d),
+        let kernel = match (storage_of(w.dtype), self.native_f16, matvec) {
+            (Storage::Float(Float::F16), true, true) => Kernel::MatVecF16,
+            (Storage::Float(Float::F16), true, false) => Kernel::MatTiledF16,
+            (Storage::Float(d), _, true) => Kernel::MatVec(d),
+            (Storage::Float(d), _, false) => Kernel::MatTiled(d),
+            (Storage::Quant(q), _, true) => Kernel::MatVecQ(q),
+            (Storage::Quant(q), _, false) => Kernel::MatTiledQ(q),
         };
         let chunk = self.rows_per_chunk(n, row_bytes, OP)?;
         let mut col0 = 0;

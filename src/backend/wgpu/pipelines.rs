@@ -23,15 +23,36 @@ pub(super) enum Float {
     BF16 = 2,
 }
 
+/// GGUF block formats handled by the *_quant kernels (their QTYPE override).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Quant {
+    Q8_0 = 0,
+    Q4_0 = 1,
+    Q4_1 = 2,
+    Q4K = 3,
+    Q6K = 4,
+}
+
+pub(super) const QUANTS: [Quant; 5] = [
+    Quant::Q8_0,
+    Quant::Q4_0,
+    Quant::Q4_1,
+    Quant::Q4K,
+    Quant::Q6K,
+];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Kernel {
     Embedding(Float),
+    EmbeddingQ(Quant),
     RmsNorm,
     MatVec(Float),
     MatTiled(Float),
     /// f16 weights through native f16 (SHADER_F16 only).
     MatVecF16,
     MatTiledF16,
+    MatVecQ(Quant),
+    MatTiledQ(Quant),
     AddBias,
     Rope,
     KvAppend {
@@ -58,44 +79,32 @@ struct Spec {
     storage: &'static [bool],
 }
 
+/// (stem, source) of every shader file.
+macro_rules! shader {
+    ($stem:literal) => {
+        (
+            $stem,
+            include_str!(concat!("../../../shaders/wgsl/", $stem, ".wgsl")),
+        )
+    };
+}
+
 const SOURCES: &[(&str, &str)] = &[
-    (
-        "embedding",
-        include_str!("../../../shaders/wgsl/embedding.wgsl"),
-    ),
-    (
-        "rms_norm",
-        include_str!("../../../shaders/wgsl/rms_norm.wgsl"),
-    ),
-    ("matmul", include_str!("../../../shaders/wgsl/matmul.wgsl")),
-    (
-        "matmul_f16",
-        include_str!("../../../shaders/wgsl/matmul_f16.wgsl"),
-    ),
-    (
-        "add_bias",
-        include_str!("../../../shaders/wgsl/add_bias.wgsl"),
-    ),
-    ("rope", include_str!("../../../shaders/wgsl/rope.wgsl")),
-    (
-        "kv_append",
-        include_str!("../../../shaders/wgsl/kv_append.wgsl"),
-    ),
-    (
-        "attention_prefill",
-        include_str!("../../../shaders/wgsl/attention_prefill.wgsl"),
-    ),
-    (
-        "attention_decode",
-        include_str!("../../../shaders/wgsl/attention_decode.wgsl"),
-    ),
-    (
-        "attention_combine",
-        include_str!("../../../shaders/wgsl/attention_combine.wgsl"),
-    ),
-    ("swiglu", include_str!("../../../shaders/wgsl/swiglu.wgsl")),
-    ("add", include_str!("../../../shaders/wgsl/add.wgsl")),
-    ("sample", include_str!("../../../shaders/wgsl/sample.wgsl")),
+    shader!("embedding"),
+    shader!("embedding_quant"),
+    shader!("rms_norm"),
+    shader!("matmul"),
+    shader!("matmul_f16"),
+    shader!("matmul_quant"),
+    shader!("add_bias"),
+    shader!("rope"),
+    shader!("kv_append"),
+    shader!("attention_prefill"),
+    shader!("attention_decode"),
+    shader!("attention_combine"),
+    shader!("swiglu"),
+    shader!("add"),
+    shader!("sample"),
 ];
 
 /// Sizes chosen from the device limits, shared with the host side of the kernels.
@@ -153,6 +162,12 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
             vec![("DTYPE", d as u32 as f64)],
             RW_RO_RO,
         ),
+        Kernel::EmbeddingQ(q) => s(
+            "embedding_quant",
+            "main",
+            vec![("QTYPE", q as u32 as f64)],
+            RW_RO_RO,
+        ),
         Kernel::RmsNorm => s("rms_norm", "main", vec![], RW_RO_RO),
         Kernel::MatVec(d) => s(
             "matmul",
@@ -168,6 +183,18 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
         ),
         Kernel::MatVecF16 => s("matmul_f16", "matvec", vec![], RW_RO_RO),
         Kernel::MatTiledF16 => s("matmul_f16", "tiled", vec![], RW_RO_RO),
+        Kernel::MatVecQ(q) => s(
+            "matmul_quant",
+            "matvec",
+            vec![("QTYPE", q as u32 as f64)],
+            RW_RO_RO,
+        ),
+        Kernel::MatTiledQ(q) => s(
+            "matmul_quant",
+            "tiled",
+            vec![("QTYPE", q as u32 as f64)],
+            RW_RO_RO,
+        ),
         Kernel::AddBias => s("add_bias", "main", vec![], RW_RO),
         Kernel::Rope => s("rope", "main", vec![], &[false, false, true]),
         Kernel::KvAppend { f16 } => s(
@@ -213,6 +240,13 @@ fn all_kernels(shader_f16: bool) -> Vec<Kernel> {
     for d in [Float::F32, Float::F16, Float::BF16] {
         v.extend([Kernel::Embedding(d), Kernel::MatVec(d), Kernel::MatTiled(d)]);
     }
+    for q in QUANTS {
+        v.extend([
+            Kernel::EmbeddingQ(q),
+            Kernel::MatVecQ(q),
+            Kernel::MatTiledQ(q),
+        ]);
+    }
     for f16 in [false, true] {
         v.extend([
             Kernel::KvAppend { f16 },
@@ -257,10 +291,13 @@ impl Pipelines {
         for k in &kernels {
             let file = spec(*k, tuning).file;
             if !modules.contains_key(file) {
-                let src = SOURCES.iter().find(|(f, _)| *f == file).unwrap().1;
+                let (_, src) = SOURCES
+                    .iter()
+                    .find(|(f, _)| *f == file)
+                    .ok_or_else(|| Error::Device(format!("no shader source {file}.wgsl")))?;
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(file),
-                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                    source: wgpu::ShaderSource::Wgsl((*src).into()),
                 });
                 modules.insert(file, module);
             }
