@@ -1,0 +1,47 @@
+"""Writes a random-weight Llama checkpoint of a real model's shape as an HF folder (for speed runs
+on machines without the real weights). The tokenizer files of tests/fixtures/hf/tiny-chat are
+copied in so the CLI can run it (its 512 ids all exist in the larger embedding).
+
+Usage: python make_synthetic.py {smollm2-135m|llama-3.2-1b|llama-3.1-8b} OUT_DIR [--dtype float16]
+"""
+import argparse
+import os
+import shutil
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                         max_position_embeddings=131072),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0,
+                         max_position_embeddings=131072),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shape", choices=SHAPES)
+    ap.add_argument("out")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    cfg = LlamaConfig(**SHAPES[a.shape], rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(a.out)
+    here = os.path.dirname(os.path.abspath(__file__))
+    tok = os.path.join(here, "..", "tests", "fixtures", "hf", "tiny-chat")
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(os.path.join(tok, f), a.out)
+
+
+if __name__ == "__main__":
+    main()
