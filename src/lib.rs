@@ -3,7 +3,7 @@
 //! Reading order: config and rope (the model's shape), weights (files -> tensors), backend (the
 //! trait, the cpu reference, wgpu), pool and kv_cache (memory), model (the forward pass),
 //! sample and generate (the decode loop), tokenizer and chat_template (text <-> ids), loader
-//! (a model folder or GGUF file -> everything above).
+//! (a model folder or GGUF file -> everything above), convert (GGUF <-> HF folder).
 
 pub mod config;
 pub mod generation_config;
@@ -29,6 +29,7 @@ pub mod chat_template;
 pub mod tokenizer;
 pub mod tokenizer_gguf;
 
+pub mod convert;
 pub mod default_model;
 pub mod error;
 pub mod loader;

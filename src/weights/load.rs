@@ -109,6 +109,11 @@ pub fn tensor_name(role: &str, layer: usize, gguf: bool) -> String {
     (if gguf { gg } else { hf }).replace("{}", &layer.to_string())
 }
 
+/// Every tensor role, with whether it repeats per layer (its names hold the layer index).
+pub fn tensor_roles() -> impl Iterator<Item = (&'static str, bool)> {
+    NAMES.iter().map(|(role, hf, _)| (*role, hf.contains("{}")))
+}
+
 pub struct LayerWeights<B: Backend> {
     pub attn_norm: Buf<B>,
     pub wq: Weight<B>,

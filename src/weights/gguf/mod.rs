@@ -9,8 +9,8 @@
 mod config;
 mod ggml_type;
 mod parse;
-mod rope_freqs;
-mod value;
+pub(crate) mod rope_freqs;
+pub(crate) mod value;
 
 pub use ggml_type::GgmlType;
 pub use value::{Array, Value};
