@@ -24,6 +24,8 @@ pub enum Command {
     Info(InfoArgs),
     /// List GPU adapters with their backend, features and limits.
     Devices,
+    /// Convert between a GGUF file and an HF folder (direction from the input).
+    Convert(ConvertArgs),
 }
 
 #[derive(Args, Clone)]
@@ -119,6 +121,31 @@ pub struct InfoArgs {
     /// Model: an HF folder, a .gguf file, or org/name in the local HF cache.
     #[arg(short = 'm', long = "model")]
     pub model: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// A .gguf file (written out as an HF folder) or an HF folder (written out as a .gguf file).
+    pub input: std::path::PathBuf,
+    /// The folder or .gguf file to write.
+    pub output: std::path::PathBuf,
+    /// Storage type of the written weights: f32, f16, bf16 (both directions), q8_0, q4_0, q4_1
+    /// (to GGUF only).
+    #[arg(long, value_enum, default_value_t = OutDtype::F16)]
+    pub dtype: OutDtype,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OutDtype {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => run::chat(a),
         Command::Info(a) => run::info(a),
         Command::Devices => run::devices(),
+        Command::Convert(a) => run::convert(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,8 @@
 //! What each subcommand does, on whichever backend `--backend` picks.
 
-use crate::args::{ChatArgs, GenerateArgs, InfoArgs, KvDtypeArg, ModelArgs, SamplingArgs};
+use crate::args::{
+    ChatArgs, ConvertArgs, GenerateArgs, InfoArgs, KvDtypeArg, ModelArgs, OutDtype, SamplingArgs,
+};
 use anyllama::backend::select::{with_backend, WithBackend};
 use anyllama::backend::Backend;
 use anyllama::chat_template::Message;
@@ -273,5 +275,35 @@ pub fn info(a: InfoArgs) -> Result<()> {
 
 pub fn devices() -> Result<()> {
     print!("{}", anyllama::backend::select::describe_devices());
+    Ok(())
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let dtype = match a.dtype {
+        OutDtype::F32 => DType::F32,
+        OutDtype::F16 => DType::F16,
+        OutDtype::Bf16 => DType::BF16,
+        OutDtype::Q8_0 => DType::Q8_0,
+        OutDtype::Q4_0 => DType::Q4_0,
+        OutDtype::Q4_1 => DType::Q4_1,
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("converting [{bar:30}] {bytes}/{total_bytes}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let input = anyllama::hub::resolve_model_path(&a.input.display().to_string())?;
+    if input.is_dir() {
+        anyllama::convert::hf_to_gguf(&input, &a.output, dtype, &progress)?;
+    } else {
+        anyllama::convert::gguf_to_hf(&input, &a.output, dtype, &progress)?;
+    }
+    bar.finish_and_clear();
+    eprintln!("wrote {}", a.output.display());
     Ok(())
 }
