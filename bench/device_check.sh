@@ -7,7 +7,7 @@ out=${OUT:-/tmp/out}; mkdir -p "$out"
 export PIP_NO_INDEX=1   # no network there: the real-model tests skip instead of retrying pip
 anyllama devices | tee "$out/devices.txt"
 
-run-tests 2>&1 | tee "$out/tests.log" | grep -E '^== |test result|SKIPPED|FAILED|panicked|executables failed'
+ANYLLAMA_BIN=$(command -v anyllama) run-tests 2>&1 | tee "$out/tests.log" | grep -E '^== |test result|SKIPPED|FAILED|panicked|executables failed'
 
 shape=${SHAPE:-llama-3.2-1b}
 python3 bench/make_synthetic.py "$shape" /tmp/synth-f16 >/dev/null 2>&1 || { echo "synthetic model failed"; exit 1; }

@@ -51,7 +51,10 @@ fn check(path: &Path) -> Result<u32, String> {
 
 #[test]
 fn every_shader_validates_and_mirrors_its_params_block() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders/wgsl");
+    let dir = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("shaders/wgsl");
     let mut paths: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())

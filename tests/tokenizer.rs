@@ -6,11 +6,14 @@ use anyllama::tokenizer::{Message, SpecialToken, SpecialTokens, Tokenizer};
 use anyllama::Error;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("tests/fixtures/tokenizer")
 }
 
 fn expected() -> &'static Value {
