@@ -428,3 +428,39 @@ fn bad_requests_and_unwritable_models_are_refused_cleanly() {
     assert_nothing_left(&out);
     hf_to_gguf(&dir, &out, DType::BF16, &|_, _| {}).unwrap(); // bf16 has the range
 }
+
+#[test]
+fn embedding_rows_past_the_tokenizer_become_unused_tokens() {
+    let tmp = Scratch::new("padded");
+    let dir = tmp.0.join("hf");
+    let mut config = synthetic_config();
+    config["vocab_size"] = json!(520); // tiny-chat's tokenizer has 512 tokens
+    synthetic(&dir, config, |_, _| {});
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("hf/tiny-chat").join(f), dir.join(f)).unwrap();
+    }
+    let out = tmp.0.join("padded.gguf");
+    hf_to_gguf(&dir, &out, DType::F32, &|_, _| {}).unwrap();
+    let g = GgufFile::open(&out).unwrap();
+    let tokens = g
+        .get_string_array("tokenizer.ggml.tokens")
+        .unwrap()
+        .unwrap();
+    assert_eq!((tokens.len(), tokens[515].as_str()), (520, "[PAD515]"));
+    let types = g
+        .get_array("tokenizer.ggml.token_type")
+        .unwrap()
+        .unwrap()
+        .to_i64_vec()
+        .unwrap();
+    assert_eq!((types[1], types[100], types[515]), (3, 1, 5)); // control, normal, unused
+    let files = ModelFiles::open(&out).unwrap();
+    let hf = ModelFiles::open(&dir).unwrap();
+    for text in ["Hello world", "<|im_start|>user\n12 [PAD515]<|im_end|>"] {
+        assert_eq!(
+            files.tokenizer.encode(text, true).unwrap(),
+            hf.tokenizer.encode(text, true).unwrap(),
+            "{text:?}"
+        );
+    }
+}
