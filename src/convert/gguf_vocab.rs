@@ -7,6 +7,7 @@
 //! the pipeline is matched against those and anything else is refused rather than written as a
 //! vocabulary that would split text differently.
 
+use super::gguf_writer::Metadata;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 use crate::tokenizer_gguf::{GPT4O_SPLIT, LLAMA3_SPLIT, QWEN2_SPLIT, TEKKEN_SPLIT};
@@ -93,7 +94,7 @@ pub(super) fn vocab_metadata(
     vocab_size: usize,
     eos_ids: &[u32],
     src: &Path,
-) -> Result<Vec<(String, Value)>> {
+) -> Result<Metadata> {
     let fail = |m: String| Error::Tokenizer(format!("{}: {m}", src.display()));
     let inner = tok.inner();
     let model = serde_json::to_value(inner.get_model())
@@ -181,7 +182,7 @@ pub(super) fn vocab_metadata(
     }
 
     let s = |v: &str| Value::String(v.to_string());
-    let mut m: Vec<(String, Value)> = vec![
+    let mut m: Metadata = vec![
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s(pre_name)),
         (

@@ -9,6 +9,9 @@ use crate::weights::gguf::value::type_id;
 use crate::weights::gguf::{Array, GgmlType, Value};
 use std::io::Write;
 
+/// GGUF metadata entries, in the order they are written.
+pub(crate) type Metadata = Vec<(String, Value)>;
+
 /// Tensor data alignment; the format's default, so no `general.alignment` key is needed.
 pub(crate) const ALIGNMENT: usize = 32;
 

@@ -6,7 +6,7 @@
 //! chosen type; a matrix whose rows are not whole blocks of a block type is stored as f16.
 
 use super::gguf_vocab::vocab_metadata;
-use super::gguf_writer::GgufWriter;
+use super::gguf_writer::{GgufWriter, Metadata};
 use super::{check_output, encode, partial_path, plan, to_f32, total_bytes, Planned};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dtype::DType;
@@ -102,6 +102,7 @@ pub fn hf_to_gguf(
         progress(0, total);
         if let Some(f) = &rope_freqs {
             w.write_tensor(bytemuck::cast_slice(f))?;
+            done += f.len() * 4;
         }
         for (p, (_, _, stored)) in planned
             .iter()
@@ -212,7 +213,7 @@ fn model_metadata(
     dtype: DType,
     name: Option<String>,
     src: &Path,
-) -> Result<(Vec<(String, Value)>, Option<Vec<f32>>)> {
+) -> Result<(Metadata, Option<Vec<f32>>)> {
     let bad = |m: String| Error::Config(format!("{}: {m}", src.display()));
     let u32v = |key: &str, v: usize| -> Result<Value> {
         u32::try_from(v)
