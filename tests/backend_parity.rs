@@ -714,7 +714,7 @@ fn attention_matches_for_gqa_ratios_and_schedules() {
     let schedules: [&[usize]; 3] = [&[20, 1, 1, 1], &[5, 37, 2, 4, 3], &[1; 18]];
     for (i, h) in shapes.into_iter().enumerate() {
         for (j, steps) in schedules.iter().enumerate() {
-            check_attention(&gpus, 100 + (i * 10 + j) as u64, h, steps);
+            check_attention(gpus, 100 + (i * 10 + j) as u64, h, steps);
         }
     }
 }
@@ -726,8 +726,8 @@ fn attention_long_context_split_kv() {
         return;
     }
     // ~1000 positions: a long prefill, then decode steps of one and three rows over it.
-    check_attention(&gpus, 7, heads(9, 3, 64), &[997, 1, 3]);
-    check_attention(&gpus, 8, heads(8, 2, 128), &[1000, 1]);
+    check_attention(gpus, 7, heads(9, 3, 64), &[997, 1, 3]);
+    check_attention(gpus, 8, heads(8, 2, 128), &[1000, 1]);
 }
 
 /// The kept set of sample.rs (same f32 arithmetic, so the same set) and each kept token's

@@ -210,9 +210,10 @@ impl Backend for Wgpu {
     }
 
     fn device_name(&self) -> String {
+        let a = &self.adapter;
         format!(
-            "{} ({}, {:?} via {})",
-            self.adapter.name, self.adapter.device_type, self.adapter.driver, self.adapter.backend
+            "{} ({}, {}, driver {})",
+            a.name, a.device_type, a.backend, a.driver
         )
     }
 
