@@ -22,6 +22,7 @@ use half::{bf16, f16};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::sync::OnceLock;
 
 /// Normalised MSE bounds: f32 paths differ only in summation order and transcendental ulps;
 /// an f16 KV cache adds a rounding per stored value (the conversion may round differently).
@@ -41,22 +42,43 @@ fn open(options: WgpuOptions) -> Option<Wgpu> {
     }
 }
 
-/// The variants to test: default kernels, plus the portable ones where they differ.
-fn gpus() -> Vec<(&'static str, Wgpu)> {
-    let Some(default) = open(WgpuOptions::default()) else {
-        return vec![];
-    };
-    let native = default.uses_native_f16() || default.adapter().subgroup;
-    let mut v = vec![("default", default)];
-    if native {
-        let portable = open(WgpuOptions {
-            portable: true,
-            ..Default::default()
+/// The variants to test, opened once per process and shared by the tests (as an application
+/// shares its one device): default kernels, plus the portable ones where they differ.
+fn gpus() -> &'static [(&'static str, Wgpu)] {
+    static GPUS: OnceLock<Vec<(&'static str, Wgpu)>> = OnceLock::new();
+    GPUS.get_or_init(|| {
+        let Some(default) = open(WgpuOptions::default()) else {
+            return vec![];
+        };
+        let native = default.uses_native_f16() || default.adapter().subgroup;
+        let mut v = vec![("default", default)];
+        if native {
+            let portable = open(WgpuOptions {
+                portable: true,
+                ..Default::default()
+            })
+            .expect("the portable variant opens where the default one does");
+            v.push(("portable", portable));
+        }
+        v
+    })
+}
+
+/// Bytes bound per storage binding in the `chunked` variant.
+const CHUNKED_BINDING: u64 = 16384;
+
+/// A variant whose storage bindings are capped at CHUNKED_BINDING bytes, so that small weights
+/// and embedding tables take the row-chunked path of tensors over the binding limit.
+fn chunked() -> Option<&'static Wgpu> {
+    static CHUNKED: OnceLock<Option<Wgpu>> = OnceLock::new();
+    CHUNKED
+        .get_or_init(|| {
+            open(WgpuOptions {
+                max_storage_binding: Some(CHUNKED_BINDING),
+                ..Default::default()
+            })
         })
-        .expect("the portable variant opens where the default one does");
-        v.push(("portable", portable));
-    }
-    v
+        .as_ref()
 }
 
 fn rng(seed: u64) -> ChaCha8Rng {
@@ -202,19 +224,14 @@ fn assert_close(what: &str, cpu: &[f32], gpu: &[f32], tol: f64) {
 #[test]
 fn embedding_widens_every_float_dtype_exactly() {
     let cpu = Cpu::new();
-    let mut gpus = gpus();
-    // Tables over the storage binding limit are looked up in row chunks: force that path.
-    if let Some(w) = open(WgpuOptions {
-        max_storage_binding: Some(8192),
-        ..Default::default()
-    }) {
-        gpus.push(("chunked", w));
-    }
+    // Tables over the storage binding limit are looked up in row chunks: `chunked` forces it.
+    let mut variants: Vec<(&str, &Wgpu)> = gpus().iter().map(|(n, g)| (*n, g)).collect();
+    variants.extend(chunked().map(|g| ("chunked", g)));
     let mut r = rng(1);
-    for (name, gpu) in &gpus {
+    for (name, gpu) in variants {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for (vocab, dim) in [(50, 576), (700, 12), (33, 7), (5, 1)] {
-                if *name == "chunked" && dim > 12 {
+                if name == "chunked" && dim > 12 {
                     continue;
                 }
                 let table = randn(&mut r, vocab * dim, 2.0);
@@ -270,20 +287,17 @@ fn check_quant_embedding(
 #[test]
 fn embedding_decodes_every_block_format() {
     let mut r = rng(11);
-    for (name, gpu) in &gpus() {
+    for (name, gpu) in gpus() {
         for dtype in QUANTS {
             for &dim in quant_widths(dtype) {
                 check_quant_embedding(name, gpu, &mut r, dtype, 50, dim);
             }
         }
     }
-    if let Some(gpu) = open(WgpuOptions {
-        max_storage_binding: Some(8192),
-        ..Default::default()
-    }) {
+    if let Some(gpu) = chunked() {
         for dtype in QUANTS {
-            let dim = quant_widths(dtype)[0];
-            check_quant_embedding("chunked", &gpu, &mut r, dtype, 300, dim);
+            let dim = if dtype.block_elems() == 256 { 256 } else { 96 };
+            check_quant_embedding("chunked", gpu, &mut r, dtype, 600, dim);
         }
     }
 }
@@ -292,7 +306,7 @@ fn embedding_decodes_every_block_format() {
 fn rms_norm_matches() {
     let cpu = Cpu::new();
     let mut r = rng(2);
-    for (name, gpu) in &gpus() {
+    for (name, gpu) in gpus() {
         for (rows, dim) in [(1, 576), (3, 1536), (7, 49), (2, 5000), (5, 1)] {
             let x = randn(&mut r, rows * dim, 3.0);
             let w = randn(&mut r, dim, 1.0);
@@ -365,7 +379,7 @@ fn check_matmul(
 #[test]
 fn matmul_matches_for_every_dtype_and_path() {
     let mut r = rng(3);
-    for (name, gpu) in &gpus() {
+    for (name, gpu) in gpus() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             // Rows up to 8 take the mat-vec kernel, more the tiled one.
             for rows in [1, 3, 5, 8, 9, 17, 70] {
@@ -376,13 +390,10 @@ fn matmul_matches_for_every_dtype_and_path() {
         }
     }
     // Weights over the storage binding limit are bound in row chunks.
-    if let Some(gpu) = open(WgpuOptions {
-        max_storage_binding: Some(8192),
-        ..Default::default()
-    }) {
+    if let Some(gpu) = chunked() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for (rows, n, k) in [(1, 500, 12), (3, 300, 8), (12, 40, 64), (9, 150, 13)] {
-                check_matmul("chunked", &gpu, &mut r, dtype, rows, n, k);
+            for (rows, n, k) in [(1, 1000, 12), (3, 1200, 8), (12, 300, 64), (9, 440, 25)] {
+                check_matmul("chunked", gpu, &mut r, dtype, rows, n, k);
             }
         }
     }
@@ -430,7 +441,7 @@ fn check_quant_matmul(
 #[test]
 fn matmul_decodes_every_block_format() {
     let mut r = rng(12);
-    for (name, gpu) in &gpus() {
+    for (name, gpu) in gpus() {
         for dtype in QUANTS {
             for rows in [1, 4, 5, 9, 33] {
                 for &k in quant_widths(dtype) {
@@ -441,14 +452,11 @@ fn matmul_decodes_every_block_format() {
             }
         }
     }
-    if let Some(gpu) = open(WgpuOptions {
-        max_storage_binding: Some(16384),
-        ..Default::default()
-    }) {
+    if let Some(gpu) = chunked() {
         for dtype in QUANTS {
             for rows in [1, 9] {
                 let k = if dtype.block_elems() == 256 { 256 } else { 96 };
-                check_quant_matmul("chunked", &gpu, &mut r, dtype, rows, 400, k);
+                check_quant_matmul("chunked", gpu, &mut r, dtype, rows, 400, k);
             }
         }
     }
@@ -458,7 +466,7 @@ fn matmul_decodes_every_block_format() {
 fn elementwise_ops_match() {
     let cpu = Cpu::new();
     let mut r = rng(4);
-    for (name, gpu) in &gpus() {
+    for (name, gpu) in gpus() {
         for n in [1, 257, 3 * 1536, 70_001] {
             let (a, b) = (randn(&mut r, n, 6.0), randn(&mut r, n, 2.0));
             let mut oc = poisoned(&cpu, n);
@@ -512,7 +520,7 @@ fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
 fn rope_matches_at_any_position() {
     let cpu = Cpu::new();
     let mut r = rng(5);
-    for (name, gpu) in &gpus() {
+    for (name, gpu) in gpus() {
         for h in [
             heads(9, 3, 64),
             heads(4, 1, 128),
@@ -635,7 +643,7 @@ fn cache_values(kv: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
-fn check_attention(gpus: &[(&str, Wgpu)], seed: u64, h: Heads, steps: &[usize]) {
+fn check_attention(gpus: &[(&'static str, Wgpu)], seed: u64, h: Heads, steps: &[usize]) {
     let cpu = Cpu::new();
     let mut r = rng(seed);
     let total: usize = steps.iter().sum();
@@ -706,7 +714,7 @@ fn attention_matches_for_gqa_ratios_and_schedules() {
     let schedules: [&[usize]; 3] = [&[20, 1, 1, 1], &[5, 37, 2, 4, 3], &[1; 18]];
     for (i, h) in shapes.into_iter().enumerate() {
         for (j, steps) in schedules.iter().enumerate() {
-            check_attention(&gpus, 100 + (i * 10 + j) as u64, h, steps);
+            check_attention(gpus, 100 + (i * 10 + j) as u64, h, steps);
         }
     }
 }
@@ -718,8 +726,8 @@ fn attention_long_context_split_kv() {
         return;
     }
     // ~1000 positions: a long prefill, then decode steps of one and three rows over it.
-    check_attention(&gpus, 7, heads(9, 3, 64), &[997, 1, 3]);
-    check_attention(&gpus, 8, heads(8, 2, 128), &[1000, 1]);
+    check_attention(gpus, 7, heads(9, 3, 64), &[997, 1, 3]);
+    check_attention(gpus, 8, heads(8, 2, 128), &[1000, 1]);
 }
 
 /// The kept set of sample.rs (same f32 arithmetic, so the same set) and each kept token's
@@ -813,7 +821,7 @@ fn sample_picks_the_same_token() {
         (0.6, 100, 0.8, 0.1),
         (1.0, 1_000_000, 0.99, 0.0),
     ];
-    for (name, gpu) in &gpus() {
+    for (name, gpu) in gpus() {
         let mut outs_c = u32_buf(&cpu, &[u32::MAX; 4]);
         let mut outs_g = u32_buf(gpu, &[u32::MAX; 4]);
         let (mut same, mut rounding) = (0, 0);
@@ -879,7 +887,7 @@ fn sample_picks_the_same_token() {
 
 #[test]
 fn upload_copy_and_read_keep_queue_order() {
-    for (name, gpu) in &gpus() {
+    for (name, gpu) in gpus() {
         let x0: Vec<f32> = (0..64).map(|i| i as f32).collect();
         let y0 = vec![1.0f32; 64];
         let y1 = vec![100.0f32; 64];

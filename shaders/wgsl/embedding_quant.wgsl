@@ -28,12 +28,9 @@ override BLOCK_BYTES: u32 = select(select(select(select(34u, 18u, QTYPE == 1u), 
 
 // Four bytes starting at byte b (any alignment), little-endian.
 fn word_at(b: u32) -> u32 {
-    let i = b >> 2u;
-    let s = (b & 3u) * 8u;
-    if (s == 0u) {
-        return w[i];
-    }
-    return (w[i] >> s) | (w[i + 1u] << (32u - s));
+    let i = b / 4u;
+    let s = (b % 4u) * 8u;
+    return select((w[i] >> s) | (w[i + 1u] << (32u - s)), w[i], s == 0u);
 }
 
 fn byte_at(b: u32) -> u32 {
@@ -43,11 +40,6 @@ fn byte_at(b: u32) -> u32 {
 // The f16 at even byte b.
 fn f16_at(b: u32) -> f32 {
     return unpack2x16float(w[b >> 2u])[(b >> 1u) & 1u];
-}
-
-// Byte j (0..8) of the 8 bytes (lo, hi).
-fn byte8(lo: u32, hi: u32, j: u32) -> u32 {
-    return (select(lo, hi, j >= 4u) >> ((j % 4u) * 8u)) & 0xffu;
 }
 
 // Q4_K: 6-bit scale and min of sub-block j from the 12 packed bytes at s.
@@ -62,70 +54,53 @@ fn scale_min_k4(s: u32, j: u32) -> vec2<f32> {
 
 // Values 8p..8p+8 of 32-value unit u of the row starting at byte rb.
 fn decode8(rb: u32, u: u32, p: u32) -> array<vec4<f32>, 2> {
-    var v: array<f32, 8>;
     if (QTYPE == 0u) {
         let base = rb + u * 34u;
         let d = f16_at(base);
-        let lo = word_at(base + 2u + 8u * p);
-        let hi = word_at(base + 6u + 8u * p);
-        for (var j = 0u; j < 8u; j++) {
-            let q = bitcast<i32>(byte8(lo, hi, j) << 24u) >> 24u;
-            v[j] = f32(q) * d;
-        }
-    } else if (QTYPE == 1u || QTYPE == 2u) {
+        let b = base + 2u + 8u * p;
+        return array<vec4<f32>, 2>(vec4<f32>(unpack4xI8(word_at(b))) * d, vec4<f32>(unpack4xI8(word_at(b + 4u))) * d);
+    }
+    if (QTYPE == 1u || QTYPE == 2u) {
         // Byte j holds value j (low nibble) and j + 16 (high nibble).
         let base = rb + u * BLOCK_BYTES;
         let d = f16_at(base);
-        let qb = base + select(2u, 4u, QTYPE == 2u) + 8u * (p % 2u);
-        let lo = word_at(qb);
-        let hi = word_at(qb + 4u);
+        let b = base + select(2u, 4u, QTYPE == 2u) + 8u * (p % 2u);
         let shift = 4u * (p / 2u);
+        let lo = vec4<f32>(unpack4xU8((word_at(b) >> shift) & 0x0f0f0f0fu));
+        let hi = vec4<f32>(unpack4xU8((word_at(b + 4u) >> shift) & 0x0f0f0f0fu));
         if (QTYPE == 1u) {
-            for (var j = 0u; j < 8u; j++) {
-                v[j] = f32(i32((byte8(lo, hi, j) >> shift) & 15u) - 8) * d;
-            }
-        } else {
-            let m = f16_at(base + 2u);
-            for (var j = 0u; j < 8u; j++) {
-                v[j] = f32((byte8(lo, hi, j) >> shift) & 15u) * d + m;
-            }
+            return array<vec4<f32>, 2>((lo - 8.0) * d, (hi - 8.0) * d);
         }
-    } else if (QTYPE == 3u) {
+        let m = f16_at(base + 2u);
+        return array<vec4<f32>, 2>(lo * d + m, hi * d + m);
+    }
+    if (QTYPE == 3u) {
         // Sub-block j of the super-block: 32 bytes of group j / 2, low nibbles for even j.
         let base = rb + (u / 8u) * 144u;
         let j = u % 8u;
         let sm = scale_min_k4(base + 4u, j);
         let d = f16_at(base) * sm.x;
         let mn = f16_at(base + 2u) * sm.y;
-        let qb = base + 16u + 32u * (j / 2u) + 8u * p;
-        let lo = word_at(qb);
-        let hi = word_at(qb + 4u);
+        let b = base + 16u + 32u * (j / 2u) + 8u * p;
         let shift = 4u * (j % 2u);
-        for (var i = 0u; i < 8u; i++) {
-            v[i] = d * f32((byte8(lo, hi, i) >> shift) & 15u) - mn;
-        }
-    } else {
-        // Q6_K: half n = j / 4 of the super-block, quarter qq = j % 4 (nibble and qh bits).
-        let base = rb + (u / 8u) * 210u;
-        let j = u % 8u;
-        let n = j / 4u;
-        let qq = j % 4u;
-        let l0 = 8u * p;
-        let qlb = base + 64u * n + 32u * (qq % 2u) + l0;
-        let qhb = base + 128u + 32u * n + l0;
-        let ql_lo = word_at(qlb);
-        let ql_hi = word_at(qlb + 4u);
-        let qh_lo = word_at(qhb);
-        let qh_hi = word_at(qhb + 4u);
-        let sc = bitcast<i32>(byte_at(base + 192u + 8u * n + l0 / 16u + 2u * qq) << 24u) >> 24u;
-        let d = f16_at(base + 208u) * f32(sc);
-        for (var i = 0u; i < 8u; i++) {
-            let low = (byte8(ql_lo, ql_hi, i) >> (4u * (qq / 2u))) & 15u;
-            let high = (byte8(qh_lo, qh_hi, i) >> (2u * qq)) & 3u;
-            v[i] = d * f32(i32(low | (high << 4u)) - 32);
-        }
+        let lo = vec4<f32>(unpack4xU8((word_at(b) >> shift) & 0x0f0f0f0fu));
+        let hi = vec4<f32>(unpack4xU8((word_at(b + 4u) >> shift) & 0x0f0f0f0fu));
+        return array<vec4<f32>, 2>(d * lo - mn, d * hi - mn);
     }
-    return array<vec4<f32>, 2>(vec4<f32>(v[0], v[1], v[2], v[3]), vec4<f32>(v[4], v[5], v[6], v[7]));
+    // Q6_K: half n = j / 4 of the super-block, quarter qq = j % 4 (nibble and qh bits).
+    let base = rb + (u / 8u) * 210u;
+    let j = u % 8u;
+    let n = j / 4u;
+    let qq = j % 4u;
+    let qlb = base + 64u * n + 32u * (qq % 2u) + 8u * p;
+    let qhb = base + 128u + 32u * n + 8u * p;
+    let sc = bitcast<i32>(byte_at(base + 192u + 8u * n + p / 2u + 2u * qq) << 24u) >> 24u;
+    let d = f16_at(base + 208u) * f32(sc);
+    let ls = 4u * (qq / 2u);
+    let hs = 2u * qq;
+    let lo = unpack4xU8((word_at(qlb) >> ls) & 0x0f0f0f0fu) | (unpack4xU8((word_at(qhb) >> hs) & 0x03030303u) << vec4<u32>(4u));
+    let hi = unpack4xU8((word_at(qlb + 4u) >> ls) & 0x0f0f0f0fu) | (unpack4xU8((word_at(qhb + 4u) >> hs) & 0x03030303u) << vec4<u32>(4u));
+    return array<vec4<f32>, 2>(d * vec4<f32>(vec4<i32>(lo) - 32), d * vec4<f32>(vec4<i32>(hi) - 32));
 }
 
 @compute @workgroup_size(WG)

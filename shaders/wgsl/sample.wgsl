@@ -5,7 +5,8 @@
 // 3. top-k: the k-th largest logit by a 4-pass radix select (8-bit digits of the order-preserving
 //    u32 key, histograms in workgroup atomics); tokens below it get probs = -1 (dropped).
 // 4. top-p: the threshold t on q = p / mass is the largest float with sum(q >= t) >= top_p, found
-//    by binary search over the bit patterns of non-negative floats (which order like u32).
+//    by binary search over the bit patterns of non-negative floats (which order like u32); with
+//    top-k on, over the survivors compacted into workgroup memory.
 // 5. min-p: p >= min_p (max p is 1).
 // 6. id-order walk: each thread owns a contiguous run of ids, an exclusive scan of the runs'
 //    kept mass gives every run its start, and the first id whose running sum passes
@@ -31,25 +32,49 @@ const NONE: u32 = 0xffffffffu;
 @group(0) @binding(3) var<storage, read_write> probs: array<f32>;
 
 var<workgroup> redf: array<f32, WG>;
-var<workgroup> redu: array<u32, WG>;
 var<workgroup> hist: array<atomic<u32>, 256>;
 var<workgroup> digit: array<u32, 2>;
+var<workgroup> best_key: atomic<u32>;
+var<workgroup> best_id: atomic<u32>;
 var<workgroup> pick: atomic<u32>;
 var<workgroup> last_kept: atomic<u32>;
+// Top-k survivors' q in id order, when they fit.
+const CAP: u32 = 1024u;
+var<workgroup> cand: array<f32, CAP>;
+var<workgroup> cand_count: u32;
 
 // Sum of v over the workgroup (every thread gets it).
 fn sum_all(lid: u32, v: f32) -> f32 {
     redf[lid] = v;
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         workgroupBarrier();
-        if (lid < s) {
-            redf[lid] += redf[lid + s];
-        }
+        if (lid < s) { redf[lid] += redf[lid + s]; }
     }
     workgroupBarrier();
     let total = redf[0];
     workgroupBarrier();
     return total;
+}
+
+// Sum of v over the threads before this one (Hillis-Steele scan).
+fn scan_exclusive(lid: u32, v: f32) -> f32 {
+    redf[lid] = v;
+    for (var s = 1u; s < WG; s <<= 1u) {
+        workgroupBarrier();
+        var t = redf[lid];
+        if (lid >= s) { t += redf[lid - s]; }
+        workgroupBarrier();
+        redf[lid] = t;
+    }
+    workgroupBarrier();
+    let before = select(0.0, redf[max(lid, 1u) - 1u], lid > 0u);
+    workgroupBarrier();
+    return before;
+}
+
+// Whether a token of weight p (-1: dropped by top-k) survives top-p and min-p.
+fn kept(p: f32, mass: f32, t_bits: u32) -> bool {
+    return p >= 0.0 && bitcast<u32>(p / mass) >= t_bits && p >= params.min_p;
 }
 
 // Order-preserving key of a float: a < b <=> key(a) < key(b) (as total_cmp).
@@ -65,37 +90,31 @@ fn unkey(k: u32) -> f32 {
 @compute @workgroup_size(WG)
 fn main(@builtin(local_invocation_index) lid: u32) {
     let vocab = params.vocab;
-    // 1. argmax.
-    var bv = 0.0;
-    var bi = NONE;
-    for (var i = lid; i < vocab; i += WG) {
-        let l = logits[i];
-        if (bi == NONE || l > bv) {
-            bv = l;
+    if (lid == 0u) {
+        atomicStore(&pick, NONE);
+        atomicStore(&last_kept, 0u);
+        atomicStore(&best_key, 0u);
+        atomicStore(&best_id, NONE);
+    }
+    workgroupBarrier();
+    // 1. argmax: each thread's first maximum, then the largest key and the lowest id holding it.
+    var bv = logits[min(lid, vocab - 1u)];
+    var bi = lid;
+    for (var i = lid + WG; i < vocab; i += WG) {
+        if (logits[i] > bv) {
+            bv = logits[i];
             bi = i;
         }
     }
-    redf[lid] = bv;
-    redu[lid] = bi;
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        workgroupBarrier();
-        if (lid < s) {
-            let ov = redf[lid + s];
-            let oi = redu[lid + s];
-            let take = oi != NONE && (redu[lid] == NONE || ov > redf[lid] || (ov == redf[lid] && oi < redu[lid]));
-            if (take) {
-                redf[lid] = ov;
-                redu[lid] = oi;
-            }
-        }
-    }
+    if (bi < vocab) { atomicMax(&best_key, key(bv)); }
     workgroupBarrier();
-    let max_logit = redf[0];
-    let best = redu[0];
+    let top = atomicLoad(&best_key);
+    if (bi < vocab && key(bv) == top) { atomicMin(&best_id, bi); }
+    workgroupBarrier();
+    let max_logit = unkey(top);
+    let best = atomicLoad(&best_id);
     if (params.temperature <= 0.0 || params.top_k == 1u) {
-        if (lid == 0u) {
-            out[params.out_index] = best;
-        }
+        if (lid == 0u) { out[params.out_index] = best; }
         return;
     }
     // 3. top-k threshold: the k-th largest logit, ties kept.
@@ -107,15 +126,11 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         for (var level = 0u; level < 4u; level++) {
             let shift = 24u - 8u * level;
             let mask = select(~((1u << (shift + 8u)) - 1u), 0u, level == 0u);
-            for (var d = lid; d < 256u; d += WG) {
-                atomicStore(&hist[d], 0u);
-            }
+            for (var d = lid; d < 256u; d += WG) { atomicStore(&hist[d], 0u); }
             workgroupBarrier();
             for (var i = lid; i < vocab; i += WG) {
                 let kk = key(logits[i]);
-                if ((kk & mask) == prefix) {
-                    atomicAdd(&hist[(kk >> shift) & 255u], 1u);
-                }
+                if ((kk & mask) == prefix) { atomicAdd(&hist[(kk >> shift) & 255u], 1u); }
             }
             workgroupBarrier();
             if (lid == 0u) {
@@ -141,30 +156,54 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     var mass_part = 0.0;
     for (var i = lid; i < vocab; i += WG) {
         let l = logits[i];
-        var p = exp((l - max_logit) / params.temperature);
-        if (use_top_k && !(l >= kth)) {
-            p = -1.0;
-        } else {
-            mass_part += p;
-        }
+        let p = select(-1.0, exp((l - max_logit) / params.temperature), !use_top_k || l >= kth);
+        mass_part += max(p, 0.0);
         probs[i] = p;
     }
+    // Steps 4-6 read contiguous runs of ids, written by other threads.
+    storageBarrier();
+    let chunk = (vocab + WG - 1u) / WG;
+    let first = min(lid * chunk, vocab);
+    let end = min(first + chunk, vocab);
+    let mass = sum_all(lid, mass_part);
     // 4. top-p threshold (as bits of q = p / mass); 0 keeps everything.
     var t_bits = 0u;
     if (params.top_p < 1.0) {
-        let mass = sum_all(lid, mass_part);
+        // With top-k on, the few kept q are compacted (in id order, so the sums are
+        // deterministic) into workgroup memory, and the search reads them, not the vocabulary.
+        var n_run = 0.0;
+        if (use_top_k) {
+            for (var i = first; i < end; i++) { n_run += select(0.0, 1.0, probs[i] >= 0.0); }
+        }
+        let at = scan_exclusive(lid, n_run);
+        if (lid == WG - 1u) { cand_count = u32(at + n_run); }
+        workgroupBarrier();
+        let count = cand_count;
+        let in_list = use_top_k && count <= CAP;
+        if (in_list) {
+            var j = u32(at);
+            for (var i = first; i < end; i++) {
+                let p = probs[i];
+                if (p >= 0.0) {
+                    cand[j] = p / mass;
+                    j++;
+                }
+            }
+        }
+        workgroupBarrier();
         var lo = 0u;
         var hi = bitcast<u32>(1.0 / mass) + 1u;
         for (var it = 0u; it < 32u; it++) {
             let mid = lo + (hi - lo) / 2u;
             var part = 0.0;
-            for (var i = lid; i < vocab; i += WG) {
-                let p = probs[i];
-                if (p >= 0.0) {
-                    let q = p / mass;
-                    if (bitcast<u32>(q) >= mid) {
-                        part += q;
-                    }
+            if (in_list) {
+                for (var i = lid; i < count; i += WG) {
+                    part += select(0.0, cand[i], bitcast<u32>(cand[i]) >= mid);
+                }
+            } else {
+                for (var i = lid; i < vocab; i += WG) {
+                    let q = probs[i] / mass;
+                    part += select(0.0, q, q >= 0.0 && bitcast<u32>(q) >= mid);
                 }
             }
             if (sum_all(lid, part) >= params.top_p) {
@@ -174,51 +213,20 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             }
         }
         t_bits = lo;
-        // Fold the rule into probs: q < t is dropped.
-        for (var i = lid; i < vocab; i += WG) {
-            let p = probs[i];
-            if (p >= 0.0 && bitcast<u32>(p / mass) < t_bits) {
-                probs[i] = -1.0;
-            }
-        }
     }
-    // 5 + 6. min-p and the id-order walk, over contiguous runs: probs written by other
-    // threads must be visible first.
-    storageBarrier();
-    let chunk = (vocab + WG - 1u) / WG;
-    let first = min(lid * chunk, vocab);
-    let end = min(first + chunk, vocab);
+    // 5 + 6. min-p and the id-order walk.
     var run = 0.0;
     for (var i = first; i < end; i++) {
         let p = probs[i];
-        if (p >= 0.0 && p >= params.min_p) {
-            run += p;
-        }
+        run += select(0.0, p, kept(p, mass, t_bits));
     }
-    let kept_mass = sum_all(lid, run);
-    let goal = params.uniform * kept_mass;
-    // Exclusive scan of the runs (Hillis-Steele).
-    redf[lid] = run;
-    for (var s = 1u; s < WG; s <<= 1u) {
-        workgroupBarrier();
-        var v = redf[lid];
-        if (lid >= s) {
-            v += redf[lid - s];
-        }
-        workgroupBarrier();
-        redf[lid] = v;
-    }
-    if (lid == 0u) {
-        atomicStore(&pick, NONE);
-        atomicStore(&last_kept, 0u);
-    }
-    workgroupBarrier();
-    var acc = select(0.0, redf[max(lid, 1u) - 1u], lid > 0u);
+    let goal = params.uniform * sum_all(lid, run);
+    var acc = scan_exclusive(lid, run);
     var last = NONE;
     var found = false;
     for (var i = first; i < end; i++) {
         let p = probs[i];
-        if (p >= 0.0 && p >= params.min_p) {
+        if (kept(p, mass, t_bits)) {
             acc += p;
             if (!found && acc > goal) {
                 atomicMin(&pick, i);
@@ -227,9 +235,7 @@ fn main(@builtin(local_invocation_index) lid: u32) {
             last = i;
         }
     }
-    if (last != NONE) {
-        atomicMax(&last_kept, last);
-    }
+    if (last != NONE) { atomicMax(&last_kept, last); }
     workgroupBarrier();
     if (lid == 0u) {
         let chosen = atomicLoad(&pick);

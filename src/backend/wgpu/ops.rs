@@ -210,9 +210,10 @@ impl Backend for Wgpu {
     }
 
     fn device_name(&self) -> String {
+        let a = &self.adapter;
         format!(
-            "{} ({}, {:?} via {})",
-            self.adapter.name, self.adapter.device_type, self.adapter.driver, self.adapter.backend
+            "{} ({}, {}, driver {})",
+            a.name, a.device_type, a.backend, a.driver
         )
     }
 
@@ -360,11 +361,12 @@ impl Backend for Wgpu {
                 _pad: [0; 3],
             };
             let wb = self.bind_rows(&w.buf, n, col0, nc, row_bytes);
-            // matvec: 8 output features per workgroup, 4 rows per grid row; tiled: 64 x 64.
+            // matvec: 8 output features per workgroup, 4 rows per grid row; tiled: 64 rows x
+            // 128 features.
             let groups = if matvec {
                 [nc.div_ceil(8) as u32, rows.div_ceil(4) as u32, 1]
             } else {
-                [nc.div_ceil(64) as u32, rows.div_ceil(64) as u32, 1]
+                [nc.div_ceil(128) as u32, rows.div_ceil(64) as u32, 1]
             };
             self.run(kernel, &params, &[o, xb, wb], groups)?;
             col0 += nc;
