@@ -2,8 +2,8 @@
 //! (tests/fixtures/smollm2/expected.json, made by make_expected.py): several chat and raw prompts,
 //! 48 new tokens each; our tokenizer must produce the same prompt ids and every backend the same
 //! generated ids (f32 KV cache). Runs on the Q4_1 GGUF (the default model, fetched if needed) and,
-//! when `ANYLLAMA_SMOLLM2_HF` names it, on the HF folder transformers saves from that GGUF
-//! (tests/fixtures/smollm2/gguf_to_hf.py).
+//! on an HF folder of it: `ANYLLAMA_SMOLLM2_HF` (as transformers saves it with
+//! tests/fixtures/smollm2/gguf_to_hf.py), else the folder `anyllama convert` writes.
 
 mod common;
 
@@ -79,14 +79,21 @@ fn check<B: Backend>(b: &B, path: &Path) {
     }
 }
 
+/// The HF folder: `ANYLLAMA_SMOLLM2_HF` (e.g. saved by transformers with gguf_to_hf.py), else
+/// the GGUF written out as an f32 HF folder by our converter (once per test process).
 fn hf_folder() -> Option<PathBuf> {
-    let dir = std::env::var_os("ANYLLAMA_SMOLLM2_HF")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from);
-    if dir.is_none() {
-        eprintln!("SKIPPED: set ANYLLAMA_SMOLLM2_HF to an HF folder saved from the SmolLM2 GGUF");
+    if let Some(dir) = std::env::var_os("ANYLLAMA_SMOLLM2_HF").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(dir));
     }
-    dir
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let gguf = common::smollm2_gguf()?;
+        let dir = std::env::temp_dir().join("anyllama-test-smollm2-hf");
+        let _ = std::fs::remove_dir_all(&dir);
+        anyllama::convert::gguf_to_hf(&gguf, &dir, DType::F32, &|_, _| {}).unwrap();
+        Some(dir)
+    })
+    .clone()
 }
 
 #[test]

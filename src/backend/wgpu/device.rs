@@ -50,8 +50,14 @@ impl fmt::Display for AdapterSummary {
 }
 
 fn instance() -> wgpu::Instance {
-    // WGPU_BACKEND and friends can narrow the search from the environment.
-    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+    // WGPU_BACKEND and friends can narrow the search from the environment. Without it, only the
+    // native compute APIs (Vulkan, Metal, DX12): probing OpenGL/EGL on a headless machine prints
+    // driver errors and its adapters cannot run these kernels anyway.
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if std::env::var_os("WGPU_BACKEND").is_none() {
+        desc.backends = wgpu::Backends::PRIMARY;
+    }
+    wgpu::Instance::new(desc)
 }
 
 fn type_rank(t: wgpu::DeviceType) -> u8 {
