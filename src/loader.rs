@@ -119,7 +119,8 @@ impl ModelFiles {
         ids
     }
 
-    /// Uploads the weights to `b`, showing a progress bar on stderr when `progress` is set.
+    /// Uploads the weights to `b`, showing a progress bar on stderr when `progress` is set (and
+    /// stderr is a terminal).
     pub fn load<B: Backend>(&self, b: &B, progress: bool) -> Result<Model<B>> {
         let total = crate::weights::load::stored_bytes(self.source.as_ref());
         let bar = indicatif::ProgressBar::with_draw_target(
@@ -143,14 +144,6 @@ impl ModelFiles {
         })?;
         b.sync()?;
         bar.finish_and_clear();
-        if progress {
-            eprintln!(
-                "loaded {} ({:.1} MB of weights) on {}",
-                self.name(),
-                weights.bytes() as f64 / 1e6,
-                b.device_name()
-            );
-        }
         Model::new(b, self.cfg.clone(), weights)
     }
 

@@ -86,6 +86,20 @@ fn ctx_len(files: &ModelFiles, m: &ModelArgs) -> usize {
     m.ctx_size.unwrap_or(files.cfg.max_seq_len.min(4096))
 }
 
+/// Uploads the weights with a progress bar; `verbose` adds a line saying what went where.
+fn load<B: Backend>(files: &ModelFiles, b: &B, verbose: bool) -> Result<anyllama::model::Model<B>> {
+    let model = files.load(b, true)?;
+    if verbose {
+        let mb = model.w.bytes() as f64 / 1e6;
+        eprintln!(
+            "loaded {} ({mb:.1} MB of weights) on {}",
+            files.name(),
+            b.device_name()
+        );
+    }
+    Ok(model)
+}
+
 /// Ctrl-C stops the current generation (a second one exits).
 fn interrupt_flag() -> Arc<AtomicBool> {
     let flag = Arc::new(AtomicBool::new(false));
@@ -159,7 +173,7 @@ impl WithBackend for GenerateJob {
     fn run<B: Backend>(self, b: B) -> Result<()> {
         let (files, a) = (&self.files, &self.args);
         let prompt = files.tokenizer.encode(&a.prompt, true)?;
-        let mut model = files.load(&b, a.model.verbose)?;
+        let mut model = load(files, &b, a.model.verbose)?;
         let mut gen = Generator::new(
             &b,
             &mut model,
@@ -200,7 +214,7 @@ impl WithBackend for ChatJob {
     type Output = ();
     fn run<B: Backend>(self, b: B) -> Result<()> {
         let (files, a) = (&self.files, &self.args);
-        let mut model = files.load(&b, a.model.verbose)?;
+        let mut model = load(files, &b, a.model.verbose)?;
         let mut gen = Generator::new(
             &b,
             &mut model,
