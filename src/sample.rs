@@ -145,20 +145,9 @@ pub fn apply_penalties(logits: &mut [f32], history: &[u32], p: &SamplingParams) 
     }
 }
 
-/// The reference token choice (module docs). Never returns an id >= logits.len().
-pub fn sample_logits(logits: &[f32], s: &SampleOp) -> u32 {
-    let argmax = || {
-        let mut best = 0;
-        for (i, &l) in logits.iter().enumerate() {
-            if l > logits[best] {
-                best = i;
-            }
-        }
-        best as u32
-    };
-    if s.temperature <= 0.0 || s.top_k == 1 {
-        return argmax();
-    }
+/// Steps 2-5 of the rules: which tokens survive the filters, and each token's unnormalised
+/// probability weight exp((l - max) / temperature). Needs temperature > 0.
+pub fn kept_set(logits: &[f32], s: &SampleOp) -> (Vec<bool>, Vec<f32>) {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let p: Vec<f32> = logits
         .iter()
@@ -206,6 +195,24 @@ pub fn sample_logits(logits: &[f32], s: &SampleOp) -> u32 {
             .zip(&p)
             .for_each(|(k, p)| *k &= *p >= s.min_p);
     }
+    (keep, p)
+}
+
+/// The reference token choice (module docs). Never returns an id >= logits.len().
+pub fn sample_logits(logits: &[f32], s: &SampleOp) -> u32 {
+    let argmax = || {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    };
+    if s.temperature <= 0.0 || s.top_k == 1 {
+        return argmax();
+    }
+    let (keep, p) = kept_set(logits, s);
     let mass: f32 = p
         .iter()
         .zip(&keep)
