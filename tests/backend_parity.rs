@@ -930,3 +930,126 @@ fn upload_copy_and_read_keep_queue_order() {
         gpu.sync().unwrap();
     }
 }
+
+#[test]
+fn ops_with_scratch_stay_whole_under_threads() {
+    // Threads sharing one device: an op that runs several dispatches through an internal
+    // scratch buffer (split-KV attention, sampling) must not let another thread's op in between.
+    // Each thread enqueues many such ops back to back before reading any result; whether the
+    // threads interleave at the wrong moment depends on scheduling, so this is a stress test.
+    let Some((_, gpu)) = gpus().first() else {
+        return;
+    };
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            scope.spawn(move || {
+                let cpu = Cpu::new();
+                let mut r = rng(500 + t);
+                let h = heads(8, 2, 64);
+                let total = 40 + 7 * t as usize;
+                let blocks = total.div_ceil(KV_BLOCK);
+                let table: Vec<u32> = (0..blocks as u32).rev().collect();
+                let q = randn(&mut r, total * 8 * 64, 1.0);
+                let k = randn(&mut r, total * 2 * 64, 1.0);
+                let v = randn(&mut r, total * 2 * 64, 1.0);
+                let case = AttnCase {
+                    h,
+                    kv: DType::F32,
+                    table: &table,
+                    pool_blocks: blocks,
+                    steps: &[total],
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                };
+                // Fill the caches, then decode the last row many times over.
+                run_attention(&cpu, &case);
+                let cache = blocks * KV_BLOCK * 2 * 64 * 4;
+                let (mut kc, mut vc) = (
+                    Buf::exact(gpu, cache).unwrap(),
+                    Buf::exact(gpu, cache).unwrap(),
+                );
+                let tb = u32_buf(gpu, &table);
+                let (kb, vb) = (f32_buf(gpu, &k), f32_buf(gpu, &v));
+                gpu.kv_append(&mut kc, &mut vc, DType::F32, &tb, &kb, &vb, total, 0, h)
+                    .unwrap();
+                let (mut kcc, mut vcc) = (
+                    Buf::exact(&cpu, cache).unwrap(),
+                    Buf::exact(&cpu, cache).unwrap(),
+                );
+                let tbc = u32_buf(&cpu, &table);
+                cpu.kv_append(
+                    &mut kcc,
+                    &mut vcc,
+                    DType::F32,
+                    &tbc,
+                    &f32_buf(&cpu, &k),
+                    &f32_buf(&cpu, &v),
+                    total,
+                    0,
+                    h,
+                )
+                .unwrap();
+                let last = &q[(total - 1) * 512..];
+                let mut oc = poisoned(&cpu, 512);
+                let view = KvView {
+                    k: &kcc,
+                    v: &vcc,
+                    table: &tbc,
+                    dtype: DType::F32,
+                };
+                cpu.attention(&mut oc, &f32_buf(&cpu, last), view, 1, total - 1, h)
+                    .unwrap();
+                let want = read_f32(&cpu, &oc, 512);
+                let qg = f32_buf(gpu, last);
+                let mut outs: Vec<_> = (0..30).map(|_| poisoned(gpu, 512)).collect();
+                for o in outs.iter_mut() {
+                    let view = KvView {
+                        k: &kc,
+                        v: &vc,
+                        table: &tb,
+                        dtype: DType::F32,
+                    };
+                    gpu.attention(o, &qg, view, 1, total - 1, h).unwrap();
+                }
+                for o in &outs {
+                    assert_close(
+                        &format!("thread {t} attention"),
+                        &want,
+                        &read_f32(gpu, o, 512),
+                        TOL_F32,
+                    );
+                }
+                // Sampling through the whole-vocabulary path, 30 tokens before one read.
+                let logits = randn(&mut r, 1000, 8.0);
+                let s = SampleOp {
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 0.9,
+                    min_p: 0.0,
+                    uniform: 0.5,
+                };
+                let mut tc = u32_buf(&cpu, &[0]);
+                cpu.sample(&mut tc, 0, &f32_buf(&cpu, &logits), 1000, s)
+                    .unwrap();
+                let mut c = [0u8; 4];
+                cpu.read(&tc, 0, &mut c).unwrap();
+                let lg = f32_buf(gpu, &logits);
+                let mut tg = u32_buf(gpu, &[u32::MAX; 30]);
+                for i in 0..30 {
+                    gpu.sample(&mut tg, i, &lg, 1000, s).unwrap();
+                }
+                let mut g = vec![0u8; 120];
+                gpu.read(&tg, 0, &mut g).unwrap();
+                let c = u32::from_le_bytes(c);
+                for (i, g) in g.chunks_exact(4).enumerate() {
+                    let g = u32::from_le_bytes([g[0], g[1], g[2], g[3]]);
+                    assert!(
+                        c == g || walk_accepts(&logits, &s, g),
+                        "thread {t} sample {i}: cpu {c} gpu {g}"
+                    );
+                }
+            });
+        }
+    });
+}
