@@ -41,6 +41,8 @@ var<workgroup> qs: array<f32, GC_MAX * HD_MAX>;
 var<workgroup> ps: array<f32, GC_MAX * SPLIT_MAX>;
 var<workgroup> red: array<f32, WG>;
 var<workgroup> stats: array<f32, 2u * GC_MAX>;
+// The split's cache blocks, read from the block table once.
+var<workgroup> blocks: array<u32, SPLIT_MAX / KV_BLOCK>;
 
 // Query heads per workgroup: the largest divisor of the GQA group size that is <= GC_MAX, so
 // that a workgroup's heads share one kv head (the host computes the same number).
@@ -53,9 +55,9 @@ fn heads_per_workgroup() -> u32 {
     return c;
 }
 
-// Element index of (position, kv head, dim 0) in the cache.
-fn cache_base(pos: u32, kvh: u32) -> u32 {
-    let slot = table[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK;
+// Element index of (position start + p, kv head, dim 0) in the cache (p < split_len).
+fn cache_base(p: u32, kvh: u32) -> u32 {
+    let slot = blocks[p / KV_BLOCK] * KV_BLOCK + p % KV_BLOCK;
     return (slot * params.n_kv_heads + kvh) * params.head_dim;
 }
 
@@ -100,10 +102,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var i = lid; i < gc * hd; i += WG) {
         qs[i] = q[(r * params.n_heads + h0) * hd + i];
     }
+    if (lid < (n_valid + KV_BLOCK - 1u) / KV_BLOCK) {
+        blocks[lid] = table[start / KV_BLOCK + lid];
+    }
     workgroupBarrier();
     // Scores: thread t scores position start + t for all gc heads.
     if (lid < n_valid) {
-        let e = cache_base(start + lid, kvh);
+        let e = cache_base(lid, kvh);
         var dots: array<f32, GC_MAX>;
         for (var d = 0u; d < hd; d += 2u) {
             let kp = k_pair(e + d);
@@ -147,7 +152,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     // P . V: thread owns dims lid + WG * j of every head.
     var acc: array<f32, GC_MAX * DPT>;
     for (var p = 0u; p < n_valid; p++) {
-        let e = cache_base(start + p, kvh);
+        let e = cache_base(p, kvh);
         for (var j = 0u; j < DPT; j++) {
             let d = lid + WG * j;
             if (d < hd) {

@@ -29,7 +29,9 @@ const NONE: u32 = 0xffffffffu;
 @group(0) @binding(3) var<storage, read_write> probs: array<f32>;
 
 var<workgroup> redf: array<f32, WG>;
-var<workgroup> hist: array<atomic<u32>, 256>;
+// Eight copies of the 256-bin histogram (thread lid counts into copy lid % 8): logits crowd
+// into a few bins, and one copy would serialise most of the atomic adds.
+var<workgroup> hist: array<atomic<u32>, 2048>;
 var<workgroup> digit: array<u32, 2>;
 var<workgroup> best_key: atomic<u32>;
 var<workgroup> best_id: atomic<u32>;
@@ -163,17 +165,18 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         for (var level = 0u; level < 4u; level++) {
             let shift = 24u - 8u * level;
             let mask = select(~((1u << (shift + 8u)) - 1u), 0u, level == 0u);
-            for (var d = lid; d < 256u; d += WG) { atomicStore(&hist[d], 0u); }
+            for (var d = lid; d < 2048u; d += WG) { atomicStore(&hist[d], 0u); }
             workgroupBarrier();
             for (var i = lid; i < vocab; i += WG) {
                 let kk = key(logits[i]);
-                if ((kk & mask) == prefix) { atomicAdd(&hist[(kk >> shift) & 255u], 1u); }
+                if ((kk & mask) == prefix) { atomicAdd(&hist[(lid % 8u) * 256u + ((kk >> shift) & 255u)], 1u); }
             }
             workgroupBarrier();
             if (lid == 0u) {
                 var cum = 0u;
                 for (var d = 255i; d >= 0i; d--) {
-                    let c = atomicLoad(&hist[d]);
+                    var c = 0u;
+                    for (var copy = 0u; copy < 8u; copy++) { c += atomicLoad(&hist[copy * 256u + u32(d)]); }
                     if (cum + c >= remaining) {
                         digit[0] = prefix | (u32(d) << shift);
                         digit[1] = remaining - cum;
