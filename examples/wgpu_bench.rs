@@ -130,7 +130,17 @@ fn main() -> anyllama::Result<()> {
     }
 
     let vocab = 128_256;
-    let logits = b.alloc(vocab * 4)?;
+    // Logits like a language model's: a spread of small values and a few likely tokens.
+    let mut seed = 12345u32;
+    let mut next = move || {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (seed >> 8) as f32 / (1u32 << 24) as f32
+    };
+    let host: Vec<f32> = (0..vocab)
+        .map(|i| 4.0 * next() - 2.0 + if i % 4000 == 7 { 10.0 * next() } else { 0.0 })
+        .collect();
+    let mut logits = b.alloc(vocab * 4)?;
+    b.upload(&mut logits, 0, bytemuck::cast_slice(&host))?;
     let mut ids = b.alloc(16)?;
     println!("\nsample over {vocab}:");
     for (name, s) in [

@@ -4,13 +4,10 @@
 // 2. p = exp((l - max) / temperature) into the scratch `probs`.
 // 3. top-k: the k-th largest logit by a 4-pass radix select (8-bit digits of the order-preserving
 //    u32 key, histograms in workgroup atomics); tokens below it get probs = -1 (dropped).
-// 4. top-p: the threshold t on q = p / mass is the largest float with sum(q >= t) >= top_p, found
-//    by binary search over the bit patterns of non-negative floats (which order like u32); with
-//    top-k on, over the survivors compacted into workgroup memory.
-// 5. min-p: p >= min_p (max p is 1).
-// 6. id-order walk: each thread owns a contiguous run of ids, an exclusive scan of the runs'
-//    kept mass gives every run its start, and the first id whose running sum passes
-//    uniform * kept mass wins (atomicMin); if rounding leaves none, the last kept id.
+// With top-k keeping at most 64 tokens (the usual case), one thread then sorts the survivors by
+// id and applies top-p, min-p and the id-order walk in the reference's order of operations.
+// Otherwise sample_walk.wgsl, dispatched right after, does steps 4-6 over the whole vocabulary;
+// the word after the probabilities tells it whether the token is already chosen.
 
 struct Params {
     vocab: u32,
@@ -32,16 +29,18 @@ const NONE: u32 = 0xffffffffu;
 @group(0) @binding(3) var<storage, read_write> probs: array<f32>;
 
 var<workgroup> redf: array<f32, WG>;
-var<workgroup> hist: array<atomic<u32>, 256>;
+// Eight copies of the 256-bin histogram (thread lid counts into copy lid % 8): logits crowd
+// into a few bins, and one copy would serialise most of the atomic adds.
+var<workgroup> hist: array<atomic<u32>, 2048>;
 var<workgroup> digit: array<u32, 2>;
 var<workgroup> best_key: atomic<u32>;
 var<workgroup> best_id: atomic<u32>;
-var<workgroup> pick: atomic<u32>;
-var<workgroup> last_kept: atomic<u32>;
-// Top-k survivors' q in id order, when they fit.
-const CAP: u32 = 1024u;
-var<workgroup> cand: array<f32, CAP>;
-var<workgroup> cand_count: u32;
+// Top-k survivors (id, p), when there are at most SMALL of them.
+const SMALL: u32 = 64u;
+var<workgroup> small_id: array<u32, SMALL>;
+var<workgroup> small_p: array<f32, SMALL>;
+var<workgroup> n_small: atomic<u32>;
+var<workgroup> small_count: u32;
 
 // Sum of v over the workgroup (every thread gets it).
 fn sum_all(lid: u32, v: f32) -> f32 {
@@ -56,25 +55,63 @@ fn sum_all(lid: u32, v: f32) -> f32 {
     return total;
 }
 
-// Sum of v over the threads before this one (Hillis-Steele scan).
-fn scan_exclusive(lid: u32, v: f32) -> f32 {
-    redf[lid] = v;
-    for (var s = 1u; s < WG; s <<= 1u) {
-        workgroupBarrier();
-        var t = redf[lid];
-        if (lid >= s) { t += redf[lid - s]; }
-        workgroupBarrier();
-        redf[lid] = t;
+// Steps 4-6 for at most SMALL top-k survivors, on one thread, in the reference's order of
+// operations: sort by id, mass, top-p by walking q in descending order, min-p, id-order walk.
+fn pick_small(count: u32, best: u32) -> u32 {
+    for (var i = 1u; i < count; i++) {
+        let id = small_id[i];
+        let p = small_p[i];
+        var j = i;
+        while (j > 0u && small_id[j - 1u] > id) {
+            small_id[j] = small_id[j - 1u];
+            small_p[j] = small_p[j - 1u];
+            j--;
+        }
+        small_id[j] = id;
+        small_p[j] = p;
     }
-    workgroupBarrier();
-    let before = select(0.0, redf[max(lid, 1u) - 1u], lid > 0u);
-    workgroupBarrier();
-    return before;
-}
-
-// Whether a token of weight p (-1: dropped by top-k) survives top-p and min-p.
-fn kept(p: f32, mass: f32, t_bits: u32) -> bool {
-    return p >= 0.0 && bitcast<u32>(p / mass) >= t_bits && p >= params.min_p;
+    var mass = 0.0;
+    for (var i = 0u; i < count; i++) { mass += small_p[i]; }
+    // t: the q at which the descending running sum first reaches top_p (else the smallest q).
+    var t = 0.0;
+    if (params.top_p < 1.0) {
+        var acc = 0.0;
+        var above = 2.0;
+        var done = false;
+        while (!done) {
+            var q = -1.0;
+            for (var i = 0u; i < count; i++) {
+                let v = small_p[i] / mass;
+                if (v < above) { q = max(q, v); }
+            }
+            if (q < 0.0) { break; }
+            for (var i = 0u; i < count; i++) {
+                if (!done && small_p[i] / mass == q) {
+                    acc += q;
+                    done = acc >= params.top_p;
+                }
+            }
+            t = q;
+            above = q;
+        }
+    }
+    var kept_mass = 0.0;
+    for (var i = 0u; i < count; i++) {
+        let p = small_p[i];
+        if (p / mass >= t && p >= params.min_p) { kept_mass += p; }
+    }
+    let goal = params.uniform * kept_mass;
+    var acc = 0.0;
+    var last = best;
+    for (var i = 0u; i < count; i++) {
+        let p = small_p[i];
+        if (p / mass >= t && p >= params.min_p) {
+            acc += p;
+            last = small_id[i];
+            if (acc > goal) { return last; }
+        }
+    }
+    return last;
 }
 
 // Order-preserving key of a float: a < b <=> key(a) < key(b) (as total_cmp).
@@ -91,10 +128,9 @@ fn unkey(k: u32) -> f32 {
 fn main(@builtin(local_invocation_index) lid: u32) {
     let vocab = params.vocab;
     if (lid == 0u) {
-        atomicStore(&pick, NONE);
-        atomicStore(&last_kept, 0u);
         atomicStore(&best_key, 0u);
         atomicStore(&best_id, NONE);
+        atomicStore(&n_small, 0u);
     }
     workgroupBarrier();
     // 1. argmax: each thread's first maximum, then the largest key and the lowest id holding it.
@@ -114,7 +150,10 @@ fn main(@builtin(local_invocation_index) lid: u32) {
     let max_logit = unkey(top);
     let best = atomicLoad(&best_id);
     if (params.temperature <= 0.0 || params.top_k == 1u) {
-        if (lid == 0u) { out[params.out_index] = best; }
+        if (lid == 0u) {
+            out[params.out_index] = best;
+            probs[vocab] = bitcast<f32>(1u);
+        }
         return;
     }
     // 3. top-k threshold: the k-th largest logit, ties kept.
@@ -126,17 +165,18 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         for (var level = 0u; level < 4u; level++) {
             let shift = 24u - 8u * level;
             let mask = select(~((1u << (shift + 8u)) - 1u), 0u, level == 0u);
-            for (var d = lid; d < 256u; d += WG) { atomicStore(&hist[d], 0u); }
+            for (var d = lid; d < 2048u; d += WG) { atomicStore(&hist[d], 0u); }
             workgroupBarrier();
             for (var i = lid; i < vocab; i += WG) {
                 let kk = key(logits[i]);
-                if ((kk & mask) == prefix) { atomicAdd(&hist[(kk >> shift) & 255u], 1u); }
+                if ((kk & mask) == prefix) { atomicAdd(&hist[(lid % 8u) * 256u + ((kk >> shift) & 255u)], 1u); }
             }
             workgroupBarrier();
             if (lid == 0u) {
                 var cum = 0u;
                 for (var d = 255i; d >= 0i; d--) {
-                    let c = atomicLoad(&hist[d]);
+                    var c = 0u;
+                    for (var copy = 0u; copy < 8u; copy++) { c += atomicLoad(&hist[copy * 256u + u32(d)]); }
                     if (cum + c >= remaining) {
                         digit[0] = prefix | (u32(d) << shift);
                         digit[1] = remaining - cum;
@@ -152,93 +192,30 @@ fn main(@builtin(local_invocation_index) lid: u32) {
         }
         kth = unkey(prefix);
     }
-    // 2. probabilities; dropped tokens are marked -1.
-    var mass_part = 0.0;
+    // 2. probabilities; dropped tokens are marked -1. Top-k survivors are also gathered.
     for (var i = lid; i < vocab; i += WG) {
         let l = logits[i];
         let p = select(-1.0, exp((l - max_logit) / params.temperature), !use_top_k || l >= kth);
-        mass_part += max(p, 0.0);
         probs[i] = p;
-    }
-    // Steps 4-6 read contiguous runs of ids, written by other threads.
-    storageBarrier();
-    let chunk = (vocab + WG - 1u) / WG;
-    let first = min(lid * chunk, vocab);
-    let end = min(first + chunk, vocab);
-    let mass = sum_all(lid, mass_part);
-    // 4. top-p threshold (as bits of q = p / mass); 0 keeps everything.
-    var t_bits = 0u;
-    if (params.top_p < 1.0) {
-        // With top-k on, the few kept q are compacted (in id order, so the sums are
-        // deterministic) into workgroup memory, and the search reads them, not the vocabulary.
-        var n_run = 0.0;
-        if (use_top_k) {
-            for (var i = first; i < end; i++) { n_run += select(0.0, 1.0, probs[i] >= 0.0); }
-        }
-        let at = scan_exclusive(lid, n_run);
-        if (lid == WG - 1u) { cand_count = u32(at + n_run); }
-        workgroupBarrier();
-        let count = cand_count;
-        let in_list = use_top_k && count <= CAP;
-        if (in_list) {
-            var j = u32(at);
-            for (var i = first; i < end; i++) {
-                let p = probs[i];
-                if (p >= 0.0) {
-                    cand[j] = p / mass;
-                    j++;
-                }
+        if (use_top_k && p >= 0.0) {
+            let at = atomicAdd(&n_small, 1u);
+            if (at < SMALL) {
+                small_id[at] = i;
+                small_p[at] = p;
             }
         }
-        workgroupBarrier();
-        var lo = 0u;
-        var hi = bitcast<u32>(1.0 / mass) + 1u;
-        for (var it = 0u; it < 32u; it++) {
-            let mid = lo + (hi - lo) / 2u;
-            var part = 0.0;
-            if (in_list) {
-                for (var i = lid; i < count; i += WG) {
-                    part += select(0.0, cand[i], bitcast<u32>(cand[i]) >= mid);
-                }
-            } else {
-                for (var i = lid; i < vocab; i += WG) {
-                    let q = probs[i] / mass;
-                    part += select(0.0, q, q >= 0.0 && bitcast<u32>(q) >= mid);
-                }
-            }
-            if (sum_all(lid, part) >= params.top_p) {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        t_bits = lo;
     }
-    // 5 + 6. min-p and the id-order walk.
-    var run = 0.0;
-    for (var i = first; i < end; i++) {
-        let p = probs[i];
-        run += select(0.0, p, kept(p, mass, t_bits));
-    }
-    let goal = params.uniform * sum_all(lid, run);
-    var acc = scan_exclusive(lid, run);
-    var last = NONE;
-    var found = false;
-    for (var i = first; i < end; i++) {
-        let p = probs[i];
-        if (kept(p, mass, t_bits)) {
-            acc += p;
-            if (!found && acc > goal) {
-                atomicMin(&pick, i);
-                found = true;
-            }
-            last = i;
-        }
-    }
-    if (last != NONE) { atomicMax(&last_kept, last); }
     workgroupBarrier();
-    if (lid == 0u) {
-        let chosen = atomicLoad(&pick);
-        out[params.out_index] = select(chosen, atomicLoad(&last_kept), chosen == NONE);
+    if (lid == 0u) { small_count = atomicLoad(&n_small); }
+    let count = workgroupUniformLoad(&small_count);
+    if (use_top_k && count <= SMALL) {
+        // The usual case (top-k of a few dozen): one thread finishes exactly as the reference.
+        if (lid == 0u) {
+            out[params.out_index] = pick_small(count, best);
+            probs[vocab] = bitcast<f32>(1u);
+        }
+        return;
     }
+    // Steps 4-6 over the whole vocabulary: sample_walk.wgsl, dispatched next.
+    if (lid == 0u) { probs[vocab] = 0.0; }
 }

@@ -6,7 +6,9 @@
 //! uses it (queue writes land before the next submit's commands and after earlier ones, so the
 //! ring may be reused right after each submit). Bind groups are cached by (layout, buffers bound),
 //! so a decode step that reuses its buffers creates none after the first token. Scratch buffers
-//! (attention partials, sampling probabilities) grow rarely and are reused.
+//! (attention partials, sampling probabilities) grow rarely and are reused; an op that passes
+//! data between its dispatches through one holds `exclusive()`, so that threads sharing the
+//! backend cannot interleave there.
 
 use super::device::{ErrorSlot, Gpu};
 use super::pipelines::{Pipeline, PARAMS_BIND_BYTES};
@@ -65,6 +67,9 @@ pub(super) struct Exec {
     ring: wgpu::Buffer,
     slot: u64,
     state: Mutex<State>,
+    /// Held by an op that records several dispatches through a scratch buffer, so that another
+    /// thread's op cannot slip in between and overwrite the scratch.
+    multi: Mutex<()>,
 }
 
 impl Exec {
@@ -94,11 +99,17 @@ impl Exec {
                 scratch: HashMap::new(),
                 last_submit: None,
             }),
+            multi: Mutex::new(()),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps other threads' ops out until the guard drops.
+    pub fn exclusive(&self) -> MutexGuard<'_, ()> {
+        self.multi.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Records one dispatch of `p` with `params` (its Params block) and storage `binds`.

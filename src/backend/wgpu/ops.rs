@@ -517,6 +517,7 @@ impl Backend for Wgpu {
             .clamp(KV_BLOCK, SPLIT_MAX);
         let n_splits = n_ctx.div_ceil(split_len);
         params.split_len = split_len as u32;
+        let _exclusive = self.exec.exclusive();
         let part_bytes = (rows * h.n_heads * n_splits * (h.head_dim + 2) * 4) as u64;
         let partials = self.exec.scratch(Scratch::AttentionPartials, part_bytes)?;
         let part = Bind {
@@ -585,7 +586,11 @@ impl Backend for Wgpu {
         }
         let o = self.bind(out, (out_index + 1) * 4, "out", OP)?;
         let l = self.bind(logits, vocab * 4, "logits", OP)?;
-        let probs = self.exec.scratch(Scratch::SampleProbs, vocab as u64 * 4)?;
+        let _exclusive = self.exec.exclusive();
+        // Probabilities, then one word telling sample_walk whether the token is chosen.
+        let probs = self
+            .exec
+            .scratch(Scratch::SampleProbs, (vocab as u64 + 1) * 4)?;
         let p = Bind {
             buf: &probs,
             offset: 0,
@@ -601,6 +606,7 @@ impl Backend for Wgpu {
             out_index: out_index as u32,
             _pad: 0,
         };
-        self.run(Kernel::Sample, &params, &[o, l, p], [1, 1, 1])
+        self.run(Kernel::Sample, &params, &[o, l, p], [1, 1, 1])?;
+        self.run(Kernel::SampleWalk, &params, &[o, p], [1, 1, 1])
     }
 }

@@ -68,6 +68,7 @@ pub(super) enum Kernel {
     Swiglu,
     Add,
     Sample,
+    SampleWalk,
 }
 
 /// How to build one kernel: file, entry point, override constants, storage bindings (true =
@@ -105,6 +106,7 @@ const SOURCES: &[(&str, &str)] = &[
     shader!("swiglu"),
     shader!("add"),
     shader!("sample"),
+    shader!("sample_walk"),
 ];
 
 /// Sizes chosen from the device limits, shared with the host side of the kernels.
@@ -224,6 +226,12 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
             vec![("WG", t.sample_threads as f64)],
             &[false, true, false],
         ),
+        Kernel::SampleWalk => s(
+            "sample_walk",
+            "main",
+            vec![("WG", t.sample_threads as f64)],
+            RW_RO,
+        ),
     }
 }
 
@@ -236,6 +244,7 @@ fn all_kernels(shader_f16: bool) -> Vec<Kernel> {
         Kernel::Swiglu,
         Kernel::Add,
         Kernel::Sample,
+        Kernel::SampleWalk,
     ];
     for d in [Float::F32, Float::F16, Float::BF16] {
         v.extend([Kernel::Embedding(d), Kernel::MatVec(d), Kernel::MatTiled(d)]);

@@ -1,0 +1,125 @@
+//! Matmul and embedding on GGUF block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), wgpu against the
+//! CPU backend's reference decoding (src/quant_blocks.rs): every format, rows whose byte length
+//! is not a multiple of 4, the mat-vec and tiled paths, and weights bound in row chunks.
+//! Conventions as in backend_parity.rs (poisoned outputs, normalised MSE, CI must have an adapter).
+
+#![cfg(feature = "wgpu")]
+
+mod parity;
+
+use anyllama::backend::cpu::Cpu;
+use anyllama::backend::wgpu::Wgpu;
+use anyllama::backend::Backend;
+use anyllama::dtype::DType;
+use parity::*;
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+fn check_quant_embedding(
+    name: &str,
+    gpu: &Wgpu,
+    r: &mut ChaCha8Rng,
+    dtype: DType,
+    vocab: usize,
+    dim: usize,
+) {
+    let cpu = Cpu::new();
+    let bytes = quant_bytes(r, dtype, vocab, dim);
+    let ids: Vec<u32> = (0..6).map(|_| r.random_range(0..vocab as u32)).collect();
+    let n = ids.len();
+    let mut oc = poisoned(&cpu, n * dim);
+    let tc = raw_weight(&cpu, dtype, vocab, dim, &bytes);
+    cpu.embedding(&mut oc, &u32_buf(&cpu, &ids), &tc, n)
+        .unwrap();
+    let mut og = poisoned(gpu, n * dim);
+    let tg = raw_weight(gpu, dtype, vocab, dim, &bytes);
+    gpu.embedding(&mut og, &u32_buf(gpu, &ids), &tg, n).unwrap();
+    let what = format!("{name} embedding {dtype} vocab {vocab} dim {dim}");
+    assert_close(
+        &what,
+        &read_f32(&cpu, &oc, n * dim),
+        &read_f32(gpu, &og, n * dim),
+        1e-12,
+    );
+}
+
+#[test]
+fn embedding_decodes_every_block_format() {
+    let mut r = rng(11);
+    for (name, gpu) in gpus() {
+        for dtype in QUANTS {
+            for &dim in quant_widths(dtype) {
+                check_quant_embedding(name, gpu, &mut r, dtype, 50, dim);
+            }
+        }
+    }
+    if let Some(gpu) = chunked() {
+        for dtype in QUANTS {
+            let dim = if dtype.block_elems() == 256 { 256 } else { 96 };
+            check_quant_embedding("chunked", gpu, &mut r, dtype, 600, dim);
+        }
+    }
+}
+
+fn check_quant_matmul(
+    name: &str,
+    gpu: &Wgpu,
+    r: &mut ChaCha8Rng,
+    dtype: DType,
+    rows: usize,
+    n: usize,
+    k: usize,
+) {
+    let cpu = Cpu::new();
+    let x = randn(r, rows * k, 1.0);
+    let bytes = quant_bytes(r, dtype, n, k);
+    let mut oc = poisoned(&cpu, rows * n);
+    cpu.matmul(
+        &mut oc,
+        &f32_buf(&cpu, &x),
+        &raw_weight(&cpu, dtype, n, k, &bytes),
+        rows,
+    )
+    .unwrap();
+    let mut og = poisoned(gpu, rows * n);
+    gpu.matmul(
+        &mut og,
+        &f32_buf(gpu, &x),
+        &raw_weight(gpu, dtype, n, k, &bytes),
+        rows,
+    )
+    .unwrap();
+    // A handful of outputs may all be small by cancellation, which makes the normalised
+    // error of a different summation order large: bound those more loosely.
+    let tol = if rows * n < 8 { 1e-8 } else { TOL_F32 };
+    assert_close(
+        &format!("{name} matmul {dtype} rows {rows} n {n} k {k}"),
+        &read_f32(&cpu, &oc, rows * n),
+        &read_f32(gpu, &og, rows * n),
+        tol,
+    );
+}
+
+#[test]
+fn matmul_decodes_every_block_format() {
+    let mut r = rng(12);
+    for (name, gpu) in gpus() {
+        for dtype in QUANTS {
+            for rows in [1, 4, 5, 9, 33] {
+                for &k in quant_widths(dtype) {
+                    for n in [1, 49, 130] {
+                        check_quant_matmul(name, gpu, &mut r, dtype, rows, n, k);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(gpu) = chunked() {
+        for dtype in QUANTS {
+            for rows in [1, 9] {
+                let k = if dtype.block_elems() == 256 { 256 } else { 96 };
+                check_quant_matmul("chunked", gpu, &mut r, dtype, rows, 400, k);
+            }
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! Helpers of the backend parity tests: the wgpu variants under test (opened once per test
+//! binary and shared, as an application shares its device), seeded inputs, weights in every
+//! storage dtype, NaN-poisoned outputs, the normalised-MSE check, a paged-KV driver for
+//! attention, and the analysis of sampling draws near float-rounding boundaries.
+
+#![allow(dead_code)]
+
+use anyllama::backend::params::KV_BLOCK;
+use anyllama::backend::wgpu::{Wgpu, WgpuOptions};
+use anyllama::backend::{Backend, Heads, KvView, SampleOp, Weight};
+use anyllama::dtype::DType;
+use anyllama::pool::Buf;
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::OnceLock;
+
+/// Normalised MSE bounds: f32 paths differ only in summation order and transcendental ulps;
+/// an f16 KV cache adds a rounding per stored value (the conversion may round differently).
+pub const TOL_F32: f64 = 1e-10;
+pub const TOL_F16_KV: f64 = 1e-5;
+
+pub fn open(options: WgpuOptions) -> Option<Wgpu> {
+    match Wgpu::with_options(options) {
+        Ok(w) => Some(w),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("CI is set but the wgpu backend could not open an adapter: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping wgpu parity test: {e}");
+            None
+        }
+    }
+}
+
+/// The variants to test, opened once per process and shared by the tests (as an application
+/// shares its one device): default kernels, plus the portable ones where they differ.
+pub fn gpus() -> &'static [(&'static str, Wgpu)] {
+    static GPUS: OnceLock<Vec<(&'static str, Wgpu)>> = OnceLock::new();
+    GPUS.get_or_init(|| {
+        let Some(default) = open(WgpuOptions::default()) else {
+            return vec![];
+        };
+        let native = default.uses_native_f16() || default.adapter().subgroup;
+        let mut v = vec![("default", default)];
+        if native {
+            let portable = open(WgpuOptions {
+                portable: true,
+                ..Default::default()
+            })
+            .expect("the portable variant opens where the default one does");
+            v.push(("portable", portable));
+        }
+        v
+    })
+}
+
+/// Bytes bound per storage binding in the `chunked` variant.
+pub const CHUNKED_BINDING: u64 = 16384;
+
+/// A variant whose storage bindings are capped at CHUNKED_BINDING bytes, so that small weights
+/// and embedding tables take the row-chunked path of tensors over the binding limit.
+pub fn chunked() -> Option<&'static Wgpu> {
+    static CHUNKED: OnceLock<Option<Wgpu>> = OnceLock::new();
+    CHUNKED
+        .get_or_init(|| {
+            open(WgpuOptions {
+                max_storage_binding: Some(CHUNKED_BINDING),
+                ..Default::default()
+            })
+        })
+        .as_ref()
+}
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+pub fn randn(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| r.random_range(-1.0f32..1.0) * scale)
+        .collect()
+}
+
+pub fn upload<B: Backend>(b: &B, bytes: &[u8]) -> Buf<B> {
+    let mut buf = b.alloc(bytes.len().max(4)).unwrap();
+    b.upload(&mut buf, 0, bytes).unwrap();
+    buf
+}
+
+pub fn f32_buf<B: Backend>(b: &B, v: &[f32]) -> Buf<B> {
+    upload(b, bytemuck::cast_slice(v))
+}
+
+pub fn u32_buf<B: Backend>(b: &B, v: &[u32]) -> Buf<B> {
+    upload(b, bytemuck::cast_slice(v))
+}
+
+/// An output buffer of n floats, all NaN.
+pub fn poisoned<B: Backend>(b: &B, n: usize) -> Buf<B> {
+    f32_buf(b, &vec![f32::NAN; n])
+}
+
+pub fn read_f32<B: Backend>(b: &B, buf: &Buf<B>, n: usize) -> Vec<f32> {
+    let mut out = vec![0u8; n * 4];
+    b.read(buf, 0, &mut out).unwrap();
+    bytemuck::cast_slice(&out).to_vec()
+}
+
+pub fn encode(dtype: DType, v: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        _ => unreachable!(),
+    }
+}
+
+pub fn weight<B: Backend>(b: &B, dtype: DType, rows: usize, cols: usize, v: &[f32]) -> Weight<B> {
+    let bytes = encode(dtype, v);
+    let mut buf = Buf::exact(b, bytes.len()).unwrap();
+    b.upload(&mut buf, 0, &bytes).unwrap();
+    Weight {
+        buf,
+        dtype,
+        rows,
+        cols,
+    }
+}
+
+/// GGUF blocks of every kind: random bytes (every quant value and packed scale occurs) with
+/// the f16 block scales / mins set to modest finite values.
+pub fn quant_bytes(r: &mut ChaCha8Rng, dtype: DType, rows: usize, cols: usize) -> Vec<u8> {
+    let n = dtype.bytes_for(rows * cols).unwrap();
+    let mut bytes: Vec<u8> = (0..n).map(|_| r.random()).collect();
+    // (offset, low, high) of each f16 field in a block.
+    let fields: &[(usize, f32, f32)] = match dtype {
+        DType::Q8_0 | DType::Q4_0 => &[(0, -0.05, 0.05)],
+        DType::Q4_1 => &[(0, 0.001, 0.05), (2, -0.5, 0.5)],
+        DType::Q4K => &[(0, 0.001, 0.05), (2, 0.0, 0.02)],
+        DType::Q6K => &[(208, -0.05, 0.05)],
+        _ => unreachable!(),
+    };
+    for block in bytes.chunks_exact_mut(dtype.block_bytes()) {
+        for &(at, lo, hi) in fields {
+            let v = f16::from_f32(r.random_range(lo..hi));
+            block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    bytes
+}
+
+pub const QUANTS: [DType; 5] = [
+    DType::Q8_0,
+    DType::Q4_0,
+    DType::Q4_1,
+    DType::Q4K,
+    DType::Q6K,
+];
+
+pub fn raw_weight<B: Backend>(
+    b: &B,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    bytes: &[u8],
+) -> Weight<B> {
+    let mut buf = Buf::exact(b, bytes.len()).unwrap();
+    b.upload(&mut buf, 0, bytes).unwrap();
+    Weight {
+        buf,
+        dtype,
+        rows,
+        cols,
+    }
+}
+
+/// Row widths for a block format: odd block counts make rows start off 4-byte boundaries.
+pub fn quant_widths(dtype: DType) -> &'static [usize] {
+    if dtype.block_elems() == 256 {
+        &[256, 768, 1536]
+    } else {
+        &[32, 96, 576]
+    }
+}
+
+pub fn assert_close(what: &str, cpu: &[f32], gpu: &[f32], tol: f64) {
+    assert_eq!(cpu.len(), gpu.len(), "{what}: lengths");
+    if let Some(i) = gpu.iter().position(|v| v.is_nan()) {
+        panic!("{what}: NaN at {i} (cpu {})", cpu[i]);
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in cpu.iter().zip(gpu) {
+        num += (*a as f64 - *b as f64).powi(2);
+        den += (*a as f64).powi(2);
+    }
+    let nmse = num / den.max(1e-30);
+    if nmse > tol {
+        let worst = (0..cpu.len())
+            .max_by(|&i, &j| (cpu[i] - gpu[i]).abs().total_cmp(&(cpu[j] - gpu[j]).abs()))
+            .unwrap();
+        panic!(
+            "{what}: normalised MSE {nmse:.3e} > {tol:.0e}; worst at {worst}: cpu {} gpu {}",
+            cpu[worst], gpu[worst]
+        );
+    }
+}
+
+pub fn heads(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Heads {
+    Heads {
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    }
+}
+
+/// One layer's attention inputs and the schedule of (kv_append, attention) steps.
+pub struct AttnCase<'a> {
+    pub h: Heads,
+    pub kv: DType,
+    pub table: &'a [u32],
+    pub pool_blocks: usize,
+    pub steps: &'a [usize],
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+/// Drives one layer's paged cache through the case's steps, as prefill and decode do; returns
+/// every step's attention output and the final caches.
+pub fn run_attention<B: Backend>(b: &B, c: &AttnCase) -> (Vec<Vec<f32>>, Vec<u8>, Vec<u8>) {
+    let AttnCase {
+        h,
+        kv,
+        table,
+        pool_blocks,
+        steps,
+        q,
+        k,
+        v,
+    } = *c;
+    let width = h.n_kv_heads * h.head_dim;
+    let cache_bytes = pool_blocks * KV_BLOCK * width * if kv == DType::F16 { 2 } else { 4 };
+    // NaN in every slot (f16 NaN pairs or f32 NaN): a kernel that reads past the sequence fails.
+    let nan_word = if kv == DType::F16 {
+        0x7e00_7e00u32
+    } else {
+        f32::NAN.to_bits()
+    };
+    let poison = vec![nan_word; cache_bytes / 4];
+    let mut kc = Buf::exact(b, cache_bytes).unwrap();
+    let mut vc = Buf::exact(b, cache_bytes).unwrap();
+    b.upload(&mut kc, 0, bytemuck::cast_slice(&poison)).unwrap();
+    b.upload(&mut vc, 0, bytemuck::cast_slice(&poison)).unwrap();
+    let tb = u32_buf(b, table);
+    let qw = h.n_heads * h.head_dim;
+    let mut outs = vec![];
+    let mut pos0 = 0;
+    for &rows in steps {
+        let kb = f32_buf(b, &k[pos0 * width..(pos0 + rows) * width]);
+        let vb = f32_buf(b, &v[pos0 * width..(pos0 + rows) * width]);
+        b.kv_append(&mut kc, &mut vc, kv, &tb, &kb, &vb, rows, pos0, h)
+            .unwrap();
+        let qb = f32_buf(b, &q[pos0 * qw..(pos0 + rows) * qw]);
+        let mut out = poisoned(b, rows * qw);
+        let view = KvView {
+            k: &kc,
+            v: &vc,
+            table: &tb,
+            dtype: kv,
+        };
+        b.attention(&mut out, &qb, view, rows, pos0, h).unwrap();
+        outs.push(read_f32(b, &out, rows * qw));
+        pos0 += rows;
+    }
+    let mut kbytes = vec![0u8; cache_bytes];
+    let mut vbytes = vec![0u8; cache_bytes];
+    b.read(&kc, 0, &mut kbytes).unwrap();
+    b.read(&vc, 0, &mut vbytes).unwrap();
+    (outs, kbytes, vbytes)
+}
+
+pub fn cache_values(kv: DType, bytes: &[u8]) -> Vec<f32> {
+    match kv {
+        DType::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        _ => bytemuck::cast_slice(bytes).to_vec(),
+    }
+}
+
+/// The kept set of sample.rs (same f32 arithmetic, so the same set) and each kept token's
+/// probability weight.
+pub fn kept_set(logits: &[f32], s: &SampleOp) -> (Vec<bool>, Vec<f32>) {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let p: Vec<f32> = logits
+        .iter()
+        .map(|l| ((l - max) / s.temperature).exp())
+        .collect();
+    let mut keep = vec![true; logits.len()];
+    if s.top_k > 0 && s.top_k < logits.len() {
+        let mut sorted = logits.to_vec();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let kth = sorted[s.top_k - 1];
+        keep.iter_mut()
+            .zip(logits)
+            .for_each(|(k, l)| *k &= *l >= kth);
+    }
+    if s.top_p < 1.0 {
+        let mass: f32 = p
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(p, _)| p)
+            .sum();
+        let mut kept: Vec<f32> = p
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(p, _)| p / mass)
+            .collect();
+        kept.sort_by(|a, b| b.total_cmp(a));
+        let (mut acc, mut t) = (0.0, kept[kept.len() - 1]);
+        for q in kept {
+            acc += q;
+            if acc >= s.top_p {
+                t = q;
+                break;
+            }
+        }
+        keep.iter_mut()
+            .zip(&p)
+            .for_each(|(k, p)| *k &= p / mass >= t);
+    }
+    if s.min_p > 0.0 {
+        keep.iter_mut()
+            .zip(&p)
+            .for_each(|(k, p)| *k &= *p >= s.min_p);
+    }
+    (keep, p)
+}
+
+/// Whether `token` is a correct draw for the id-order walk up to float rounding: the walk
+/// target u * mass, in exact (f64) arithmetic, lies in the token's cumulative interval widened
+/// by the rounding the f32 reference itself makes (measured: its running sum against f64) plus
+/// a slack for a parallel sum. On a big flat distribution the f32 running sum drifts by more
+/// than one token's width, so two correct implementations can differ there and only there.
+pub fn walk_accepts(logits: &[f32], s: &SampleOp, token: u32) -> bool {
+    let (keep, p) = kept_set(logits, s);
+    let (mut acc32, mut acc64, mut drift) = (0f32, 0f64, 0f64);
+    let mut bounds = vec![(0f64, 0f64); logits.len()];
+    for i in 0..logits.len() {
+        if keep[i] {
+            bounds[i].0 = acc64;
+            acc32 += p[i];
+            acc64 += p[i] as f64;
+            drift = drift.max((acc32 as f64 - acc64).abs());
+            bounds[i].1 = acc64;
+        }
+    }
+    let target = s.uniform as f64 * acc64;
+    let margin = 2.0 * drift + 1e-6 * acc64;
+    let t = token as usize;
+    t < logits.len() && keep[t] && bounds[t].0 - margin <= target && target <= bounds[t].1 + margin
+}
