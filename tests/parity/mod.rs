@@ -296,56 +296,8 @@ pub fn cache_values(kv: DType, bytes: &[u8]) -> Vec<f32> {
     }
 }
 
-/// The kept set of sample.rs (same f32 arithmetic, so the same set) and each kept token's
-/// probability weight.
-pub fn kept_set(logits: &[f32], s: &SampleOp) -> (Vec<bool>, Vec<f32>) {
-    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let p: Vec<f32> = logits
-        .iter()
-        .map(|l| ((l - max) / s.temperature).exp())
-        .collect();
-    let mut keep = vec![true; logits.len()];
-    if s.top_k > 0 && s.top_k < logits.len() {
-        let mut sorted = logits.to_vec();
-        sorted.sort_by(|a, b| b.total_cmp(a));
-        let kth = sorted[s.top_k - 1];
-        keep.iter_mut()
-            .zip(logits)
-            .for_each(|(k, l)| *k &= *l >= kth);
-    }
-    if s.top_p < 1.0 {
-        let mass: f32 = p
-            .iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(p, _)| p)
-            .sum();
-        let mut kept: Vec<f32> = p
-            .iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(p, _)| p / mass)
-            .collect();
-        kept.sort_by(|a, b| b.total_cmp(a));
-        let (mut acc, mut t) = (0.0, kept[kept.len() - 1]);
-        for q in kept {
-            acc += q;
-            if acc >= s.top_p {
-                t = q;
-                break;
-            }
-        }
-        keep.iter_mut()
-            .zip(&p)
-            .for_each(|(k, p)| *k &= p / mass >= t);
-    }
-    if s.min_p > 0.0 {
-        keep.iter_mut()
-            .zip(&p)
-            .for_each(|(k, p)| *k &= *p >= s.min_p);
-    }
-    (keep, p)
-}
+/// The kept set of sample.rs and each kept token's probability weight.
+pub use anyllama::sample::kept_set;
 
 /// Whether `token` is a correct draw for the id-order walk up to float rounding: the walk
 /// target u * mass, in exact (f64) arithmetic, lies in the token's cumulative interval widened
