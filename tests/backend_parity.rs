@@ -98,40 +98,10 @@ fn rms_norm_matches() {
     }
 }
 
-fn check_matmul(
-    name: &str,
-    gpu: &Wgpu,
-    r: &mut ChaCha8Rng,
-    dtype: DType,
-    rows: usize,
-    n: usize,
-    k: usize,
-) {
-    let cpu = Cpu::new();
-    let x = randn(r, rows * k, 1.0);
-    let w = randn(r, n * k, 1.0);
-    let mut oc = poisoned(&cpu, rows * n);
-    cpu.matmul(
-        &mut oc,
-        &f32_buf(&cpu, &x),
-        &weight(&cpu, dtype, n, k, &w),
-        rows,
-    )
-    .unwrap();
-    let mut og = poisoned(gpu, rows * n);
-    gpu.matmul(
-        &mut og,
-        &f32_buf(gpu, &x),
-        &weight(gpu, dtype, n, k, &w),
-        rows,
-    )
-    .unwrap();
-    assert_close(
-        &format!("{name} matmul {dtype} rows {rows} n {n} k {k}"),
-        &read_f32(&cpu, &oc, rows * n),
-        &read_f32(gpu, &og, rows * n),
-        TOL_F32,
-    );
+/// Matmul of a random weight stored as float `dtype`.
+fn check_float_matmul(name: &str, gpu: &Wgpu, r: &mut ChaCha8Rng, dtype: DType, shape: [usize; 3]) {
+    let w = randn(r, shape[1] * shape[2], 1.0);
+    check_matmul(name, gpu, r, dtype, shape, &encode(dtype, &w));
 }
 
 #[test]
@@ -142,7 +112,7 @@ fn matmul_matches_for_every_dtype_and_path() {
             // Rows up to 8 take the mat-vec kernel, more the tiled one.
             for rows in [1, 3, 5, 8, 9, 17, 70] {
                 for (n, k) in [(576, 576), (192, 1536), (49, 50), (33, 7), (130, 68)] {
-                    check_matmul(name, gpu, &mut r, dtype, rows, n, k);
+                    check_float_matmul(name, gpu, &mut r, dtype, [rows, n, k]);
                 }
             }
         }
@@ -151,7 +121,7 @@ fn matmul_matches_for_every_dtype_and_path() {
     if let Some(gpu) = chunked() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for (rows, n, k) in [(1, 1000, 12), (3, 1200, 8), (12, 300, 64), (9, 440, 25)] {
-                check_matmul("chunked", gpu, &mut r, dtype, rows, n, k);
+                check_float_matmul("chunked", gpu, &mut r, dtype, [rows, n, k]);
             }
         }
     }

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use anyllama::backend::cpu::Cpu;
 use anyllama::backend::params::KV_BLOCK;
 use anyllama::backend::wgpu::{Wgpu, WgpuOptions};
 use anyllama::backend::{Backend, Heads, KvView, SampleOp, Weight};
@@ -321,4 +322,34 @@ pub fn walk_accepts(logits: &[f32], s: &SampleOp, token: u32) -> bool {
     let margin = 2.0 * drift + 1e-6 * acc64;
     let t = token as usize;
     t < logits.len() && keep[t] && bounds[t].0 - margin <= target && target <= bounds[t].1 + margin
+}
+
+/// out = x . w^T on the CPU and on `gpu` for a random x and the weight `bytes` (stored as
+/// `dtype`, n rows of k values), compared by normalised MSE.
+pub fn check_matmul(
+    name: &str,
+    gpu: &Wgpu,
+    r: &mut ChaCha8Rng,
+    dtype: DType,
+    shape: [usize; 3],
+    bytes: &[u8],
+) {
+    let [rows, n, k] = shape;
+    let cpu = Cpu::new();
+    let x = randn(r, rows * k, 1.0);
+    let mut oc = poisoned(&cpu, rows * n);
+    let wc = raw_weight(&cpu, dtype, n, k, bytes);
+    cpu.matmul(&mut oc, &f32_buf(&cpu, &x), &wc, rows).unwrap();
+    let mut og = poisoned(gpu, rows * n);
+    let wg = raw_weight(gpu, dtype, n, k, bytes);
+    gpu.matmul(&mut og, &f32_buf(gpu, &x), &wg, rows).unwrap();
+    // A handful of outputs may all be small by cancellation, which makes the normalised
+    // error of a different summation order large: bound those more loosely.
+    let tol = if rows * n < 8 { 1e-8 } else { TOL_F32 };
+    assert_close(
+        &format!("{name} matmul {dtype} rows {rows} n {n} k {k}"),
+        &read_f32(&cpu, &oc, rows * n),
+        &read_f32(gpu, &og, rows * n),
+        tol,
+    );
 }
