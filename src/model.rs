@@ -5,17 +5,16 @@ use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::{KvCache, Sequence};
 use crate::pool::Buf;
-use crate::rope::rope_freqs;
+use crate::rope::{rope_freqs, RopeFreqs};
 use crate::weights::Weights;
 
 pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
     pub w: Weights<B>,
-    /// RoPE inverse frequencies on the device, and the sequence length they were made for
+    /// RoPE inverse frequencies on the device, and the host copy they were uploaded from
     /// (dynamic / longrope scaling change them as the sequence grows, as HF does per call).
     inv_freq: Buf<B>,
-    attn_scale: f32,
-    rope_len: Option<usize>,
+    rope: RopeFreqs,
 }
 
 /// Activation buffers for up to `rows` tokens per forward call, reused for every call.
@@ -59,31 +58,28 @@ impl<B: Backend> Scratch<B> {
 
 impl<B: Backend> Model<B> {
     pub fn new(b: &B, cfg: ModelConfig, w: Weights<B>) -> Result<Self> {
-        let inv_freq = b.alloc(cfg.head_dim / 2 * 4)?;
-        let mut m = Model {
+        let mut inv_freq = b.alloc(cfg.head_dim / 2 * 4)?;
+        let rope = rope_freqs(&cfg, 1);
+        b.upload(&mut inv_freq, 0, bytemuck::cast_slice(&rope.inv_freq))?;
+        Ok(Model {
             cfg,
             w,
             inv_freq,
-            attn_scale: 1.0,
-            rope_len: None,
-        };
-        m.prepare_rope(b, 1)?;
-        Ok(m)
+            rope,
+        })
     }
 
     /// Uploads the RoPE frequencies for a forward call whose last position is `seq_len - 1`
-    /// (only when they depend on the length and it changed).
+    /// (uploaded only when they depend on the length and changed).
     pub fn prepare_rope(&mut self, b: &B, seq_len: usize) -> Result<()> {
-        let varies = crate::rope::varies_with_len(&self.cfg);
-        if self.rope_len.is_some() && !varies {
+        if !crate::rope::varies_with_len(&self.cfg) {
             return Ok(());
         }
         let f = rope_freqs(&self.cfg, seq_len);
-        if self.rope_len.is_none() || f.attention_scaling != self.attn_scale || varies {
+        if f != self.rope {
             b.upload(&mut self.inv_freq, 0, bytemuck::cast_slice(&f.inv_freq))?;
-            self.attn_scale = f.attention_scaling;
+            self.rope = f;
         }
-        self.rope_len = Some(seq_len);
         Ok(())
     }
 
@@ -123,7 +119,7 @@ impl<B: Backend> Model<B> {
                 rows,
                 pos0,
                 heads,
-                self.attn_scale,
+                self.rope.attention_scaling,
             )?;
             let kv_dtype = kv.dtype;
             let (kc, vc, table) = kv.layer_mut(i, seq);
