@@ -122,7 +122,7 @@ impl ModelFiles {
     /// Uploads the weights to `b`, showing a progress bar on stderr when `progress` is set (and
     /// stderr is a terminal).
     pub fn load<B: Backend>(&self, b: &B, progress: bool) -> Result<Model<B>> {
-        let total = crate::weights::load::stored_bytes(self.source.as_ref());
+        let total = self.source.total_bytes();
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(total as u64),
             if progress {

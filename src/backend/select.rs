@@ -81,8 +81,7 @@ fn auto<W: WithBackend>(_adapter: Option<usize>, work: W) -> Result<W::Output> {
 pub fn describe_devices() -> String {
     let mut s = String::new();
     #[cfg(feature = "wgpu")]
-    for (i, a) in super::wgpu::list_adapters().iter().enumerate() {
-        let _ = i;
+    for a in super::wgpu::list_adapters() {
         s += &format!("wgpu {a}\n");
     }
     s + &format!("cpu: {}\n", Cpu::new().device_name())

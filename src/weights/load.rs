@@ -275,15 +275,6 @@ impl<B: Backend> Loader<'_, B> {
     }
 }
 
-/// Total bytes of the tensors `load_weights` will upload (for progress bars and memory checks).
-pub fn stored_bytes(src: &dyn TensorSource) -> usize {
-    src.names()
-        .iter()
-        .filter_map(|n| src.get(n).ok().flatten())
-        .map(|t| t.data.len())
-        .sum()
-}
-
 /// Uploads every tensor of the model. `gguf` selects the GGUF naming; `progress` is told how
 /// many bytes each upload moved.
 pub fn load_weights<B: Backend>(

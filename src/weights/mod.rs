@@ -33,4 +33,14 @@ pub trait TensorSource {
     fn names(&self) -> Vec<String>;
     /// The tensor called `name`, or None if absent. Errors are for malformed entries.
     fn get(&self, name: &str) -> Result<Option<HostTensor<'_>>>;
+    /// Total stored bytes of every tensor (progress bars). Sources whose `get` does work
+    /// (GGUF un-permutes Q/K rows) override it with what their index already knows.
+    fn total_bytes(&self) -> usize {
+        let names = self.names();
+        names
+            .iter()
+            .filter_map(|n| self.get(n).ok().flatten())
+            .map(|t| t.data.len())
+            .sum()
+    }
 }

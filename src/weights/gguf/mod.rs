@@ -284,6 +284,10 @@ impl TensorSource for GgufFile {
         self.tensors.iter().map(|t| t.name.clone()).collect()
     }
 
+    fn total_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.n_bytes).sum()
+    }
+
     fn get(&self, name: &str) -> Result<Option<HostTensor<'_>>> {
         let Some(info) = self.tensor_info(name) else {
             return Ok(None);
