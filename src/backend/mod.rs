@@ -19,6 +19,8 @@ use crate::pool::{Buf, Pool};
 use std::sync::Arc;
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod params;
 pub mod select;
 #[cfg(feature = "wgpu")]
@@ -92,6 +94,12 @@ pub trait Backend: Sized + 'static {
     fn read(&self, src: &Buf<Self>, offset: usize, out: &mut [u8]) -> Result<()>;
     /// Waits for every enqueued op.
     fn sync(&self) -> Result<()>;
+    /// Enqueues one decode step: the ops `ops` enqueues. A backend may call `ops` more than once
+    /// (CUDA traces them, then records a graph it replays on later steps whose ops differ only
+    /// in their positions); only the ops' effects of one call take place.
+    fn decode_step(&self, ops: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        ops()
+    }
 
     // ---- inference ops ----
     /// out[t, :] = table[tokens[t], :] widened to f32, for t < n_tokens (tokens: u32).

@@ -1,0 +1,243 @@
+// attention: causal GQA attention over the paged KV cache (layout in kv_append.cu).
+// out[r, h] = softmax(q[r, h] . K[0..=pos0 + r]^T * scale) V, K/V of kv head h / group.
+//
+// attention_decode (few query rows; flash-decoding): grid (split, kv head, row). A block owns one
+// split of split_len positions and every query head of its kv head's group, so each K and V row
+// is read once for the whole group. Positions go in chunks of 128: thread t scores position t of
+// the chunk against every head (q in shared memory), one warp per head turns the scores into
+// online-softmax weights, then thread t accumulates dims t and t + 128 of every head's output.
+// The block writes its unnormalised output, running max and sum; attention_combine merges splits.
+//
+// attention_prefill (many query rows; flash-attention style): grid (query tile of 32 rows,
+// head); four threads per query row share its head_dim (dims sub, sub + 4, ...), K and V tiles
+// of 16 positions are staged in shared memory as f32, and each tile updates the online softmax
+// once (max over the tile, one rescale).
+#include "common.cuh"
+
+#define KV_BLOCK 16
+#define DEC_THREADS 128
+#define DEC_MAX_GROUP 16
+#define PRE_ROWS 32
+#define PRE_TILE 16
+
+__device__ __forceinline__ size_t kv_row(const u32* table, u32 pos, u32 kvh, u32 n_kv, u32 hd) {
+    return (((size_t)table[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK) * n_kv + kvh) * hd;
+}
+
+__device__ __forceinline__ float kv_get(const void* cache, size_t i, u32 f16) {
+    return f16 ? f16_to_f32(((const u16*)cache)[i]) : ((const float*)cache)[i];
+}
+
+// Shared memory: q [group][hd], scores [group][128], max/sum/correction [group] x 3.
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    attention_decode(float* part_o, float* part_ml, const float* q, const void* k_cache,
+                     const void* v_cache, const u32* table, AttentionParams p, u32 n_splits,
+                     const u32* pos_dev) {
+    extern __shared__ float sh[];
+    const u32 split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, t = threadIdx.x;
+    const u32 hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
+    float* qs = sh;
+    float* sc = qs + group * hd;
+    float* m = sc + group * DEC_THREADS;
+    float* l = m + group;
+    float* corr = l + group;
+    const u32 n_pos = position(pos_dev, p.pos0) + r + 1;
+    const u32 s0 = split * p.split_len, s1 = min(s0 + p.split_len, n_pos);
+    const float* qr = q + ((size_t)r * p.n_heads + kvh * group) * hd;
+    for (u32 i = t; i < group * hd; i += DEC_THREADS) qs[i] = qr[i];
+    if (t < group) {
+        m[t] = -INFINITY;
+        l[t] = 0.0f;
+    }
+    float acc[DEC_MAX_GROUP][2];
+#pragma unroll
+    for (int h = 0; h < DEC_MAX_GROUP; h++) acc[h][0] = acc[h][1] = 0.0f;
+    __syncthreads();
+    for (u32 c0 = s0; c0 < s1; c0 += DEC_THREADS) {
+        const u32 n = min(s1 - c0, (u32)DEC_THREADS);
+        // 1. scores of position c0 + t against every head of the group
+        float dot[DEC_MAX_GROUP];
+#pragma unroll
+        for (int h = 0; h < DEC_MAX_GROUP; h++) dot[h] = 0.0f;
+        if (t < n) {
+            const size_t base = kv_row(table, c0 + t, kvh, p.n_kv_heads, hd);
+            for (u32 d = 0; d < hd; d++) {
+                const float kv = kv_get(k_cache, base + d, p.kv_f16);
+#pragma unroll
+                for (int h = 0; h < DEC_MAX_GROUP; h++)
+                    if (h < group) dot[h] += qs[h * hd + d] * kv;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < DEC_MAX_GROUP; h++)
+            if (h < group) sc[h * DEC_THREADS + t] = t < n ? dot[h] * p.scale : -INFINITY;
+        __syncthreads();
+        // 2. online softmax, one warp per head
+        const u32 warp = t >> 5, lane = t & 31;
+        for (u32 h = warp; h < group; h += DEC_THREADS / 32) {
+            float* s = sc + h * DEC_THREADS;
+            float cm = -INFINITY;
+            for (u32 j = lane; j < DEC_THREADS; j += 32) cm = fmaxf(cm, s[j]);
+            cm = warp_max(cm);
+            const float m_new = fmaxf(m[h], cm);
+            float sum = 0.0f;
+            for (u32 j = lane; j < DEC_THREADS; j += 32) {
+                const float e = expf(s[j] - m_new);
+                s[j] = e;
+                sum += e;
+            }
+            sum = warp_sum(sum);
+            if (lane == 0) {
+                const float c = expf(m[h] - m_new);
+                corr[h] = c;
+                l[h] = l[h] * c + sum;
+                m[h] = m_new;
+            }
+        }
+        __syncthreads();
+        // 3. weighted sum of V, dims t and t + 128
+#pragma unroll
+        for (int h = 0; h < DEC_MAX_GROUP; h++)
+            if (h < group) {
+                acc[h][0] *= corr[h];
+                acc[h][1] *= corr[h];
+            }
+        for (u32 j = 0; j < n; j++) {
+            const size_t base = kv_row(table, c0 + j, kvh, p.n_kv_heads, hd);
+#pragma unroll
+            for (int x = 0; x < 2; x++) {
+                const u32 d = t + x * DEC_THREADS;
+                if (d < hd) {
+                    const float v = kv_get(v_cache, base + d, p.kv_f16);
+#pragma unroll
+                    for (int h = 0; h < DEC_MAX_GROUP; h++)
+                        if (h < group) acc[h][x] += sc[h * DEC_THREADS + j] * v;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    for (u32 h = 0; h < group; h++) {
+        const size_t row = ((size_t)r * p.n_heads + kvh * group + h) * n_splits + split;
+#pragma unroll
+        for (int x = 0; x < 2; x++) {
+            const u32 d = t + x * DEC_THREADS;
+            if (d < hd) part_o[row * hd + d] = acc[h][x];
+        }
+        if (t == 0) {
+            part_ml[2 * row] = m[h];
+            part_ml[2 * row + 1] = l[h];
+        }
+    }
+}
+
+// Merges the splits of (row, head) = (blockIdx.y, blockIdx.x): rescale each split's output by
+// exp(m_split - m), divide by the rescaled sum of l. Empty splits have m = -inf, l = 0.
+extern "C" __global__ void attention_combine(float* out, const float* part_o,
+                                             const float* part_ml, AttentionParams p,
+                                             u32 n_splits) {
+    const u32 head = blockIdx.x, r = blockIdx.y, hd = p.head_dim;
+    const size_t row = (size_t)r * p.n_heads + head;
+    const float* ml = part_ml + 2 * row * n_splits;
+    float mx = -INFINITY;
+    for (u32 s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);
+    float total = 0.0f;
+    for (u32 s = 0; s < n_splits; s++)
+        if (ml[2 * s + 1] > 0.0f) total += ml[2 * s + 1] * expf(ml[2 * s] - mx);
+    for (u32 d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (u32 s = 0; s < n_splits; s++)
+            if (ml[2 * s + 1] > 0.0f)
+                o += part_o[(row * n_splits + s) * hd + d] * expf(ml[2 * s] - mx);
+        out[row * hd + d] = o / total;
+    }
+}
+
+// HPT: dims per thread (head_dim <= 4 * HPT). Shared memory: K and V tiles [16][head_dim] f32.
+template <int HPT>
+__device__ void attention_prefill(float* out, const float* q, const void* k_cache,
+                                  const void* v_cache, const u32* table, AttentionParams p) {
+    extern __shared__ float sh[];
+    const u32 hd = p.head_dim, t = threadIdx.x, sub = t & 3;
+    const u32 head = blockIdx.y, kvh = head / (p.n_heads / p.n_kv_heads);
+    const u32 r0 = blockIdx.x * PRE_ROWS;
+    const u32 r = min(r0 + t / 4, p.rows - 1);
+    const u32 qpos = p.pos0 + r;
+    const u32 last = p.pos0 + min(r0 + PRE_ROWS, p.rows) - 1;
+    float* ks = sh;
+    float* vs = sh + PRE_TILE * hd;
+    float qv[HPT], acc[HPT];
+    const float* qr = q + ((size_t)r * p.n_heads + head) * hd;
+#pragma unroll
+    for (int j = 0; j < HPT; j++) {
+        const u32 d = j * 4 + sub;
+        qv[j] = d < hd ? qr[d] * p.scale : 0.0f;
+        acc[j] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (u32 p0 = 0; p0 <= last; p0 += PRE_TILE) {
+        const u32 n = min(last + 1 - p0, (u32)PRE_TILE);
+        __syncthreads();
+        for (u32 i = t; i < n * hd; i += blockDim.x) {
+            const u32 j = i / hd, d = i % hd;
+            const size_t at = kv_row(table, p0 + j, kvh, p.n_kv_heads, hd) + d;
+            ks[i] = kv_get(k_cache, at, p.kv_f16);
+            vs[i] = kv_get(v_cache, at, p.kv_f16);
+        }
+        __syncthreads();
+        float s[PRE_TILE];
+        float tm = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < PRE_TILE; j++) {
+            float dot = 0.0f;
+            if (j < n) {
+#pragma unroll
+                for (int x = 0; x < HPT; x++) {
+                    const u32 d = x * 4 + sub;
+                    if (d < hd) dot += qv[x] * ks[j * hd + d];
+                }
+            }
+            dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+            dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+            s[j] = (j < n && p0 + j <= qpos) ? dot : -INFINITY;
+            tm = fmaxf(tm, s[j]);
+        }
+        if (tm == -INFINITY) continue;
+        const float m_new = fmaxf(m, tm);
+        const float c = expf(m - m_new);
+        l *= c;
+#pragma unroll
+        for (int x = 0; x < HPT; x++) acc[x] *= c;
+#pragma unroll
+        for (int j = 0; j < PRE_TILE; j++) {
+            if (s[j] == -INFINITY) continue;
+            const float e = expf(s[j] - m_new);
+            l += e;
+#pragma unroll
+            for (int x = 0; x < HPT; x++) {
+                const u32 d = x * 4 + sub;
+                if (d < hd) acc[x] += e * vs[j * hd + d];
+            }
+        }
+        m = m_new;
+    }
+    if (r0 + t / 4 < p.rows) {
+        float* o = out + ((size_t)r * p.n_heads + head) * hd;
+#pragma unroll
+        for (int x = 0; x < HPT; x++) {
+            const u32 d = x * 4 + sub;
+            if (d < hd) o[d] = acc[x] / l;
+        }
+    }
+}
+
+#define PREFILL(HPT)                                                                          \
+    extern "C" __global__ void __launch_bounds__(PRE_ROWS * 4) attention_prefill_##HPT(        \
+        float* out, const float* q, const void* k_cache, const void* v_cache,                 \
+        const u32* table, AttentionParams p) {                                                \
+        attention_prefill<HPT>(out, q, k_cache, v_cache, table, p);                           \
+    }
+
+PREFILL(16)
+PREFILL(32)
+PREFILL(64)

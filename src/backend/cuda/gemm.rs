@@ -1,0 +1,250 @@
+//! Prefill GEMMs on cuBLAS. Row-major out[rows, n] = x[rows, k] . w[n, k]^T is, in cuBLAS's
+//! column-major terms, C (n x rows) = W^T-as-stored (op T on a k x n matrix) times X (k x rows).
+//! Exact path: f32 weights as they are, others widened to f32 (SGEMM, no TF32), matching the
+//! CPU reference to f32 rounding. Tensor-core path: f16/bf16 weights as they are (quantized ones
+//! widened to f16), activations rounded to the same type, f32 accumulate and output.
+//! Widened weights go through a scratch matrix in row chunks of at most GEMM_SCRATCH bytes.
+
+use super::launch::{arg, Scratch};
+use super::Cuda;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use cudarc::cublas::{result as blas, sys as bsys};
+use cudarc::driver::CudaStream;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Most bytes of widened weights staged at once.
+const GEMM_SCRATCH: usize = 256 << 20;
+
+pub struct Blas {
+    handle: bsys::cublasHandle_t,
+}
+
+// The handle is only used from calls that hold &Cuda, in order on one stream.
+unsafe impl Send for Blas {}
+unsafe impl Sync for Blas {}
+
+impl Blas {
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Blas> {
+        let e = |e: blas::CublasError| Error::Device(format!("cuBLAS: {e:?}"));
+        let handle = blas::create_handle().map_err(e)?;
+        unsafe {
+            blas::set_stream(handle, stream.cu_stream() as _).map_err(e)?;
+            // Default math: SGEMM stays f32 (TF32 only with CUBLAS_TF32_TENSOR_OP_MATH), f16/bf16
+            // GEMMs use tensor cores.
+            let r = bsys::cublasSetMathMode(handle, bsys::cublasMath_t::CUBLAS_DEFAULT_MATH);
+            if r != bsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(Error::Device(format!("cuBLAS math mode: {r:?}")));
+            }
+        }
+        Ok(Blas { handle })
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        unsafe {
+            let _ = blas::destroy_handle(self.handle);
+        }
+    }
+}
+
+/// Stem suffix of a weight dtype in matmul.cu's kernel names.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::Q8_0 => "q8_0",
+        DType::Q4_0 => "q4_0",
+        DType::Q4_1 => "q4_1",
+        DType::Q4K => "q4k",
+        DType::Q6K => "q6k",
+    }
+}
+
+macro_rules! widen_kernel {
+    ($d:expr, $out:literal) => {
+        match $d {
+            DType::F32 => concat!("widen_f32_", $out),
+            DType::F16 => concat!("widen_f16_", $out),
+            DType::BF16 => concat!("widen_bf16_", $out),
+            DType::Q8_0 => concat!("widen_q8_0_", $out),
+            DType::Q4_0 => concat!("widen_q4_0_", $out),
+            DType::Q4_1 => concat!("widen_q4_1_", $out),
+            DType::Q4K => concat!("widen_q4k_", $out),
+            DType::Q6K => concat!("widen_q6k_", $out),
+        }
+    };
+}
+
+/// The GEMM's element type.
+#[derive(Clone, Copy, PartialEq)]
+enum Elem {
+    F32,
+    F16,
+    BF16,
+}
+
+impl Cuda {
+    /// out[rows, n] = x[rows, k] . w^T on cuBLAS; `w` is `row_bytes` per row in `dtype`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        &self,
+        out: u64,
+        x: u64,
+        w: u64,
+        dtype: DType,
+        rows: usize,
+        n: usize,
+        k: usize,
+        row_bytes: usize,
+    ) -> Result<()> {
+        if self.graphs.recording() {
+            self.graphs.not_graphable();
+            return Ok(());
+        }
+        let elem = match dtype {
+            DType::F32 => Elem::F32,
+            _ if self.exact => Elem::F32,
+            DType::BF16 => Elem::BF16,
+            _ => Elem::F16,
+        };
+        let widen = dtype != DType::F32
+            && !(elem == Elem::F16 && dtype == DType::F16)
+            && !(elem == Elem::BF16 && dtype == DType::BF16);
+        let esize = if elem == Elem::F32 { 4 } else { 2 };
+        if widen && k % 8 != 0 {
+            return Err(Error::Device(format!(
+                "matmul: rows of {k} values cannot be widened in octets"
+            )));
+        }
+        // Activations in the GEMM's type.
+        let xg = match elem {
+            Elem::F32 => x,
+            _ => {
+                let buf = self.scratch(Scratch::GemmX, rows * k * 2)?;
+                let name = if elem == Elem::F16 {
+                    "round_x_f16"
+                } else {
+                    "round_x_bf16"
+                };
+                let count = (rows * k) as u32;
+                self.launch_1d(
+                    "matmul",
+                    name,
+                    rows * k,
+                    256,
+                    &[arg(&buf), arg(&x), arg(&count)],
+                )?;
+                buf
+            }
+        };
+        let chunk = if widen {
+            (GEMM_SCRATCH / (k * esize)).clamp(1, n)
+        } else {
+            n
+        };
+        let mut n0 = 0;
+        while n0 < n {
+            let nc = chunk.min(n - n0);
+            let wc = w + (n0 * row_bytes) as u64;
+            let wg = if widen {
+                let buf = self.scratch(Scratch::GemmW, nc * k * esize)?;
+                let name = if elem == Elem::F32 {
+                    widen_kernel!(dtype, "f32")
+                } else {
+                    widen_kernel!(dtype, "f16")
+                };
+                let (nn, kk) = (nc as u32, k as u32);
+                self.launch_1d(
+                    "matmul",
+                    name,
+                    nc * k / 8,
+                    256,
+                    &[arg(&buf), arg(&wc), arg(&nn), arg(&kk)],
+                )?;
+                buf
+            } else {
+                wc
+            };
+            self.blas_gemm(out + (n0 * 4) as u64, xg, wg, elem, rows, nc, k, n)?;
+            n0 += nc;
+        }
+        Ok(())
+    }
+
+    /// C[rows, ldc] (columns 0..n) = X[rows, k] . W[n, k]^T, raw cuBLAS call.
+    #[allow(clippy::too_many_arguments)]
+    fn blas_gemm(
+        &self,
+        out: u64,
+        x: u64,
+        w: u64,
+        elem: Elem,
+        rows: usize,
+        n: usize,
+        k: usize,
+        ldc: usize,
+    ) -> Result<()> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let too_big = |v: usize| i32::try_from(v).is_err();
+        if too_big(rows) || too_big(n) || too_big(k) || too_big(ldc) {
+            return Err(Error::Device("matmul: GEMM dimensions past i32".into()));
+        }
+        let e = |e: blas::CublasError| Error::Device(format!("cuBLAS GEMM: {e:?}"));
+        let t = bsys::cublasOperation_t::CUBLAS_OP_T;
+        let nn = bsys::cublasOperation_t::CUBLAS_OP_N;
+        unsafe {
+            match elem {
+                Elem::F32 => blas::sgemm(
+                    self.blas.handle,
+                    t,
+                    nn,
+                    n as i32,
+                    rows as i32,
+                    k as i32,
+                    &alpha,
+                    w as *const f32,
+                    k as i32,
+                    x as *const f32,
+                    k as i32,
+                    &beta,
+                    out as *mut f32,
+                    ldc as i32,
+                )
+                .map_err(e),
+                Elem::F16 | Elem::BF16 => {
+                    let ty = if elem == Elem::F16 {
+                        bsys::cudaDataType::CUDA_R_16F
+                    } else {
+                        bsys::cudaDataType::CUDA_R_16BF
+                    };
+                    blas::gemm_ex(
+                        self.blas.handle,
+                        t,
+                        nn,
+                        n as i32,
+                        rows as i32,
+                        k as i32,
+                        &alpha as *const f32 as *const c_void,
+                        w as *const c_void,
+                        ty,
+                        k as i32,
+                        x as *const c_void,
+                        ty,
+                        k as i32,
+                        &beta as *const f32 as *const c_void,
+                        out as *mut c_void,
+                        bsys::cudaDataType::CUDA_R_32F,
+                        ldc as i32,
+                        bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                    .map_err(e)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The CUDA backend: the same `Backend` ops as wgpu, as NVRTC-compiled kernels
+//! (shaders/cuda/<op>.cu, same stems as shaders/wgsl/) on one cudarc stream, with cuBLAS for
+//! prefill GEMMs and CUDA graphs for decode steps. cudarc loads libcuda, libnvrtc and libcublas
+//! at run time, so the crate builds without the CUDA toolkit; `Cuda::new` checks the libraries
+//! are there before touching them (cudarc panics on a missing library) and returns an error.
+//!
+//! Files: kernels.rs (NVRTC compile + disk cache), launch.rs (device pointers, launches,
+//! scratch buffers), gemm.rs (cuBLAS), graph.rs (decode-step capture and replay), ops.rs (the
+//! `Backend` impl: sizes, checks, launch shapes).
+
+mod gemm;
+mod graph;
+mod kernels;
+mod launch;
+mod ops;
+
+pub use kernels::{compile, SOURCES};
+pub use launch::DevBuf;
+
+use crate::error::{Error, Result};
+use crate::pool::Pool;
+use cudarc::driver::{CudaContext, CudaStream};
+use std::sync::Arc;
+
+/// How to open the backend.
+#[derive(Clone, Debug, Default)]
+pub struct CudaOptions {
+    /// CUDA device ordinal (0 when None).
+    pub device: Option<usize>,
+    /// Prefill GEMMs in f32 from weights widened exactly (as the CPU reference computes) instead
+    /// of on tensor cores with activations rounded to the weights' f16/bf16. Tests use it for
+    /// exact parity; `ANYLLAMA_CUDA_EXACT=1` sets it for `Cuda::new`.
+    pub exact: bool,
+    /// Never record decode steps as CUDA graphs (`ANYLLAMA_CUDA_GRAPHS=0` for `Cuda::new`).
+    pub no_graphs: bool,
+}
+
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    kernels: kernels::Kernels,
+    blas: gemm::Blas,
+    scratch: launch::ScratchBufs,
+    graphs: graph::Graphs,
+    pool: Arc<Pool<Cuda>>,
+    name: String,
+    arch: String,
+    exact: bool,
+}
+
+/// Why CUDA cannot be used here, or None when the driver library is present and sees a device.
+pub fn unavailable_reason() -> Option<String> {
+    // cudarc panics inside its loaders when a library is missing: ask first.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some("no CUDA driver (libcuda) found".into());
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("the CUDA driver sees no device".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("the CUDA driver failed to start: {e}")),
+    }
+}
+
+fn flag(name: &str) -> Option<bool> {
+    std::env::var(name).ok().map(|v| v != "0" && !v.is_empty())
+}
+
+impl Cuda {
+    /// Opens device `device` (0 when None); options from the environment (see CudaOptions).
+    pub fn new(device: Option<usize>) -> Result<Cuda> {
+        Cuda::with_options(CudaOptions {
+            device,
+            exact: flag("ANYLLAMA_CUDA_EXACT").unwrap_or(false),
+            no_graphs: !flag("ANYLLAMA_CUDA_GRAPHS").unwrap_or(true),
+        })
+    }
+
+    pub fn with_options(o: CudaOptions) -> Result<Cuda> {
+        if let Some(why) = unavailable_reason() {
+            return Err(Error::Device(why));
+        }
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "CUDA driver found but not NVRTC (libnvrtc), which compiles the kernels".into(),
+            ));
+        }
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Device(
+                "CUDA driver found but not cuBLAS (libcublas)".into(),
+            ));
+        }
+        let dev = |e: cudarc::driver::DriverError| Error::Device(format!("CUDA: {e}"));
+        let ordinal = o.device.unwrap_or(0);
+        let ctx = CudaContext::new(ordinal).map_err(dev)?;
+        // One in-order stream: the Backend contract needs no cross-stream events.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (major, minor) = ctx.compute_capability().map_err(dev)?;
+        let arch = format!("sm_{major}{minor}");
+        let name = ctx.name().map_err(dev)?;
+        let kernels = kernels::Kernels::load(&ctx, &arch)?;
+        let blas = gemm::Blas::new(&stream)?;
+        Ok(Cuda {
+            scratch: launch::ScratchBufs::default(),
+            graphs: graph::Graphs::new(!o.no_graphs),
+            pool: Arc::new(Pool::default()),
+            ctx,
+            stream,
+            kernels,
+            blas,
+            name,
+            arch,
+            exact: o.exact,
+        })
+    }
+
+    /// Compute capability as NVRTC names it ("sm_90").
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| Error::Device(format!("CUDA: {e}")))
+    }
+}

@@ -1,0 +1,577 @@
+//! `Backend` for CUDA: checks each op's sizes against its buffers (a bad size is an error here,
+//! not an out-of-bounds access on the device), fills the kernel's params block (the structs of
+//! src/backend/params.rs, mirrored in shaders/cuda/common.cuh) and picks the launch shape.
+
+use super::gemm::dtype_name;
+use super::graph::POS_BUCKET;
+use super::launch::{arg, cuda_err, DevBuf, Scratch};
+use super::Cuda;
+use crate::backend::params::*;
+use crate::backend::{Backend, Heads, KvView, SampleOp, Weight};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::pool::{Buf, Pool};
+use cudarc::driver::result;
+use std::sync::Arc;
+
+/// Threads per block of the one-thread-per-element kernels.
+const BLOCK: u32 = 256;
+/// Up to this many rows, matmul runs the mat-vec kernel (4 rows per pass over the weights).
+const MATVEC_MAX_ROWS: usize = 8;
+/// Up to this many query rows, attention runs the split-KV decode kernel.
+const DECODE_MAX_ROWS: usize = 4;
+/// attention.cu limits: query heads per kv head in the decode kernel, head_dim overall.
+const DECODE_MAX_GROUP: usize = 16;
+const HEAD_DIM_MAX: usize = 256;
+/// Blocks the split-KV decode kernel aims for, so that one query row fills the GPU.
+const DECODE_TARGET_BLOCKS: usize = 264;
+
+fn dev(msg: String) -> Error {
+    Error::Device(msg)
+}
+
+fn u32_of(v: usize, what: &str, op: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| dev(format!("{op}: {what} {v} does not fit the kernel's u32")))
+}
+
+fn row_bytes(dtype: DType, cols: usize, op: &str) -> Result<usize> {
+    dtype.bytes_for(cols).ok_or_else(|| {
+        dev(format!(
+            "{op}: rows of {cols} values are not a whole number of {dtype} blocks ({} values)",
+            dtype.block_elems()
+        ))
+    })
+}
+
+fn kv_is_f16(dtype: DType, op: &str) -> Result<u32> {
+    match dtype {
+        DType::F16 => Ok(1),
+        DType::F32 => Ok(0),
+        other => Err(dev(format!(
+            "{op}: KV cache dtype {other} (f16 or f32 only)"
+        ))),
+    }
+}
+
+fn check_heads(h: Heads, op: &str) -> Result<()> {
+    if h.n_heads == 0 || h.n_kv_heads == 0 || h.n_heads % h.n_kv_heads != 0 {
+        return Err(dev(format!(
+            "{op}: {} query heads do not split into groups over {} kv heads",
+            h.n_heads, h.n_kv_heads
+        )));
+    }
+    if h.head_dim == 0 || h.head_dim % 2 != 0 || h.head_dim > HEAD_DIM_MAX {
+        return Err(dev(format!(
+            "{op}: head_dim {} (must be even and at most {HEAD_DIM_MAX})",
+            h.head_dim
+        )));
+    }
+    Ok(())
+}
+
+macro_rules! by_dtype {
+    ($prefix:literal, $d:expr) => {
+        match $d {
+            DType::F32 => concat!($prefix, "f32"),
+            DType::F16 => concat!($prefix, "f16"),
+            DType::BF16 => concat!($prefix, "bf16"),
+            DType::Q8_0 => concat!($prefix, "q8_0"),
+            DType::Q4_0 => concat!($prefix, "q4_0"),
+            DType::Q4_1 => concat!($prefix, "q4_1"),
+            DType::Q4K => concat!($prefix, "q4k"),
+            DType::Q6K => concat!($prefix, "q6k"),
+        }
+    };
+}
+
+impl Cuda {
+    pub(super) fn upload_raw(&self, dst: u64, data: &[u8]) -> Result<()> {
+        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+            .map_err(cuda_err("upload"))
+    }
+
+    /// Enqueue-time checks for ops that cannot be recorded into a decode-step graph.
+    fn outside_step(&self) -> bool {
+        if self.graphs.recording() {
+            self.graphs.not_graphable();
+            return false;
+        }
+        true
+    }
+
+    /// Splits of the decode kernel for `n_pos` positions (a bucket's end while recording).
+    fn decode_splits(&self, n_pos: usize, blocks_per_split: usize) -> (usize, usize) {
+        let want = DECODE_TARGET_BLOCKS.div_ceil(blocks_per_split.max(1));
+        let most = n_pos.div_ceil(64).max(1);
+        let splits = want.clamp(1, most);
+        let split_len = n_pos.div_ceil(splits).next_multiple_of(64);
+        (n_pos.div_ceil(split_len).max(1), split_len)
+    }
+}
+
+impl Backend for Cuda {
+    type Raw = DevBuf;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn device_name(&self) -> String {
+        let mut v = 0;
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        format!(
+            "{} ({}, CUDA driver {}.{})",
+            self.name,
+            self.arch,
+            v / 1000,
+            (v % 1000) / 10
+        )
+    }
+
+    fn alloc_raw(&self, bytes: usize) -> Result<DevBuf> {
+        match self.alloc_dev(bytes) {
+            Ok(b) => Ok(b),
+            Err(_) => {
+                // Pooled free buffers may hold what is needed: free them, retry.
+                self.pool.trim();
+                self.sync()?;
+                self.alloc_dev(bytes)
+            }
+        }
+    }
+
+    fn pool(&self) -> &Arc<Pool<Self>> {
+        &self.pool
+    }
+
+    fn decode_step(&self, ops: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.run_step(ops)
+    }
+
+    fn upload(&self, dst: &mut Buf<Self>, offset: usize, data: &[u8]) -> Result<()> {
+        let end = offset.checked_add(data.len()).unwrap_or(usize::MAX);
+        let d = self.ptr(dst, end, "dst", "upload")?;
+        if !self.outside_step() || data.is_empty() {
+            return Ok(());
+        }
+        self.upload_raw(d + offset as u64, data)
+    }
+
+    fn copy(
+        &self,
+        dst: &mut Buf<Self>,
+        dst_offset: usize,
+        src: &Buf<Self>,
+        src_offset: usize,
+        bytes: usize,
+    ) -> Result<()> {
+        let d = self.ptr(dst, dst_offset.saturating_add(bytes), "dst", "copy")?;
+        let s = self.ptr(src, src_offset.saturating_add(bytes), "src", "copy")?;
+        if !self.outside_step() || bytes == 0 {
+            return Ok(());
+        }
+        unsafe {
+            result::memcpy_dtod_async(
+                d + dst_offset as u64,
+                s + src_offset as u64,
+                bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(cuda_err("copy"))
+    }
+
+    fn read(&self, src: &Buf<Self>, offset: usize, out: &mut [u8]) -> Result<()> {
+        let s = self.ptr(src, offset.saturating_add(out.len()), "src", "read")?;
+        if !self.outside_step() {
+            return Ok(());
+        }
+        if !out.is_empty() {
+            unsafe { result::memcpy_dtoh_async(out, s + offset as u64, self.stream.cu_stream()) }
+                .map_err(cuda_err("read"))?;
+        }
+        self.sync()
+    }
+
+    fn sync(&self) -> Result<()> {
+        if !self.outside_step() {
+            return Ok(());
+        }
+        self.stream.synchronize().map_err(|e| {
+            dev(format!(
+                "CUDA (a kernel failed or the device was lost): {e}"
+            ))
+        })
+    }
+
+    fn embedding(
+        &self,
+        out: &mut Buf<Self>,
+        tokens: &Buf<Self>,
+        table: &Weight<Self>,
+        n_tokens: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding";
+        let dim = table.cols;
+        let rb = row_bytes(table.dtype, dim, OP)?;
+        let w = self.ptr(&table.buf, table.rows * rb, "the table", OP)?;
+        let o = self.ptr(out, n_tokens * dim * 4, "out", OP)?;
+        let t = self.ptr(tokens, n_tokens * 4, "tokens", OP)?;
+        let per_row = if table.dtype.block_elems() > 1 || dim % 8 == 0 {
+            dim / 8
+        } else {
+            dim
+        };
+        let p = EmbeddingParams {
+            n_tokens: u32_of(n_tokens, "n_tokens", OP)?,
+            dim: u32_of(dim, "dim", OP)?,
+            row0: 0,
+            chunk_rows: u32_of(table.rows, "rows", OP)?,
+            vocab: u32_of(table.rows, "rows", OP)?,
+            _pad: [0; 3],
+        };
+        let name = by_dtype!("embedding_", table.dtype);
+        self.launch_1d(
+            "embedding",
+            name,
+            n_tokens * per_row,
+            BLOCK,
+            &[arg(&o), arg(&t), arg(&w), arg(&p)],
+        )
+    }
+
+    fn rms_norm(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Buf<Self>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "rms_norm";
+        let o = self.ptr(out, rows * dim * 4, "out", OP)?;
+        let xp = self.ptr(x, rows * dim * 4, "x", OP)?;
+        let wp = self.ptr(w, dim * 4, "w", OP)?;
+        let p = RmsNormParams {
+            rows: u32_of(rows, "rows", OP)?,
+            dim: u32_of(dim, "dim", OP)?,
+            eps,
+            _pad: 0,
+        };
+        let block = (dim / 4).next_power_of_two().clamp(32, 1024) as u32;
+        let f = self.kernels.get("rms_norm", "rms_norm")?;
+        self.launch(
+            &f,
+            (p.rows, 1, 1),
+            block,
+            0,
+            &[arg(&o), arg(&xp), arg(&wp), arg(&p)],
+        )
+    }
+
+    fn matmul(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+    ) -> Result<()> {
+        const OP: &str = "matmul";
+        let (n, k) = (w.rows, w.cols);
+        let rb = row_bytes(w.dtype, k, OP)?;
+        let wp = self.ptr(&w.buf, n * rb, "the weights", OP)?;
+        let o = self.ptr(out, rows * n * 4, "out", OP)?;
+        let xp = self.ptr(x, rows * k * 4, "x", OP)?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        if rows > MATVEC_MAX_ROWS {
+            return self.gemm(o, xp, wp, w.dtype, rows, n, k, rb);
+        }
+        let p = MatmulParams {
+            rows: u32_of(rows, "rows", OP)?,
+            n: u32_of(n, "n", OP)?,
+            k: u32_of(k, "k", OP)?,
+            out_stride: u32_of(n, "n", OP)?,
+            col0: 0,
+            _pad: [0; 3],
+        };
+        let f = self.kernels.get("matmul", by_dtype!("matvec_", w.dtype))?;
+        let grid = (u32_of(n.div_ceil(8), "n", OP)?, rows.div_ceil(4) as u32, 1);
+        let _ = dtype_name;
+        self.launch(&f, grid, 256, 0, &[arg(&o), arg(&xp), arg(&wp), arg(&p)])
+    }
+
+    fn add_bias(&self, x: &mut Buf<Self>, bias: &Buf<Self>, rows: usize, n: usize) -> Result<()> {
+        const OP: &str = "add_bias";
+        let xp = self.ptr(x, rows * n * 4, "x", OP)?;
+        let b = self.ptr(bias, n * 4, "bias", OP)?;
+        let p = AddBiasParams {
+            rows: u32_of(rows, "rows", OP)?,
+            n: u32_of(n, "n", OP)?,
+            _pad: [0; 2],
+        };
+        self.launch_1d(
+            "add_bias",
+            "add_bias",
+            rows * n,
+            BLOCK,
+            &[arg(&xp), arg(&b), arg(&p)],
+        )
+    }
+
+    fn rope(
+        &self,
+        q: &mut Buf<Self>,
+        k: &mut Buf<Self>,
+        inv_freq: &Buf<Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+        attn_scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "rope";
+        check_heads(h, OP)?;
+        let qp = self.ptr(q, rows * h.n_heads * h.head_dim * 4, "q", OP)?;
+        let kp = self.ptr(k, rows * h.n_kv_heads * h.head_dim * 4, "k", OP)?;
+        let f = self.ptr(inv_freq, h.head_dim / 2 * 4, "inv_freq", OP)?;
+        let (pos, pos_dev) = self.step_pos(pos0)?;
+        let p = RopeParams {
+            rows: u32_of(rows, "rows", OP)?,
+            n_heads: h.n_heads as u32,
+            n_kv_heads: h.n_kv_heads as u32,
+            head_dim: h.head_dim as u32,
+            pos0: pos,
+            attn_scale,
+            _pad: [0; 2],
+        };
+        let threads = rows * (h.n_heads + h.n_kv_heads) * h.head_dim / 2;
+        self.launch_1d(
+            "rope",
+            "rope",
+            threads,
+            BLOCK,
+            &[arg(&qp), arg(&kp), arg(&f), arg(&p), arg(&pos_dev)],
+        )
+    }
+
+    fn kv_append(
+        &self,
+        k_cache: &mut Buf<Self>,
+        v_cache: &mut Buf<Self>,
+        kv_dtype: DType,
+        table: &Buf<Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+    ) -> Result<()> {
+        const OP: &str = "kv_append";
+        check_heads(h, OP)?;
+        let f16 = kv_is_f16(kv_dtype, OP)?;
+        let width = h.n_kv_heads * h.head_dim;
+        let end = pos0 + rows;
+        let blocks = end.div_ceil(KV_BLOCK);
+        let t = self.ptr(table, blocks * 4, "the block table", OP)?;
+        // Every block id the table may hold must address inside the cache.
+        let block_bytes = KV_BLOCK * width * if f16 == 1 { 2 } else { 4 };
+        let kc = self.ptr(k_cache, block_bytes, "the K cache", OP)?;
+        let vc = self.ptr(v_cache, block_bytes, "the V cache", OP)?;
+        let kp = self.ptr(k, rows * width * 4, "k", OP)?;
+        let vp = self.ptr(v, rows * width * 4, "v", OP)?;
+        let (pos, pos_dev) = self.step_pos(pos0)?;
+        let p = KvAppendParams {
+            rows: u32_of(rows, "rows", OP)?,
+            n_kv_heads: h.n_kv_heads as u32,
+            head_dim: h.head_dim as u32,
+            pos0: pos,
+            kv_f16: f16,
+            _pad: [0; 3],
+        };
+        self.launch_1d(
+            "kv_append",
+            "kv_append",
+            rows * width,
+            BLOCK,
+            &[
+                arg(&kc),
+                arg(&vc),
+                arg(&t),
+                arg(&kp),
+                arg(&vp),
+                arg(&p),
+                arg(&pos_dev),
+            ],
+        )
+    }
+
+    fn attention(
+        &self,
+        out: &mut Buf<Self>,
+        q: &Buf<Self>,
+        kv: KvView<'_, Self>,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+    ) -> Result<()> {
+        const OP: &str = "attention";
+        check_heads(h, OP)?;
+        let f16 = kv_is_f16(kv.dtype, OP)?;
+        let width = h.n_heads * h.head_dim;
+        let o = self.ptr(out, rows * width * 4, "out", OP)?;
+        let qp = self.ptr(q, rows * width * 4, "q", OP)?;
+        let n_pos = pos0 + rows;
+        let t = self.ptr(
+            kv.table,
+            n_pos.div_ceil(KV_BLOCK) * 4,
+            "the block table",
+            OP,
+        )?;
+        let kc = kv.k.raw().ptr;
+        let vc = kv.v.raw().ptr;
+        let group = h.n_heads / h.n_kv_heads;
+        let mut p = AttentionParams {
+            rows: u32_of(rows, "rows", OP)?,
+            n_heads: h.n_heads as u32,
+            n_kv_heads: h.n_kv_heads as u32,
+            head_dim: h.head_dim as u32,
+            pos0: u32_of(pos0, "pos0", OP)?,
+            kv_f16: f16,
+            scale: 1.0 / (h.head_dim as f32).sqrt(),
+            split_len: 0,
+        };
+        if rows <= DECODE_MAX_ROWS && group <= DECODE_MAX_GROUP {
+            let recording = self.graphs.recording();
+            let (pos, pos_dev) = self.step_pos(pos0)?;
+            p.pos0 = pos;
+            // While recording, size the splits for the end of the position bucket.
+            let n_ref = if recording {
+                n_pos.next_multiple_of(POS_BUCKET)
+            } else {
+                n_pos
+            };
+            let (splits, split_len) = self.decode_splits(n_ref, h.n_kv_heads * rows);
+            p.split_len = split_len as u32;
+            let n_splits = splits as u32;
+            let parts = rows * h.n_heads * splits;
+            let po = self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?;
+            let pml = self.scratch(Scratch::AttnMl, parts * 2 * 4)?;
+            let shared = ((group * h.head_dim + group * 128 + 3 * group) * 4) as u32;
+            let f = self.kernels.get("attention", "attention_decode")?;
+            self.launch(
+                &f,
+                (n_splits, h.n_kv_heads as u32, rows as u32),
+                128,
+                shared,
+                &[
+                    arg(&po),
+                    arg(&pml),
+                    arg(&qp),
+                    arg(&kc),
+                    arg(&vc),
+                    arg(&t),
+                    arg(&p),
+                    arg(&n_splits),
+                    arg(&pos_dev),
+                ],
+            )?;
+            let f = self.kernels.get("attention", "attention_combine")?;
+            return self.launch(
+                &f,
+                (h.n_heads as u32, rows as u32, 1),
+                128,
+                0,
+                &[arg(&o), arg(&po), arg(&pml), arg(&p), arg(&n_splits)],
+            );
+        }
+        let name = match h.head_dim {
+            0..=64 => "attention_prefill_16",
+            65..=128 => "attention_prefill_32",
+            _ => "attention_prefill_64",
+        };
+        let f = self.kernels.get("attention", name)?;
+        let shared = (2 * 16 * h.head_dim * 4) as u32;
+        let grid = (u32_of(rows.div_ceil(32), "rows", OP)?, h.n_heads as u32, 1);
+        self.launch(
+            &f,
+            grid,
+            128,
+            shared,
+            &[arg(&o), arg(&qp), arg(&kc), arg(&vc), arg(&t), arg(&p)],
+        )
+    }
+
+    fn swiglu(
+        &self,
+        out: &mut Buf<Self>,
+        gate: &Buf<Self>,
+        up: &Buf<Self>,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "swiglu";
+        let o = self.ptr(out, n * 4, "out", OP)?;
+        let g = self.ptr(gate, n * 4, "gate", OP)?;
+        let u = self.ptr(up, n * 4, "up", OP)?;
+        let p = ElementwiseParams {
+            n: u32_of(n, "n", OP)?,
+            _pad: [0; 3],
+        };
+        self.launch_1d(
+            "swiglu",
+            "swiglu",
+            n,
+            BLOCK,
+            &[arg(&o), arg(&g), arg(&u), arg(&p)],
+        )
+    }
+
+    fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()> {
+        const OP: &str = "add";
+        let xp = self.ptr(x, n * 4, "x", OP)?;
+        let yp = self.ptr(y, n * 4, "y", OP)?;
+        let p = ElementwiseParams {
+            n: u32_of(n, "n", OP)?,
+            _pad: [0; 3],
+        };
+        self.launch_1d("add", "add", n, BLOCK, &[arg(&xp), arg(&yp), arg(&p)])
+    }
+
+    fn sample(
+        &self,
+        out: &mut Buf<Self>,
+        out_index: usize,
+        logits: &Buf<Self>,
+        vocab: usize,
+        s: SampleOp,
+    ) -> Result<()> {
+        const OP: &str = "sample";
+        if vocab == 0 {
+            return Err(dev(format!("{OP}: empty vocabulary")));
+        }
+        let o = self.ptr(out, (out_index + 1) * 4, "out", OP)?;
+        let l = self.ptr(logits, vocab * 4, "logits", OP)?;
+        let probs = self.scratch(Scratch::SampleProbs, (vocab + 1) * 4)?;
+        let p = SampleParams {
+            vocab: u32_of(vocab, "vocab", OP)?,
+            top_k: s.top_k.min(u32::MAX as usize) as u32,
+            top_p: s.top_p,
+            min_p: s.min_p,
+            temperature: s.temperature,
+            uniform: s.uniform,
+            out_index: u32_of(out_index, "out_index", OP)?,
+            _pad: 0,
+        };
+        let f = self.kernels.get("sample", "sample")?;
+        self.launch(
+            &f,
+            (1, 1, 1),
+            1024,
+            0,
+            &[arg(&o), arg(&l), arg(&probs), arg(&p)],
+        )?;
+        let f = self.kernels.get("sample_walk", "sample_walk")?;
+        self.launch(&f, (1, 1, 1), 1024, 0, &[arg(&o), arg(&probs), arg(&p)])
+    }
+}
