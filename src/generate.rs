@@ -125,14 +125,14 @@ impl<'a, B: Backend> Generator<'a, B> {
             self.kv.reserve(self.b, &mut self.seq, end)?;
             self.b
                 .upload(&mut self.scratch.tokens, 0, bytemuck::cast_slice(chunk))?;
-            self.model.forward(
-                self.b,
-                &mut self.scratch,
-                &mut self.kv,
-                &self.seq,
-                chunk.len(),
-                false,
-            )?;
+            let (model, b, scratch) = (&*self.model, self.b, &mut self.scratch);
+            let (kv, seq) = (&mut self.kv, &self.seq);
+            if chunk.len() == 1 {
+                // One decode step: a backend may record it once and replay it (CUDA graphs).
+                b.decode_step(&mut || model.forward(b, scratch, kv, seq, 1, false))?;
+            } else {
+                model.forward(b, scratch, kv, seq, chunk.len(), false)?;
+            }
             self.seq.len = end;
             self.cached.extend_from_slice(chunk);
         }

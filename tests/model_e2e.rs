@@ -32,8 +32,11 @@ fn load<B: Backend>(b: &B, dir: &Path) -> Model<B> {
     Model::new(b, cfg, w).unwrap()
 }
 
-/// Checks every fixture on backend `b`; returns how many cases ran.
-fn check_all<B: Backend>(b: &B) -> usize {
+/// Checks every fixture on backend `b`; returns how many cases ran. `exact`: the backend
+/// computes in f32 throughout (else f16/bf16 weights meet activations rounded to their type in
+/// prefill GEMMs, as HF's own half-precision models do: logits get a bound for that rounding and
+/// greedy tokens are compared only where HF's margins are decisive).
+fn check_all<B: Backend>(b: &B, exact: bool) -> usize {
     let mut checked = 0;
     let mut dirs: Vec<_> = std::fs::read_dir(fixtures().join("hf"))
         .unwrap()
@@ -47,6 +50,12 @@ fn check_all<B: Backend>(b: &B) -> usize {
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
         let mut model = load(b, &dir);
         let vocab = model.cfg.vocab_size;
+        let half = !exact
+            && model
+                .cfg
+                .torch_dtype
+                .as_deref()
+                .is_some_and(|t| t != "float32");
         for case in expected["cases"].as_array().unwrap() {
             let case_name = format!("{name}/{} on {}", case["name"].as_str().unwrap(), b.name());
             let prompt = ids(&case["prompt_ids"]);
@@ -55,7 +64,11 @@ fn check_all<B: Backend>(b: &B) -> usize {
                 // Logits of the stored positions, from one forward over the whole prompt.
                 let logits = gen.all_logits(&prompt).unwrap();
                 let positions = case["logits_positions"].as_array().unwrap();
-                let bound = if kv == DType::F32 { 1e-8 } else { 1e-4 };
+                let bound = match (kv, half) {
+                    (_, true) => 1e-3,
+                    (DType::F32, false) => 1e-8,
+                    _ => 1e-4,
+                };
                 for (p, want) in positions.iter().zip(case["logits"].as_array().unwrap()) {
                     let p = p.as_u64().unwrap() as usize;
                     let want: Vec<f32> = want
@@ -84,7 +97,8 @@ fn check_all<B: Backend>(b: &B) -> usize {
                 // With an f16 cache, near ties (HF's margin < 0.02) may flip; f32 must match all.
                 let margins = case["prompt_margins"].as_array().unwrap();
                 for (p, (got, want)) in argmax.iter().zip(ids(&case["argmax"])).enumerate() {
-                    let decisive = kv == DType::F32 || margins[p].as_f64().unwrap() >= 0.02;
+                    let decisive =
+                        (kv == DType::F32 && !half) || margins[p].as_f64().unwrap() >= 0.02;
                     assert!(
                         !decisive || *got == want,
                         "{case_name} kv {kv}: argmax at position {p}: {got} != {want}"
@@ -99,6 +113,17 @@ fn check_all<B: Backend>(b: &B) -> usize {
                     ignore_eos: true,
                 };
                 let g = gen.generate(&prompt, &opts, &mut |_| true).unwrap();
+                if half {
+                    // Rounded activations may flip a near tie and then the rest diverges:
+                    // the first tokens must still agree.
+                    assert_eq!(
+                        g.tokens[..4],
+                        ids(&case["generated_ids"])[..4],
+                        "{case_name}"
+                    );
+                    checked += 1;
+                    continue;
+                }
                 assert_eq!(
                     g.tokens,
                     ids(&case["generated_ids"]),
@@ -113,7 +138,7 @@ fn check_all<B: Backend>(b: &B) -> usize {
 
 #[test]
 fn hf_fixtures_on_cpu() {
-    let n = check_all(&Cpu::new());
+    let n = check_all(&Cpu::new(), true);
     assert!(n >= 14, "only {n} cases ran");
 }
 
@@ -121,7 +146,23 @@ fn hf_fixtures_on_cpu() {
 #[test]
 fn hf_fixtures_on_wgpu() {
     if let Some(b) = common::wgpu_backend() {
-        let n = check_all(&b);
+        let n = check_all(&b, true);
         assert!(n >= 14, "only {n} cases ran");
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn hf_fixtures_on_cuda() {
+    use anyllama::backend::cuda::CudaOptions;
+    for exact in [true, false] {
+        let options = CudaOptions {
+            exact,
+            ..Default::default()
+        };
+        if let Some(b) = common::cuda_with(options) {
+            let n = check_all(&b, exact);
+            assert!(n >= 14, "only {n} cases ran");
+        }
     }
 }

@@ -125,3 +125,26 @@ fn smollm2_hf_folder_on_wgpu() {
         check(&b, &p);
     }
 }
+
+#[cfg(feature = "cuda")]
+#[test]
+fn smollm2_gguf_on_cuda() {
+    if let (Some(b), Some(p)) = (
+        common::cuda_with(Default::default()),
+        common::smollm2_gguf(),
+    ) {
+        check(&b, &p);
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn smollm2_hf_folder_on_cuda() {
+    let exact = anyllama::backend::cuda::CudaOptions {
+        exact: true,
+        ..Default::default()
+    };
+    if let (Some(b), Some(p)) = (common::cuda_with(exact), hf_folder()) {
+        check(&b, &p);
+    }
+}

@@ -33,10 +33,10 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attention_decode(float* part_o, float* part_ml, const float* q, const void* k_cache,
                      const void* v_cache, const u32* table, AttentionParams p, u32 n_splits,
                      const u32* pos_dev) {
-    extern __shared__ float sh[];
+    extern __shared__ float sh_decode[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, t = threadIdx.x;
     const u32 hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
-    float* qs = sh;
+    float* qs = sh_decode;
     float* sc = qs + group * hd;
     float* m = sc + group * DEC_THREADS;
     float* l = m + group;
@@ -157,15 +157,15 @@ extern "C" __global__ void attention_combine(float* out, const float* part_o,
 template <int HPT>
 __device__ void attention_prefill(float* out, const float* q, const void* k_cache,
                                   const void* v_cache, const u32* table, AttentionParams p) {
-    extern __shared__ float sh[];
+    extern __shared__ float sh_prefill[];
     const u32 hd = p.head_dim, t = threadIdx.x, sub = t & 3;
     const u32 head = blockIdx.y, kvh = head / (p.n_heads / p.n_kv_heads);
     const u32 r0 = blockIdx.x * PRE_ROWS;
     const u32 r = min(r0 + t / 4, p.rows - 1);
     const u32 qpos = p.pos0 + r;
     const u32 last = p.pos0 + min(r0 + PRE_ROWS, p.rows) - 1;
-    float* ks = sh;
-    float* vs = sh + PRE_TILE * hd;
+    float* ks = sh_prefill;
+    float* vs = sh_prefill + PRE_TILE * hd;
     float qv[HPT], acc[HPT];
     const float* qr = q + ((size_t)r * p.n_heads + head) * hd;
 #pragma unroll

@@ -14,6 +14,7 @@ typedef unsigned char u8;
 typedef signed char i8;
 
 #define NONE_U32 0xffffffffu
+#define INFINITY __int_as_float(0x7f800000)
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
@@ -148,7 +149,7 @@ __device__ __forceinline__ void decode8(const u8* row, u32 u, u32 p, float* v) {
 }
 
 // Block geometry of a quantized format: values and bytes per block.
-template <int DT> struct QBlock;
+template <int DT> struct QBlock { enum { ELEMS = 1, BYTES = 1 }; }; // float formats: unused
 template <> struct QBlock<DT_Q8_0> { enum { ELEMS = 32, BYTES = 34 }; };
 template <> struct QBlock<DT_Q4_0> { enum { ELEMS = 32, BYTES = 18 }; };
 template <> struct QBlock<DT_Q4_1> { enum { ELEMS = 32, BYTES = 20 }; };

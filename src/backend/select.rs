@@ -4,7 +4,9 @@
 
 use super::cpu::Cpu;
 use super::Backend;
-use crate::error::{Error, Result};
+#[cfg(not(feature = "cuda"))]
+use crate::error::Error;
+use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendChoice {
@@ -29,9 +31,7 @@ pub fn with_backend<W: WithBackend>(
 ) -> Result<W::Output> {
     match choice {
         BackendChoice::Cpu => work.run(Cpu::new()),
-        BackendChoice::Cuda => Err(Error::Device(
-            "this build has no CUDA backend; use --backend wgpu (Vulkan/Metal/DX12) or cpu".into(),
-        )),
+        BackendChoice::Cuda => run_cuda(adapter, work),
         BackendChoice::Wgpu => run_wgpu(adapter, work),
         BackendChoice::Auto => auto(adapter, work),
     }
@@ -49,8 +49,39 @@ fn run_wgpu<W: WithBackend>(_adapter: Option<usize>, _work: W) -> Result<W::Outp
     ))
 }
 
-#[cfg(feature = "wgpu")]
+#[cfg(feature = "cuda")]
+fn run_cuda<W: WithBackend>(device: Option<usize>, work: W) -> Result<W::Output> {
+    work.run(super::cuda::Cuda::new(device)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<W: WithBackend>(_device: Option<usize>, _work: W) -> Result<W::Output> {
+    Err(Error::Device(
+        "this build has no CUDA backend (build with `--features cuda`); use --backend wgpu \
+         (Vulkan/Metal/DX12) or cpu"
+            .into(),
+    ))
+}
+
+/// Auto: CUDA first where it was built in and a driver is present, then a GPU adapter
+/// through wgpu, then the CPU.
 fn auto<W: WithBackend>(adapter: Option<usize>, work: W) -> Result<W::Output> {
+    #[cfg(feature = "cuda")]
+    match super::cuda::unavailable_reason() {
+        None => match super::cuda::Cuda::new(adapter) {
+            Ok(b) => {
+                eprintln!("backend: cuda on {}", b.device_name());
+                return work.run(b);
+            }
+            Err(e) => eprintln!("backend: not cuda ({e})"),
+        },
+        Some(why) => eprintln!("backend: not cuda ({why})"),
+    }
+    auto_wgpu(adapter, work)
+}
+
+#[cfg(feature = "wgpu")]
+fn auto_wgpu<W: WithBackend>(adapter: Option<usize>, work: W) -> Result<W::Output> {
     match super::wgpu::Wgpu::new(adapter) {
         // A software rasteriser (lavapipe, SwiftShader) is slower than the CPU backend.
         Ok(b) if adapter.is_some() || !b.is_software() => {
@@ -72,7 +103,7 @@ fn auto<W: WithBackend>(adapter: Option<usize>, work: W) -> Result<W::Output> {
 }
 
 #[cfg(not(feature = "wgpu"))]
-fn auto<W: WithBackend>(_adapter: Option<usize>, work: W) -> Result<W::Output> {
+fn auto_wgpu<W: WithBackend>(_adapter: Option<usize>, work: W) -> Result<W::Output> {
     eprintln!("backend: cpu (built without GPU backends)");
     work.run(Cpu::new())
 }
@@ -80,6 +111,11 @@ fn auto<W: WithBackend>(_adapter: Option<usize>, work: W) -> Result<W::Output> {
 /// What `anyllama devices` prints: every GPU adapter, then the CPU backend.
 pub fn describe_devices() -> String {
     let mut s = String::new();
+    #[cfg(feature = "cuda")]
+    match super::cuda::Cuda::new(None) {
+        Ok(b) => s += &format!("cuda 0: {}\n", b.device_name()),
+        Err(e) => s += &format!("cuda: unavailable ({e})\n"),
+    }
     #[cfg(feature = "wgpu")]
     for a in super::wgpu::list_adapters() {
         s += &format!("wgpu {a}\n");

@@ -72,3 +72,21 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
         }
     }
 }
+
+/// The CUDA backend with `options`, or None (printing why) when this machine has no CUDA driver.
+/// `ANYLLAMA_REQUIRE_CUDA=1` (set on the GPU machine) turns that skip into a failure.
+#[cfg(feature = "cuda")]
+pub fn cuda_with(
+    options: anyllama::backend::cuda::CudaOptions,
+) -> Option<anyllama::backend::cuda::Cuda> {
+    let require = std::env::var("ANYLLAMA_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    if let Some(why) = anyllama::backend::cuda::unavailable_reason() {
+        assert!(!require, "ANYLLAMA_REQUIRE_CUDA=1 but {why}");
+        eprintln!("SKIPPED cuda: {why}");
+        return None;
+    }
+    Some(
+        anyllama::backend::cuda::Cuda::with_options(options)
+            .expect("CUDA is present but failed to open"),
+    )
+}

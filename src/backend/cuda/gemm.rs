@@ -50,20 +50,6 @@ impl Drop for Blas {
     }
 }
 
-/// Stem suffix of a weight dtype in matmul.cu's kernel names.
-pub fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        DType::Q8_0 => "q8_0",
-        DType::Q4_0 => "q4_0",
-        DType::Q4_1 => "q4_1",
-        DType::Q4K => "q4k",
-        DType::Q6K => "q6k",
-    }
-}
-
 macro_rules! widen_kernel {
     ($d:expr, $out:literal) => {
         match $d {
@@ -194,6 +180,7 @@ impl Cuda {
             return Err(Error::Device("matmul: GEMM dimensions past i32".into()));
         }
         let e = |e: blas::CublasError| Error::Device(format!("cuBLAS GEMM: {e:?}"));
+        let _exclusive = self.graphs.exclusive();
         let t = bsys::cublasOperation_t::CUBLAS_OP_T;
         let nn = bsys::cublasOperation_t::CUBLAS_OP_N;
         unsafe {

@@ -31,9 +31,16 @@ pub struct Graphs {
     enabled: bool,
     mode: Mutex<Mode>,
     state: Mutex<Trace>,
-    graphs: Mutex<HashMap<u64, CudaGraph>>,
-    replays: Mutex<u64>,
+    graphs: Mutex<HashMap<u64, Graph>>,
+    /// Held for a whole step by the thread running it, and by any other thread for each of
+    /// its enqueues, so that no other thread's op lands inside a capture.
+    exclusive: Mutex<()>,
 }
+
+/// An instantiated graph. cudarc's handle holds raw pointers; it is only launched or dropped
+/// under the `graphs` lock, by the thread that holds `exclusive`.
+struct Graph(CudaGraph);
+unsafe impl Send for Graph {}
 
 #[derive(Default)]
 struct Trace {
@@ -59,17 +66,28 @@ impl Graphs {
             mode: Mutex::new(Mode::Off),
             state: Mutex::new(Trace::default()),
             graphs: Mutex::new(HashMap::new()),
-            replays: Mutex::new(0),
+            exclusive: Mutex::new(()),
         }
     }
 
+    /// Whether this thread is tracing a step (launches are recorded, not made).
     pub fn tracing(&self) -> bool {
-        *self.mode.lock().unwrap() == Mode::Trace
+        IN_STEP.with(|s| s.get()) && *self.mode.lock().unwrap() == Mode::Trace
     }
 
-    /// Whether ops must take positions from the device word (trace or capture).
+    /// Whether this thread is tracing or capturing a step (positions come from the device).
     pub fn recording(&self) -> bool {
-        *self.mode.lock().unwrap() != Mode::Off
+        IN_STEP.with(|s| s.get()) && *self.mode.lock().unwrap() != Mode::Off
+    }
+
+    /// Serialises an enqueue from a thread that is not running a step against a step's
+    /// capture on another thread (None on the step's own thread, which holds the lock).
+    pub fn exclusive(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        if IN_STEP.with(|s| s.get()) {
+            None
+        } else {
+            Some(self.exclusive.lock().unwrap_or_else(|e| e.into_inner()))
+        }
     }
 
     pub fn trace_launch<'a>(
@@ -107,11 +125,6 @@ impl Graphs {
         }
     }
 
-    /// Graph replays so far (for --verbose and tests).
-    pub fn replays(&self) -> u64 {
-        *self.replays.lock().unwrap()
-    }
-
     fn set_mode(&self, m: Mode) {
         *self.mode.lock().unwrap() = m;
     }
@@ -132,6 +145,11 @@ impl Cuda {
         if !self.graphs.enabled || IN_STEP.with(|s| s.get()) {
             return ops();
         }
+        let _exclusive = self
+            .graphs
+            .exclusive
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         IN_STEP.with(|s| s.set(true));
         let r = self.run_step_inner(ops);
         IN_STEP.with(|s| s.set(false));
@@ -174,14 +192,13 @@ impl Cuda {
             );
             captured?;
             match graph.map_err(&err)? {
-                Some(g) => graphs.insert(hash, g),
+                Some(g) => graphs.insert(hash, Graph(g)),
                 None => return Err(Error::Device("CUDA graph capture recorded nothing".into())),
             };
         }
         let pos_ptr = self.scratch(Scratch::StepPos, 4)?;
         self.upload_raw(pos_ptr, bytemuck::bytes_of(&pos))?;
-        graphs[&hash].launch().map_err(&err)?;
-        *self.graphs.replays.lock().unwrap() += 1;
+        graphs[&hash].0.launch().map_err(&err)?;
         Ok(())
     }
 }

@@ -103,6 +103,7 @@ impl Cuda {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
+        let _exclusive = self.graphs.exclusive();
         if self.graphs.tracing() {
             self.graphs
                 .trace_launch(f, grid, block, shared, args.iter().map(|a| a.0));

@@ -61,6 +61,11 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// Whether NVRTC (the runtime CUDA compiler) can be loaded here.
+pub fn nvrtc_available() -> bool {
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
 fn flag(name: &str) -> Option<bool> {
     std::env::var(name).ok().map(|v| v != "0" && !v.is_empty())
 }
@@ -79,7 +84,7 @@ impl Cuda {
         if let Some(why) = unavailable_reason() {
             return Err(Error::Device(why));
         }
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        if !nvrtc_available() {
             return Err(Error::Device(
                 "CUDA driver found but not NVRTC (libnvrtc), which compiles the kernels".into(),
             ));
@@ -92,9 +97,10 @@ impl Cuda {
         let dev = |e: cudarc::driver::DriverError| Error::Device(format!("CUDA: {e}"));
         let ordinal = o.device.unwrap_or(0);
         let ctx = CudaContext::new(ordinal).map_err(dev)?;
-        // One in-order stream: the Backend contract needs no cross-stream events.
+        // One in-order stream: the Backend contract needs no cross-stream events. Not the
+        // legacy default stream, which cannot be captured into a graph.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream().map_err(dev)?;
         let (major, minor) = ctx.compute_capability().map_err(dev)?;
         let arch = format!("sm_{major}{minor}");
         let name = ctx.name().map_err(dev)?;
@@ -126,3 +132,9 @@ impl Cuda {
             .map_err(|e| Error::Device(format!("CUDA: {e}")))
     }
 }
+
+/// Tests and applications share one backend across threads.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Cuda>()
+};

@@ -2,7 +2,6 @@
 //! not an out-of-bounds access on the device), fills the kernel's params block (the structs of
 //! src/backend/params.rs, mirrored in shaders/cuda/common.cuh) and picks the launch shape.
 
-use super::gemm::dtype_name;
 use super::graph::POS_BUCKET;
 use super::launch::{arg, cuda_err, DevBuf, Scratch};
 use super::Cuda;
@@ -86,6 +85,7 @@ macro_rules! by_dtype {
 
 impl Cuda {
     pub(super) fn upload_raw(&self, dst: u64, data: &[u8]) -> Result<()> {
+        let _exclusive = self.graphs.exclusive();
         unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
             .map_err(cuda_err("upload"))
     }
@@ -149,7 +149,7 @@ impl Backend for Cuda {
     }
 
     fn upload(&self, dst: &mut Buf<Self>, offset: usize, data: &[u8]) -> Result<()> {
-        let end = offset.checked_add(data.len()).unwrap_or(usize::MAX);
+        let end = offset.saturating_add(data.len());
         let d = self.ptr(dst, end, "dst", "upload")?;
         if !self.outside_step() || data.is_empty() {
             return Ok(());
@@ -170,6 +170,7 @@ impl Backend for Cuda {
         if !self.outside_step() || bytes == 0 {
             return Ok(());
         }
+        let _exclusive = self.graphs.exclusive();
         unsafe {
             result::memcpy_dtod_async(
                 d + dst_offset as u64,
@@ -187,6 +188,7 @@ impl Backend for Cuda {
             return Ok(());
         }
         if !out.is_empty() {
+            let _exclusive = self.graphs.exclusive();
             unsafe { result::memcpy_dtoh_async(out, s + offset as u64, self.stream.cu_stream()) }
                 .map_err(cuda_err("read"))?;
         }
@@ -286,7 +288,9 @@ impl Backend for Cuda {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        if rows > MATVEC_MAX_ROWS {
+        // cuBLAS, except for rows the widening kernel cannot take (k not a multiple of 8):
+        // the mat-vec kernel handles any row count, 4 rows per pass.
+        if rows > MATVEC_MAX_ROWS && (k % 8 == 0 || w.dtype == DType::F32) {
             return self.gemm(o, xp, wp, w.dtype, rows, n, k, rb);
         }
         let p = MatmulParams {
@@ -298,8 +302,11 @@ impl Backend for Cuda {
             _pad: [0; 3],
         };
         let f = self.kernels.get("matmul", by_dtype!("matvec_", w.dtype))?;
-        let grid = (u32_of(n.div_ceil(8), "n", OP)?, rows.div_ceil(4) as u32, 1);
-        let _ = dtype_name;
+        let grid = (
+            u32_of(n.div_ceil(8), "n", OP)?,
+            u32_of(rows.div_ceil(4), "rows", OP)?,
+            1,
+        );
         self.launch(&f, grid, 256, 0, &[arg(&o), arg(&xp), arg(&wp), arg(&p)])
     }
 
