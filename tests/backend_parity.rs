@@ -1,123 +1,139 @@
-//! Every op of the wgpu backend against the CPU reference backend (src/backend/cpu.rs), on the
-//! same inputs, over shapes that hit the kernels' edges: one row, odd row counts, widths that are
-//! not powers of two (and odd where the op allows), pos0 > 0, GQA ratios 1/3/4/8, sequences that
-//! cross paged-block boundaries with block tables out of order, both KV dtypes, the decode and
-//! prefill paths of matmul and attention, and a ~1000-position context for split-KV decoding.
-//! GPU outputs (and unwritten KV cache slots) are poisoned with NaN first; any NaN fails.
-//! Float results are compared by normalised MSE (sum (a-b)^2 / sum a^2). Block-format weights:
-//! backend_parity_quant.rs; sampling and threads: backend_parity_sample.rs; helpers: parity/.
+//! Every op of the GPU backends (wgpu, CUDA) against the CPU reference backend
+//! (src/backend/cpu.rs), on the same inputs, over shapes that hit the kernels' edges: one row,
+//! odd row counts, widths that are not powers of two (and odd where the op allows), pos0 > 0, GQA
+//! ratios 1/3/4/8, sequences that cross paged-block boundaries with block tables out of order,
+//! both KV dtypes, the decode and prefill paths of matmul and attention, and a ~1000-position
+//! context for split-KV decoding. GPU outputs (and unwritten KV cache slots) are poisoned with
+//! NaN first; any NaN fails. Float results are compared by normalised MSE (sum (a-b)^2 / sum a^2).
+//! Block-format weights: backend_parity_quant.rs; sampling and threads: backend_parity_sample.rs;
+//! helpers and the variants under test: parity/.
 //!
-//! The kernels run in every variant the adapter allows: the default one and, where it has
-//! SHADER_F16 / SUBGROUP, the portable one too. With no adapter the tests print why and pass,
-//! except when the CI variable is set: then they fail (CI must run them, on lavapipe).
+//! Each test runs on every variant (parity::on_every_gpu): wgpu's default kernels and, where the
+//! adapter has SHADER_F16 / SUBGROUP, its portable ones; CUDA's exact-f32 and default GEMMs.
+//! With no wgpu adapter the wgpu variants print why and pass, except when the CI variable is set
+//! (CI must run them, on lavapipe). With no CUDA driver the CUDA variants print why and pass,
+//! except when ANYLLAMA_REQUIRE_CUDA is set.
 
-#![cfg(feature = "wgpu")]
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+mod common;
+#[macro_use]
 mod parity;
 
 use anyllama::backend::cpu::Cpu;
-use anyllama::backend::params::KV_BLOCK;
-use anyllama::backend::wgpu::Wgpu;
-use anyllama::backend::{Backend, Heads};
+use anyllama::backend::Backend;
 use anyllama::dtype::DType;
 use parity::*;
-use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-#[test]
-fn embedding_widens_every_float_dtype_exactly() {
+/// Float embedding tables looked up on `gpu`; `small` keeps to tables narrow enough for the
+/// chunked variant's binding cap to split them into row chunks.
+fn check_float_embedding<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng, small: bool) {
     let cpu = Cpu::new();
-    // Tables over the storage binding limit are looked up in row chunks: `chunked` forces it.
-    let mut variants: Vec<(&str, &Wgpu)> = gpus().iter().map(|(n, g)| (*n, g)).collect();
-    variants.extend(chunked().map(|g| ("chunked", g)));
-    let mut r = rng(1);
-    for (name, gpu) in variants {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for (vocab, dim) in [(50, 576), (700, 12), (33, 7), (5, 1)] {
-                if name == "chunked" && dim > 12 {
-                    continue;
-                }
-                let table = randn(&mut r, vocab * dim, 2.0);
-                let ids: Vec<u32> = (0..5).map(|_| r.random_range(0..vocab as u32)).collect();
-                for n in [1, ids.len()] {
-                    let what =
-                        format!("{name} embedding {dtype} vocab {vocab} dim {dim} tokens {n}");
-                    let mut outs = vec![];
-                    let tc = weight(&cpu, dtype, vocab, dim, &table);
-                    let mut oc = poisoned(&cpu, n * dim);
-                    cpu.embedding(&mut oc, &u32_buf(&cpu, &ids), &tc, n)
-                        .unwrap();
-                    outs.push(read_f32(&cpu, &oc, n * dim));
-                    let tg = weight(gpu, dtype, vocab, dim, &table);
-                    let mut og = poisoned(gpu, n * dim);
-                    gpu.embedding(&mut og, &u32_buf(gpu, &ids), &tg, n).unwrap();
-                    outs.push(read_f32(gpu, &og, n * dim));
-                    assert_close(&what, &outs[0], &outs[1], 0.0);
-                }
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (vocab, dim) in [(50, 576), (700, 12), (33, 7), (5, 1)] {
+            if small && dim > 12 {
+                continue;
+            }
+            let table = randn(r, vocab * dim, 2.0);
+            let ids: Vec<u32> = (0..5).map(|_| r.random_range(0..vocab as u32)).collect();
+            for n in [1, ids.len()] {
+                let what = format!("{name} embedding {dtype} vocab {vocab} dim {dim} tokens {n}");
+                let tc = weight(&cpu, dtype, vocab, dim, &table);
+                let mut oc = poisoned(&cpu, n * dim);
+                cpu.embedding(&mut oc, &u32_buf(&cpu, &ids), &tc, n)
+                    .unwrap();
+                let tg = weight(gpu, dtype, vocab, dim, &table);
+                let mut og = poisoned(gpu, n * dim);
+                gpu.embedding(&mut og, &u32_buf(gpu, &ids), &tg, n).unwrap();
+                let (want, got) = (read_f32(&cpu, &oc, n * dim), read_f32(gpu, &og, n * dim));
+                assert_close(&what, &want, &got, 0.0);
             }
         }
+    }
+}
+
+#[test]
+fn embedding_widens_every_float_dtype_exactly() {
+    let mut r = rng(1);
+    on_every_gpu!(check_float_embedding, &mut r, false);
+    // Tables over the storage binding limit are looked up in row chunks: `chunked` forces it.
+    #[cfg(feature = "wgpu")]
+    if let Some(gpu) = chunked() {
+        check_float_embedding("chunked", gpu, &mut r, true);
+    }
+}
+
+fn check_rms_norm<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
+    let cpu = Cpu::new();
+    for (rows, dim) in [(1, 576), (3, 1536), (7, 49), (2, 5000), (5, 1)] {
+        let x = randn(r, rows * dim, 3.0);
+        let w = randn(r, dim, 1.0);
+        let mut oc = poisoned(&cpu, rows * dim);
+        cpu.rms_norm(
+            &mut oc,
+            &f32_buf(&cpu, &x),
+            &f32_buf(&cpu, &w),
+            rows,
+            dim,
+            1e-5,
+        )
+        .unwrap();
+        let mut og = poisoned(gpu, rows * dim);
+        gpu.rms_norm(
+            &mut og,
+            &f32_buf(gpu, &x),
+            &f32_buf(gpu, &w),
+            rows,
+            dim,
+            1e-5,
+        )
+        .unwrap();
+        assert_close(
+            &format!("{name} rms_norm rows {rows} dim {dim}"),
+            &read_f32(&cpu, &oc, rows * dim),
+            &read_f32(gpu, &og, rows * dim),
+            TOL_F32,
+        );
     }
 }
 
 #[test]
 fn rms_norm_matches() {
-    let cpu = Cpu::new();
     let mut r = rng(2);
-    for (name, gpu) in gpus() {
-        for (rows, dim) in [(1, 576), (3, 1536), (7, 49), (2, 5000), (5, 1)] {
-            let x = randn(&mut r, rows * dim, 3.0);
-            let w = randn(&mut r, dim, 1.0);
-            let mut oc = poisoned(&cpu, rows * dim);
-            cpu.rms_norm(
-                &mut oc,
-                &f32_buf(&cpu, &x),
-                &f32_buf(&cpu, &w),
-                rows,
-                dim,
-                1e-5,
-            )
-            .unwrap();
-            let mut og = poisoned(gpu, rows * dim);
-            gpu.rms_norm(
-                &mut og,
-                &f32_buf(gpu, &x),
-                &f32_buf(gpu, &w),
-                rows,
-                dim,
-                1e-5,
-            )
-            .unwrap();
-            assert_close(
-                &format!("{name} rms_norm rows {rows} dim {dim}"),
-                &read_f32(&cpu, &oc, rows * dim),
-                &read_f32(gpu, &og, rows * dim),
-                TOL_F32,
-            );
-        }
-    }
+    on_every_gpu!(check_rms_norm, &mut r);
 }
 
 /// Matmul of a random weight stored as float `dtype`.
-fn check_float_matmul(name: &str, gpu: &Wgpu, r: &mut ChaCha8Rng, dtype: DType, shape: [usize; 3]) {
+fn check_float_matmul<B: Backend>(
+    name: &str,
+    gpu: &B,
+    r: &mut ChaCha8Rng,
+    dtype: DType,
+    shape: [usize; 3],
+) {
     let w = randn(r, shape[1] * shape[2], 1.0);
     check_matmul(name, gpu, r, dtype, shape, &encode(dtype, &w));
+}
+
+fn check_float_matmuls<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        // Rows up to 8 take the mat-vec kernel, more the tiled one (cuBLAS on CUDA).
+        for rows in [1, 3, 5, 8, 9, 17, 70] {
+            for (n, k) in [(576, 576), (192, 1536), (49, 50), (33, 7), (130, 68)] {
+                check_float_matmul(name, gpu, r, dtype, [rows, n, k]);
+            }
+        }
+    }
 }
 
 #[test]
 fn matmul_matches_for_every_dtype_and_path() {
     let mut r = rng(3);
-    for (name, gpu) in gpus() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            // Rows up to 8 take the mat-vec kernel, more the tiled one.
-            for rows in [1, 3, 5, 8, 9, 17, 70] {
-                for (n, k) in [(576, 576), (192, 1536), (49, 50), (33, 7), (130, 68)] {
-                    check_float_matmul(name, gpu, &mut r, dtype, [rows, n, k]);
-                }
-            }
-        }
-    }
+    on_every_gpu!(check_float_matmuls, &mut r);
     // Weights over the storage binding limit are bound in row chunks.
+    #[cfg(feature = "wgpu")]
     if let Some(gpu) = chunked() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
             for (rows, n, k) in [(1, 1000, 12), (3, 1200, 8), (12, 300, 64), (9, 440, 25)] {
@@ -127,52 +143,54 @@ fn matmul_matches_for_every_dtype_and_path() {
     }
 }
 
+fn check_elementwise<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
+    let cpu = Cpu::new();
+    for n in [1, 257, 3 * 1536, 70_001] {
+        let (a, b) = (randn(r, n, 6.0), randn(r, n, 2.0));
+        let mut oc = poisoned(&cpu, n);
+        cpu.swiglu(&mut oc, &f32_buf(&cpu, &a), &f32_buf(&cpu, &b), n)
+            .unwrap();
+        let mut og = poisoned(gpu, n);
+        gpu.swiglu(&mut og, &f32_buf(gpu, &a), &f32_buf(gpu, &b), n)
+            .unwrap();
+        let what = format!("{name} swiglu n {n}");
+        assert_close(
+            &what,
+            &read_f32(&cpu, &oc, n),
+            &read_f32(gpu, &og, n),
+            TOL_F32,
+        );
+
+        let mut xc = f32_buf(&cpu, &a);
+        cpu.add(&mut xc, &f32_buf(&cpu, &b), n).unwrap();
+        let mut xg = f32_buf(gpu, &a);
+        gpu.add(&mut xg, &f32_buf(gpu, &b), n).unwrap();
+        let what = format!("{name} add n {n}");
+        assert_close(&what, &read_f32(&cpu, &xc, n), &read_f32(gpu, &xg, n), 0.0);
+    }
+    for (rows, n) in [(1, 576), (3, 49), (9, 1536)] {
+        let (x, bias) = (randn(r, rows * n, 2.0), randn(r, n, 1.0));
+        let mut xc = f32_buf(&cpu, &x);
+        cpu.add_bias(&mut xc, &f32_buf(&cpu, &bias), rows, n)
+            .unwrap();
+        let mut xg = f32_buf(gpu, &x);
+        gpu.add_bias(&mut xg, &f32_buf(gpu, &bias), rows, n)
+            .unwrap();
+        let what = format!("{name} add_bias rows {rows} n {n}");
+        let len = rows * n;
+        assert_close(
+            &what,
+            &read_f32(&cpu, &xc, len),
+            &read_f32(gpu, &xg, len),
+            0.0,
+        );
+    }
+}
+
 #[test]
 fn elementwise_ops_match() {
-    let cpu = Cpu::new();
     let mut r = rng(4);
-    for (name, gpu) in gpus() {
-        for n in [1, 257, 3 * 1536, 70_001] {
-            let (a, b) = (randn(&mut r, n, 6.0), randn(&mut r, n, 2.0));
-            let mut oc = poisoned(&cpu, n);
-            cpu.swiglu(&mut oc, &f32_buf(&cpu, &a), &f32_buf(&cpu, &b), n)
-                .unwrap();
-            let mut og = poisoned(gpu, n);
-            gpu.swiglu(&mut og, &f32_buf(gpu, &a), &f32_buf(gpu, &b), n)
-                .unwrap();
-            let what = format!("{name} swiglu n {n}");
-            assert_close(
-                &what,
-                &read_f32(&cpu, &oc, n),
-                &read_f32(gpu, &og, n),
-                TOL_F32,
-            );
-
-            let mut xc = f32_buf(&cpu, &a);
-            cpu.add(&mut xc, &f32_buf(&cpu, &b), n).unwrap();
-            let mut xg = f32_buf(gpu, &a);
-            gpu.add(&mut xg, &f32_buf(gpu, &b), n).unwrap();
-            let what = format!("{name} add n {n}");
-            assert_close(&what, &read_f32(&cpu, &xc, n), &read_f32(gpu, &xg, n), 0.0);
-        }
-        for (rows, n) in [(1, 576), (3, 49), (9, 1536)] {
-            let (x, bias) = (randn(&mut r, rows * n, 2.0), randn(&mut r, n, 1.0));
-            let mut xc = f32_buf(&cpu, &x);
-            cpu.add_bias(&mut xc, &f32_buf(&cpu, &bias), rows, n)
-                .unwrap();
-            let mut xg = f32_buf(gpu, &x);
-            gpu.add_bias(&mut xg, &f32_buf(gpu, &bias), rows, n)
-                .unwrap();
-            let what = format!("{name} add_bias rows {rows} n {n}");
-            let len = rows * n;
-            assert_close(
-                &what,
-                &read_f32(&cpu, &xc, len),
-                &read_f32(gpu, &xg, len),
-                0.0,
-            );
-        }
-    }
+    on_every_gpu!(check_elementwise, &mut r);
 }
 
 fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
@@ -181,105 +199,53 @@ fn inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
         .collect()
 }
 
-#[test]
-fn rope_matches_at_any_position() {
+fn check_rope<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
     let cpu = Cpu::new();
-    let mut r = rng(5);
-    for (name, gpu) in gpus() {
-        for h in [
-            heads(9, 3, 64),
-            heads(4, 1, 128),
-            heads(8, 8, 32),
-            heads(6, 2, 96),
-        ] {
-            for (rows, pos0, scale) in [(1, 0, 1.0), (5, 7, 1.0), (3, 1000, 1.3), (2, 31_000, 1.0)]
-            {
-                let nq = rows * h.n_heads * h.head_dim;
-                let nk = rows * h.n_kv_heads * h.head_dim;
-                let (q, k) = (randn(&mut r, nq, 1.0), randn(&mut r, nk, 1.0));
-                let f = inv_freq(h.head_dim, 10000.0);
-                let (mut qc, mut kc) = (f32_buf(&cpu, &q), f32_buf(&cpu, &k));
-                cpu.rope(&mut qc, &mut kc, &f32_buf(&cpu, &f), rows, pos0, h, scale)
-                    .unwrap();
-                let (mut qg, mut kg) = (f32_buf(gpu, &q), f32_buf(gpu, &k));
-                gpu.rope(&mut qg, &mut kg, &f32_buf(gpu, &f), rows, pos0, h, scale)
-                    .unwrap();
-                let what = format!("{name} rope {h:?} rows {rows} pos0 {pos0}");
-                // sin / cos of angles of thousands of radians: a few ulps of the angle.
-                let tol = if pos0 > 10_000 { 1e-8 } else { 1e-9 };
-                assert_close(
-                    &what,
-                    &read_f32(&cpu, &qc, nq),
-                    &read_f32(gpu, &qg, nq),
-                    tol,
-                );
-                assert_close(
-                    &what,
-                    &read_f32(&cpu, &kc, nk),
-                    &read_f32(gpu, &kg, nk),
-                    tol,
-                );
-            }
+    for h in [
+        heads(9, 3, 64),
+        heads(4, 1, 128),
+        heads(8, 8, 32),
+        heads(6, 2, 96),
+    ] {
+        for (rows, pos0, scale) in [(1, 0, 1.0), (5, 7, 1.0), (3, 1000, 1.3), (2, 31_000, 1.0)] {
+            let nq = rows * h.n_heads * h.head_dim;
+            let nk = rows * h.n_kv_heads * h.head_dim;
+            let (q, k) = (randn(r, nq, 1.0), randn(r, nk, 1.0));
+            let f = inv_freq(h.head_dim, 10000.0);
+            let (mut qc, mut kc) = (f32_buf(&cpu, &q), f32_buf(&cpu, &k));
+            cpu.rope(&mut qc, &mut kc, &f32_buf(&cpu, &f), rows, pos0, h, scale)
+                .unwrap();
+            let (mut qg, mut kg) = (f32_buf(gpu, &q), f32_buf(gpu, &k));
+            gpu.rope(&mut qg, &mut kg, &f32_buf(gpu, &f), rows, pos0, h, scale)
+                .unwrap();
+            let what = format!("{name} rope {h:?} rows {rows} pos0 {pos0}");
+            // sin / cos of angles of thousands of radians: a few ulps of the angle.
+            let tol = if pos0 > 10_000 { 1e-8 } else { 1e-9 };
+            assert_close(
+                &what,
+                &read_f32(&cpu, &qc, nq),
+                &read_f32(gpu, &qg, nq),
+                tol,
+            );
+            assert_close(
+                &what,
+                &read_f32(&cpu, &kc, nk),
+                &read_f32(gpu, &kg, nk),
+                tol,
+            );
         }
     }
 }
 
-fn check_attention(gpus: &[(&'static str, Wgpu)], seed: u64, h: Heads, steps: &[usize]) {
-    let cpu = Cpu::new();
-    let mut r = rng(seed);
-    let total: usize = steps.iter().sum();
-    let blocks = total.div_ceil(KV_BLOCK);
-    // A block table out of order, drawn from a pool with spare blocks (never written: NaN).
-    let pool_blocks = blocks + 3;
-    let mut ids: Vec<u32> = (0..pool_blocks as u32).collect();
-    ids.shuffle(&mut r);
-    let table = &ids[..blocks];
-    let q = randn(&mut r, total * h.n_heads * h.head_dim, 1.0);
-    let k = randn(&mut r, total * h.n_kv_heads * h.head_dim, 1.0);
-    let v = randn(&mut r, total * h.n_kv_heads * h.head_dim, 1.0);
-    for kv in [DType::F32, DType::F16] {
-        let case = AttnCase {
-            h,
-            kv,
-            table,
-            pool_blocks,
-            steps,
-            q: &q,
-            k: &k,
-            v: &v,
-        };
-        let (oc, kc, vc) = run_attention(&cpu, &case);
-        for (name, gpu) in gpus {
-            let (og, kg, vg) = run_attention(gpu, &case);
-            let tol = if kv == DType::F16 {
-                TOL_F16_KV
-            } else {
-                TOL_F32
-            };
-            // Compare the written slots only; unwritten ones stay NaN on both sides.
-            let written = |bytes: &[u8]| -> Vec<f32> {
-                cache_values(kv, bytes)
-                    .into_iter()
-                    .filter(|x| !x.is_nan())
-                    .collect()
-            };
-            let what = format!("{name} kv_append {h:?} {kv} steps {steps:?}");
-            assert_close(&format!("{what} K"), &written(&kc), &written(&kg), tol);
-            assert_close(&format!("{what} V"), &written(&vc), &written(&vg), tol);
-            let mut pos0 = 0;
-            for (i, &rows) in steps.iter().enumerate() {
-                let what = format!("{name} attention {h:?} {kv} rows {rows} pos0 {pos0}");
-                assert_close(&what, &oc[i], &og[i], tol);
-                pos0 += rows;
-            }
-        }
-    }
+#[test]
+fn rope_matches_at_any_position() {
+    let mut r = rng(5);
+    on_every_gpu!(check_rope, &mut r);
 }
 
 #[test]
 fn attention_matches_for_gqa_ratios_and_schedules() {
-    let gpus = gpus();
-    if gpus.is_empty() {
+    if !any_gpu() {
         return;
     }
     // Ratios 1, 3, 4, 8; head dims 64, 128, 32, 96.
@@ -295,64 +261,68 @@ fn attention_matches_for_gqa_ratios_and_schedules() {
     let schedules: [&[usize]; 3] = [&[20, 1, 1, 1], &[5, 37, 2, 4, 3], &[1; 18]];
     for (i, h) in shapes.into_iter().enumerate() {
         for (j, steps) in schedules.iter().enumerate() {
-            check_attention(gpus, 100 + (i * 10 + j) as u64, h, steps);
+            let reference = AttnReference::new(100 + (i * 10 + j) as u64, h, steps);
+            on_every_gpu!(check_attention, &reference);
         }
     }
 }
 
 #[test]
 fn attention_long_context_split_kv() {
-    let gpus = gpus();
-    if gpus.is_empty() {
+    if !any_gpu() {
         return;
     }
     // ~1000 positions: a long prefill, then decode steps of one and three rows over it.
-    check_attention(gpus, 7, heads(9, 3, 64), &[997, 1, 3]);
-    check_attention(gpus, 8, heads(8, 2, 128), &[1000, 1]);
+    let reference = AttnReference::new(7, heads(9, 3, 64), &[997, 1, 3]);
+    on_every_gpu!(check_attention, &reference);
+    let reference = AttnReference::new(8, heads(8, 2, 128), &[1000, 1]);
+    on_every_gpu!(check_attention, &reference);
+}
+
+fn check_queue_order<B: Backend>(name: &str, gpu: &B) {
+    let x0: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    let y0 = vec![1.0f32; 64];
+    let y1 = vec![100.0f32; 64];
+    let mut x = f32_buf(gpu, &x0);
+    let mut y = f32_buf(gpu, &y0);
+    gpu.add(&mut x, &y, 64).unwrap();
+    // Enqueued after the first add: the first add must still see y0.
+    gpu.upload(&mut y, 0, bytemuck::cast_slice(&y1)).unwrap();
+    gpu.add(&mut x, &y, 64).unwrap();
+    let mut z = poisoned(gpu, 64);
+    gpu.copy(&mut z, 16, &x, 0, 128).unwrap();
+    gpu.add(&mut z, &y, 64).unwrap();
+    let z = read_f32(gpu, &z, 64);
+    for (i, &got) in z.iter().enumerate() {
+        let want = if (4..36).contains(&i) {
+            (i - 4) as f32 + 101.0 + 100.0
+        } else {
+            f32::NAN
+        };
+        assert!(
+            got == want || (want.is_nan() && got.is_nan()),
+            "{name}: z[{i}] = {got}, want {want}"
+        );
+    }
+    // Reads at offsets and lengths that are not whole words.
+    let mut part = [0u8; 7];
+    gpu.read(&x, 6, &mut part).unwrap();
+    let all: Vec<u8> = read_f32(gpu, &x, 64)
+        .iter()
+        .flat_map(|f| f.to_le_bytes())
+        .collect();
+    assert_eq!(&part[..], &all[6..13], "{name}: unaligned read");
+    // Bad requests are errors, not panics; the backend stays usable.
+    assert!(gpu.alloc(1 << 50).is_err(), "{name}: absurd allocation");
+    let mut small = gpu.alloc(16).unwrap();
+    assert!(
+        gpu.add(&mut small, &y, 1000).is_err(),
+        "{name}: short buffer"
+    );
+    gpu.sync().unwrap();
 }
 
 #[test]
 fn upload_copy_and_read_keep_queue_order() {
-    for (name, gpu) in gpus() {
-        let x0: Vec<f32> = (0..64).map(|i| i as f32).collect();
-        let y0 = vec![1.0f32; 64];
-        let y1 = vec![100.0f32; 64];
-        let mut x = f32_buf(gpu, &x0);
-        let mut y = f32_buf(gpu, &y0);
-        gpu.add(&mut x, &y, 64).unwrap();
-        // Enqueued after the first add: the first add must still see y0.
-        gpu.upload(&mut y, 0, bytemuck::cast_slice(&y1)).unwrap();
-        gpu.add(&mut x, &y, 64).unwrap();
-        let mut z = poisoned(gpu, 64);
-        gpu.copy(&mut z, 16, &x, 0, 128).unwrap();
-        gpu.add(&mut z, &y, 64).unwrap();
-        let z = read_f32(gpu, &z, 64);
-        for (i, &got) in z.iter().enumerate() {
-            let want = if (4..36).contains(&i) {
-                (i - 4) as f32 + 101.0 + 100.0
-            } else {
-                f32::NAN
-            };
-            assert!(
-                got == want || (want.is_nan() && got.is_nan()),
-                "{name}: z[{i}] = {got}, want {want}"
-            );
-        }
-        // Reads at offsets and lengths that are not whole words.
-        let mut part = [0u8; 7];
-        gpu.read(&x, 6, &mut part).unwrap();
-        let all: Vec<u8> = read_f32(gpu, &x, 64)
-            .iter()
-            .flat_map(|f| f.to_le_bytes())
-            .collect();
-        assert_eq!(&part[..], &all[6..13], "{name}: unaligned read");
-        // Bad requests are errors, not panics; the backend stays usable.
-        assert!(gpu.alloc(1 << 50).is_err(), "{name}: absurd allocation");
-        let mut small = gpu.alloc(16).unwrap();
-        assert!(
-            gpu.add(&mut small, &y, 1000).is_err(),
-            "{name}: short buffer"
-        );
-        gpu.sync().unwrap();
-    }
+    on_every_gpu!(check_queue_order);
 }

@@ -1,23 +1,25 @@
-//! Matmul and embedding on GGUF block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), wgpu against the
-//! CPU backend's reference decoding (src/quant_blocks.rs): every format, rows whose byte length
-//! is not a multiple of 4, the mat-vec and tiled paths, and weights bound in row chunks.
-//! Conventions as in backend_parity.rs (poisoned outputs, normalised MSE, CI must have an adapter).
+//! Matmul and embedding on GGUF block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), every GPU variant
+//! against the CPU backend's reference decoding (src/quant_blocks.rs): every format, rows whose
+//! byte length is not a multiple of 4, the mat-vec and tiled (cuBLAS) paths, and weights bound in
+//! row chunks (wgpu). Conventions as in backend_parity.rs (poisoned outputs, normalised MSE, when
+//! a missing device is a failure rather than a skip).
 
-#![cfg(feature = "wgpu")]
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+mod common;
+#[macro_use]
 mod parity;
 
 use anyllama::backend::cpu::Cpu;
-use anyllama::backend::wgpu::Wgpu;
 use anyllama::backend::Backend;
 use anyllama::dtype::DType;
 use parity::*;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-fn check_quant_embedding(
+fn check_quant_embedding<B: Backend>(
     name: &str,
-    gpu: &Wgpu,
+    gpu: &B,
     r: &mut ChaCha8Rng,
     dtype: DType,
     vocab: usize,
@@ -43,16 +45,19 @@ fn check_quant_embedding(
     );
 }
 
+fn check_quant_embeddings<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
+    for dtype in QUANTS {
+        for &dim in quant_widths(dtype) {
+            check_quant_embedding(name, gpu, r, dtype, 50, dim);
+        }
+    }
+}
+
 #[test]
 fn embedding_decodes_every_block_format() {
     let mut r = rng(11);
-    for (name, gpu) in gpus() {
-        for dtype in QUANTS {
-            for &dim in quant_widths(dtype) {
-                check_quant_embedding(name, gpu, &mut r, dtype, 50, dim);
-            }
-        }
-    }
+    on_every_gpu!(check_quant_embeddings, &mut r);
+    #[cfg(feature = "wgpu")]
     if let Some(gpu) = chunked() {
         for dtype in QUANTS {
             let dim = if dtype.block_elems() == 256 { 256 } else { 96 };
@@ -62,25 +67,34 @@ fn embedding_decodes_every_block_format() {
 }
 
 /// Matmul of a random weight in block format `dtype`.
-fn check_quant_matmul(name: &str, gpu: &Wgpu, r: &mut ChaCha8Rng, dtype: DType, shape: [usize; 3]) {
+fn check_quant_matmul<B: Backend>(
+    name: &str,
+    gpu: &B,
+    r: &mut ChaCha8Rng,
+    dtype: DType,
+    shape: [usize; 3],
+) {
     let bytes = quant_bytes(r, dtype, shape[1], shape[2]);
     check_matmul(name, gpu, r, dtype, shape, &bytes);
+}
+
+fn check_quant_matmuls<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
+    for dtype in QUANTS {
+        for rows in [1, 4, 5, 9, 33] {
+            for &k in quant_widths(dtype) {
+                for n in [1, 49, 130] {
+                    check_quant_matmul(name, gpu, r, dtype, [rows, n, k]);
+                }
+            }
+        }
+    }
 }
 
 #[test]
 fn matmul_decodes_every_block_format() {
     let mut r = rng(12);
-    for (name, gpu) in gpus() {
-        for dtype in QUANTS {
-            for rows in [1, 4, 5, 9, 33] {
-                for &k in quant_widths(dtype) {
-                    for n in [1, 49, 130] {
-                        check_quant_matmul(name, gpu, &mut r, dtype, [rows, n, k]);
-                    }
-                }
-            }
-        }
-    }
+    on_every_gpu!(check_quant_matmuls, &mut r);
+    #[cfg(feature = "wgpu")]
     if let Some(gpu) = chunked() {
         for dtype in QUANTS {
             for rows in [1, 9] {

@@ -1,110 +1,115 @@
-//! The sample op, wgpu against the CPU reference rules (src/sample.rs): identical token ids for
+//! The sample op, every GPU variant against the CPU reference rules (src/sample.rs): identical token ids for
 //! many seeded logit vectors and settings (greedy, temperature, top-k with ties, top-p, min-p),
 //! differing only where the reference's own f32 rounding decides the draw; and ops that pass
 //! data between dispatches through scratch buffers (sampling, split-KV attention) staying whole
 //! when threads share one device.
 
-#![cfg(feature = "wgpu")]
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
+mod common;
+#[macro_use]
 mod parity;
 
 use anyllama::backend::cpu::Cpu;
-use anyllama::backend::params::KV_BLOCK;
-use anyllama::backend::{Backend, KvView, SampleOp};
-use anyllama::dtype::DType;
-use anyllama::pool::Buf;
+use anyllama::backend::{Backend, SampleOp};
 use parity::*;
 use rand::Rng;
+use rand_chacha::ChaCha8Rng;
 
-#[test]
-fn sample_picks_the_same_token() {
+/// (temperature, top_k, top_p, min_p) of the sampling cases.
+const SETTINGS: [(f32, usize, f32, f32); 10] = [
+    (0.0, 0, 1.0, 0.0),
+    (0.8, 40, 0.95, 0.05),
+    (1.0, 0, 1.0, 0.0),
+    (0.7, 1, 1.0, 0.0),
+    (1.3, 5, 1.0, 0.0),
+    (0.9, 0, 0.5, 0.0),
+    (1.0, 0, 0.9, 0.0),
+    (1.0, 0, 1.0, 0.2),
+    (0.6, 100, 0.8, 0.1),
+    (1.0, 1_000_000, 0.99, 0.0),
+];
+
+fn check_sample<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
     let cpu = Cpu::new();
-    let mut r = rng(9);
-    let settings = [
-        (0.0, 0, 1.0, 0.0),
-        (0.8, 40, 0.95, 0.05),
-        (1.0, 0, 1.0, 0.0),
-        (0.7, 1, 1.0, 0.0),
-        (1.3, 5, 1.0, 0.0),
-        (0.9, 0, 0.5, 0.0),
-        (1.0, 0, 0.9, 0.0),
-        (1.0, 0, 1.0, 0.2),
-        (0.6, 100, 0.8, 0.1),
-        (1.0, 1_000_000, 0.99, 0.0),
-    ];
-    for (name, gpu) in gpus() {
-        let mut outs_c = u32_buf(&cpu, &[u32::MAX; 4]);
-        let mut outs_g = u32_buf(gpu, &[u32::MAX; 4]);
-        let (mut same, mut rounding) = (0, 0);
-        for case in 0..400 {
-            let vocab = [7, 1000, 49152, 32001][case % 4];
-            let (temperature, top_k, top_p, min_p) = settings[(case / 4) % settings.len()];
-            // Like a language model's: a low flat floor and a few tens of likely tokens. Flat
-            // logits only for small vocabularies: over a big flat one the reference's own f32
-            // sums (top-p mass, walk) drift by more than a token's probability.
-            let flat = vocab <= 1000 && case % 8 >= 4;
-            let mut logits = randn(&mut r, vocab, if flat { 8.0 } else { 2.0 });
-            if !flat {
-                for _ in 0..vocab.min(30) {
-                    let i = r.random_range(0..vocab);
-                    logits[i] += r.random_range(2.0f32..12.0);
-                }
+    let mut outs_c = u32_buf(&cpu, &[u32::MAX; 4]);
+    let mut outs_g = u32_buf(gpu, &[u32::MAX; 4]);
+    let (mut same, mut rounding) = (0, 0);
+    for case in 0..400 {
+        let vocab = [7, 1000, 49152, 32001][case % 4];
+        let (temperature, top_k, top_p, min_p) = SETTINGS[(case / 4) % SETTINGS.len()];
+        // Like a language model's: a low flat floor and a few tens of likely tokens. Flat
+        // logits only for small vocabularies: over a big flat one the reference's own f32
+        // sums (top-p mass, walk) drift by more than a token's probability.
+        let flat = vocab <= 1000 && case % 8 >= 4;
+        let mut logits = randn(r, vocab, if flat { 8.0 } else { 2.0 });
+        if !flat {
+            for _ in 0..vocab.min(30) {
+                let i = r.random_range(0..vocab);
+                logits[i] += r.random_range(2.0f32..12.0);
             }
-            if case % 3 == 0 {
-                // Coarse values: many ties (the top-k threshold keeps them all).
-                logits
-                    .iter_mut()
-                    .for_each(|l| *l = (*l * 2.0).round() / 2.0);
-            }
-            let s = SampleOp {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                uniform: r.random::<f32>(),
-            };
-            let index = case % 4;
-            cpu.sample(&mut outs_c, index, &f32_buf(&cpu, &logits), vocab, s)
-                .unwrap();
-            gpu.sample(&mut outs_g, index, &f32_buf(gpu, &logits), vocab, s)
-                .unwrap();
-            let mut c = [0u8; 4];
-            let mut g = [0u8; 4];
-            cpu.read(&outs_c, index * 4, &mut c).unwrap();
-            gpu.read(&outs_g, index * 4, &mut g).unwrap();
-            let (c, g) = (u32::from_le_bytes(c), u32::from_le_bytes(g));
-            if c == g {
-                same += 1;
-                continue;
-            }
-            let what = format!("{name} sample case {case}: vocab {vocab} {s:?}: cpu {c}, gpu {g}");
-            let greedy = temperature <= 0.0 || top_k == 1;
-            assert!(!greedy, "{what}");
-            // Differ only where the reference's own rounding decides the walk.
-            assert!(
-                walk_accepts(&logits, &s, c),
-                "{what}: the reference itself is off"
-            );
-            assert!(walk_accepts(&logits, &s, g), "{what}");
-            rounding += 1;
         }
-        eprintln!("{name} sample: {same} identical, {rounding} within the reference's rounding");
+        if case % 3 == 0 {
+            // Coarse values: many ties (the top-k threshold keeps them all).
+            logits
+                .iter_mut()
+                .for_each(|l| *l = (*l * 2.0).round() / 2.0);
+        }
+        let s = SampleOp {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            uniform: r.random::<f32>(),
+        };
+        let index = case % 4;
+        cpu.sample(&mut outs_c, index, &f32_buf(&cpu, &logits), vocab, s)
+            .unwrap();
+        gpu.sample(&mut outs_g, index, &f32_buf(gpu, &logits), vocab, s)
+            .unwrap();
+        let mut c = [0u8; 4];
+        let mut g = [0u8; 4];
+        cpu.read(&outs_c, index * 4, &mut c).unwrap();
+        gpu.read(&outs_g, index * 4, &mut g).unwrap();
+        let (c, g) = (u32::from_le_bytes(c), u32::from_le_bytes(g));
+        if c == g {
+            same += 1;
+            continue;
+        }
+        let what = format!("{name} sample case {case}: vocab {vocab} {s:?}: cpu {c}, gpu {g}");
+        let greedy = temperature <= 0.0 || top_k == 1;
+        assert!(!greedy, "{what}");
+        // Differ only where the reference's own rounding decides the walk.
         assert!(
-            rounding * 10 <= same,
-            "{name}: too many rounding-level differences"
+            walk_accepts(&logits, &s, c),
+            "{what}: the reference itself is off"
         );
+        assert!(walk_accepts(&logits, &s, g), "{what}");
+        rounding += 1;
     }
+    eprintln!("{name} sample: {same} identical, {rounding} within the reference's rounding");
+    assert!(
+        rounding * 10 <= same,
+        "{name}: too many rounding-level differences"
+    );
 }
 
 #[test]
-fn ops_with_scratch_stay_whole_under_threads() {
-    // Threads sharing one device: an op that runs several dispatches through an internal
-    // scratch buffer (split-KV attention, sampling) must not let another thread's op in between.
-    // Each thread enqueues many such ops back to back before reading any result; whether the
-    // threads interleave at the wrong moment depends on scheduling, so this is a stress test.
-    let Some((_, gpu)) = gpus().first() else {
-        return;
-    };
+fn sample_picks_the_same_token() {
+    let mut r = rng(9);
+    on_every_gpu!(check_sample, &mut r);
+}
+
+/// Threads sharing one device: an op that runs several dispatches through an internal scratch
+/// buffer (split-KV attention, sampling) must not let another thread's op in between. Each
+/// thread enqueues many such ops back to back before reading any result; whether the threads
+/// interleave at the wrong moment depends on scheduling, so this is a stress test.
+#[cfg(feature = "wgpu")]
+fn check_threads_share_scratch<B: Backend + Sync>(name: &str, gpu: &B) {
+    use anyllama::backend::params::KV_BLOCK;
+    use anyllama::backend::KvView;
+    use anyllama::dtype::DType;
+    use anyllama::pool::Buf;
     std::thread::scope(|scope| {
         for t in 0..4u64 {
             scope.spawn(move || {
@@ -179,7 +184,7 @@ fn ops_with_scratch_stay_whole_under_threads() {
                 }
                 for o in &outs {
                     assert_close(
-                        &format!("thread {t} attention"),
+                        &format!("{name} thread {t} attention"),
                         &want,
                         &read_f32(gpu, o, 512),
                         TOL_F32,
@@ -211,10 +216,22 @@ fn ops_with_scratch_stay_whole_under_threads() {
                     let g = u32::from_le_bytes([g[0], g[1], g[2], g[3]]);
                     assert!(
                         c == g || walk_accepts(&logits, &s, g),
-                        "thread {t} sample {i}: cpu {c} gpu {g}"
+                        "{name} thread {t} sample {i}: cpu {c} gpu {g}"
                     );
                 }
             });
         }
     });
+}
+
+// Only wgpu: `Cuda` is not Sync (it keeps CUDA graph handles), so threads cannot share one and
+// the compiler already rules out what this test looks for; should it become Sync, it belongs
+// here too.
+#[cfg(feature = "wgpu")]
+#[test]
+fn ops_with_scratch_stay_whole_under_threads() {
+    // One variant: the variants share their scratch handling.
+    if let Some((name, gpu)) = gpus().first() {
+        check_threads_share_scratch(name, gpu);
+    }
 }

@@ -1,26 +1,66 @@
-//! Helpers of the backend parity tests: the wgpu variants under test (opened once per test
+//! Helpers of the backend parity tests: the GPU variants under test (opened once per test
 //! binary and shared, as an application shares its device), seeded inputs, weights in every
 //! storage dtype, NaN-poisoned outputs, the normalised-MSE check, a paged-KV driver for
 //! attention, and the analysis of sampling draws near float-rounding boundaries.
+//!
+//! Each test body is a function generic over `Backend`; `on_every_gpu!` runs it on every
+//! variant: wgpu (default kernels, and the portable ones where they differ) and CUDA (exact
+//! f32 prefill GEMMs, and the default half-precision ones; see with_cudas). Test files declare `mod common;`
+//! next to `#[macro_use] mod parity;` (the CUDA skip rules live there).
 
 #![allow(dead_code)]
 
 use anyllama::backend::cpu::Cpu;
 use anyllama::backend::params::KV_BLOCK;
-use anyllama::backend::wgpu::{Wgpu, WgpuOptions};
 use anyllama::backend::{Backend, Heads, KvView, SampleOp, Weight};
 use anyllama::dtype::DType;
 use anyllama::pool::Buf;
 use half::{bf16, f16};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::OnceLock;
+
+#[cfg(feature = "cuda")]
+use anyllama::backend::cuda::{Cuda, CudaOptions};
+#[cfg(feature = "wgpu")]
+use anyllama::backend::wgpu::{Wgpu, WgpuOptions};
 
 /// Normalised MSE bounds: f32 paths differ only in summation order and transcendental ulps;
 /// an f16 KV cache adds a rounding per stored value (the conversion may round differently).
 pub const TOL_F32: f64 = 1e-10;
 pub const TOL_F16_KV: f64 = 1e-5;
 
+/// `$f(name, backend, $args...)` for every GPU variant of every backend built in.
+macro_rules! on_every_gpu {
+    ($f:ident $(, $arg:expr)* $(,)?) => {{
+        #[cfg(feature = "wgpu")]
+        for (name, gpu) in $crate::parity::gpus() {
+            $f(name, gpu $(, $arg)*);
+        }
+        #[cfg(feature = "cuda")]
+        $crate::parity::with_cudas(|cudas| {
+            for (name, gpu) in cudas {
+                $f(name, gpu $(, $arg)*);
+            }
+        });
+    }};
+}
+
+/// Whether any GPU variant will run (so that a test can skip its CPU-side preparation).
+pub fn any_gpu() -> bool {
+    #[cfg(feature = "wgpu")]
+    if !gpus().is_empty() {
+        return true;
+    }
+    #[cfg(feature = "cuda")]
+    if cuda_usable() {
+        return true;
+    }
+    false
+}
+
+#[cfg(feature = "wgpu")]
 pub fn open(options: WgpuOptions) -> Option<Wgpu> {
     match Wgpu::with_options(options) {
         Ok(w) => Some(w),
@@ -34,8 +74,9 @@ pub fn open(options: WgpuOptions) -> Option<Wgpu> {
     }
 }
 
-/// The variants to test, opened once per process and shared by the tests (as an application
-/// shares its one device): default kernels, plus the portable ones where they differ.
+/// The wgpu variants to test, opened once per process and shared by the tests (as an
+/// application shares its one device): default kernels, plus the portable ones where they differ.
+#[cfg(feature = "wgpu")]
 pub fn gpus() -> &'static [(&'static str, Wgpu)] {
     static GPUS: OnceLock<Vec<(&'static str, Wgpu)>> = OnceLock::new();
     GPUS.get_or_init(|| {
@@ -57,10 +98,12 @@ pub fn gpus() -> &'static [(&'static str, Wgpu)] {
 }
 
 /// Bytes bound per storage binding in the `chunked` variant.
+#[cfg(feature = "wgpu")]
 pub const CHUNKED_BINDING: u64 = 16384;
 
-/// A variant whose storage bindings are capped at CHUNKED_BINDING bytes, so that small weights
-/// and embedding tables take the row-chunked path of tensors over the binding limit.
+/// A wgpu variant whose storage bindings are capped at CHUNKED_BINDING bytes, so that small
+/// weights and embedding tables take the row-chunked path of tensors over the binding limit.
+#[cfg(feature = "wgpu")]
 pub fn chunked() -> Option<&'static Wgpu> {
     static CHUNKED: OnceLock<Option<Wgpu>> = OnceLock::new();
     CHUNKED
@@ -71,6 +114,85 @@ pub fn chunked() -> Option<&'static Wgpu> {
             })
         })
         .as_ref()
+}
+
+/// The CUDA variant whose prefill GEMMs round activations to the weight's half type.
+pub const CUDA_HALF_GEMM: &str = "cuda";
+
+/// Whether this machine can run CUDA, decided once per process: without a usable driver this
+/// prints why (once) and says no; a failure instead when ANYLLAMA_REQUIRE_CUDA is set.
+#[cfg(feature = "cuda")]
+pub fn cuda_usable() -> bool {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    *USABLE.get_or_init(|| match anyllama::backend::cuda::unavailable_reason() {
+        None => true,
+        Some(why) => {
+            crate::common::skip_or_fail_cuda("cuda parity", &why);
+            false
+        }
+    })
+}
+
+/// Runs `f` on the CUDA variants: `cuda-exact` (prefill GEMMs in f32, held to the same bounds
+/// as every other backend) and `cuda` (the default: cuBLAS on f16/bf16, see matmul_tolerance);
+/// none where cuda_usable says no. A driver that sees a device but fails to open panics.
+///
+/// Unlike wgpu's, these are opened per test thread, not once per process: `Cuda` keeps CUDA
+/// graph handles, which are neither Send nor Sync, so a process-wide instance cannot be shared
+/// by the test threads. After the first open the kernels come from the disk cubin cache.
+#[cfg(feature = "cuda")]
+pub fn with_cudas(f: impl FnOnce(&[(&'static str, Cuda)])) {
+    thread_local! {
+        static CUDAS: Vec<(&'static str, Cuda)> = {
+            let open = |exact| {
+                let options = CudaOptions {
+                    exact,
+                    ..Default::default()
+                };
+                crate::common::cuda_backend_with("cuda parity", options)
+                    .expect("cuda_usable said the driver is usable")
+            };
+            vec![("cuda-exact", open(true)), (CUDA_HALF_GEMM, open(false))]
+        };
+    }
+    if cuda_usable() {
+        CUDAS.with(|v| f(v));
+    } else {
+        f(&[]);
+    }
+}
+
+/// Rows above which CUDA's matmul leaves its mat-vec kernel for cuBLAS (MATVEC_MAX_ROWS in
+/// src/backend/cuda/ops.rs).
+pub const CUDA_MATVEC_MAX_ROWS: usize = 8;
+
+/// Normalised MSE bounds for the `cuda` variant's prefill GEMMs, which round each activation
+/// (and each widened block-format weight) to the half type before an f32-accumulated product.
+/// Round-to-nearest to p significant bits errs by a relative delta with |delta| <= 2^-p, about
+/// uniform, so E[delta^2] ~ 2^-2p / 3; the error of a dot product over independent roundings has
+/// a normalised MSE of about E[delta^2] (per rounded operand). bf16 (p = 8): ~5e-6; f16
+/// (p = 11): ~8e-8, twice that with rounded weights. The bounds leave a margin of 20x and more
+/// for the spread over few outputs, and stay far below what a wrong element or row gives (~1).
+pub const TOL_BF16_GEMM: f64 = 1e-4;
+pub const TOL_F16_GEMM: f64 = 1e-5;
+
+/// The bound for matmul on variant `name`: f32 rounding everywhere, except the `cuda` variant's
+/// cuBLAS path (rows over CUDA_MATVEC_MAX_ROWS) on weights that are not f32.
+pub fn matmul_tolerance(name: &str, dtype: DType, rows: usize, n: usize) -> f64 {
+    if name == CUDA_HALF_GEMM && rows > CUDA_MATVEC_MAX_ROWS && dtype != DType::F32 {
+        return if dtype == DType::BF16 {
+            TOL_BF16_GEMM
+        } else {
+            TOL_F16_GEMM
+        };
+    }
+    // A handful of outputs may all be small by cancellation, which makes the normalised
+    // error of a different summation order large: bound those more loosely.
+    if rows * n < 8 {
+        1e-8
+    } else {
+        TOL_F32
+    }
 }
 
 pub fn rng(seed: u64) -> ChaCha8Rng {
@@ -233,9 +355,11 @@ pub struct AttnCase<'a> {
     pub v: &'a [f32],
 }
 
-/// Drives one layer's paged cache through the case's steps, as prefill and decode do; returns
-/// every step's attention output and the final caches.
-pub fn run_attention<B: Backend>(b: &B, c: &AttnCase) -> (Vec<Vec<f32>>, Vec<u8>, Vec<u8>) {
+/// Every step's attention output, and the final K and V cache bytes.
+pub type AttnRun = (Vec<Vec<f32>>, Vec<u8>, Vec<u8>);
+
+/// Drives one layer's paged cache through the case's steps, as prefill and decode do.
+pub fn run_attention<B: Backend>(b: &B, c: &AttnCase) -> AttnRun {
     let AttnCase {
         h,
         kv,
@@ -326,9 +450,9 @@ pub fn walk_accepts(logits: &[f32], s: &SampleOp, token: u32) -> bool {
 
 /// out = x . w^T on the CPU and on `gpu` for a random x and the weight `bytes` (stored as
 /// `dtype`, n rows of k values), compared by normalised MSE.
-pub fn check_matmul(
+pub fn check_matmul<B: Backend>(
     name: &str,
-    gpu: &Wgpu,
+    gpu: &B,
     r: &mut ChaCha8Rng,
     dtype: DType,
     shape: [usize; 3],
@@ -340,16 +464,106 @@ pub fn check_matmul(
     let mut oc = poisoned(&cpu, rows * n);
     let wc = raw_weight(&cpu, dtype, n, k, bytes);
     cpu.matmul(&mut oc, &f32_buf(&cpu, &x), &wc, rows).unwrap();
+    let what = format!("{name} matmul {dtype} rows {rows} n {n} k {k}");
     let mut og = poisoned(gpu, rows * n);
     let wg = raw_weight(gpu, dtype, n, k, bytes);
-    gpu.matmul(&mut og, &f32_buf(gpu, &x), &wg, rows).unwrap();
-    // A handful of outputs may all be small by cancellation, which makes the normalised
-    // error of a different summation order large: bound those more loosely.
-    let tol = if rows * n < 8 { 1e-8 } else { TOL_F32 };
+    gpu.matmul(&mut og, &f32_buf(gpu, &x), &wg, rows)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert_close(
-        &format!("{name} matmul {dtype} rows {rows} n {n} k {k}"),
+        &what,
         &read_f32(&cpu, &oc, rows * n),
         &read_f32(gpu, &og, rows * n),
-        tol,
+        matmul_tolerance(name, dtype, rows, n),
     );
+}
+
+/// One layer's attention inputs for a schedule of steps, and the CPU's outputs and final
+/// caches for each KV dtype, computed once and compared against every variant.
+pub struct AttnReference {
+    pub seed: u64,
+    pub h: Heads,
+    pub steps: Vec<usize>,
+    pub table: Vec<u32>,
+    pub pool_blocks: usize,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    /// For each KV dtype, the CPU's run.
+    pub cpu: Vec<(DType, AttnRun)>,
+}
+
+impl AttnReference {
+    pub fn new(seed: u64, h: Heads, steps: &[usize]) -> AttnReference {
+        let mut r = rng(seed);
+        let total: usize = steps.iter().sum();
+        let blocks = total.div_ceil(KV_BLOCK);
+        // A block table out of order, drawn from a pool with spare blocks (never written: NaN).
+        let pool_blocks = blocks + 3;
+        let mut ids: Vec<u32> = (0..pool_blocks as u32).collect();
+        ids.shuffle(&mut r);
+        ids.truncate(blocks);
+        let q = randn(&mut r, total * h.n_heads * h.head_dim, 1.0);
+        let k = randn(&mut r, total * h.n_kv_heads * h.head_dim, 1.0);
+        let v = randn(&mut r, total * h.n_kv_heads * h.head_dim, 1.0);
+        let mut reference = AttnReference {
+            seed,
+            h,
+            steps: steps.to_vec(),
+            table: ids,
+            pool_blocks,
+            q,
+            k,
+            v,
+            cpu: vec![],
+        };
+        let cpu = Cpu::new();
+        for kv in [DType::F32, DType::F16] {
+            let run = run_attention(&cpu, &reference.case(kv));
+            reference.cpu.push((kv, run));
+        }
+        reference
+    }
+
+    pub fn case(&self, kv: DType) -> AttnCase<'_> {
+        AttnCase {
+            h: self.h,
+            kv,
+            table: &self.table,
+            pool_blocks: self.pool_blocks,
+            steps: &self.steps,
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+        }
+    }
+}
+
+/// kv_append and attention of `gpu` against the reference, step by step, for both KV dtypes.
+pub fn check_attention<B: Backend>(name: &str, gpu: &B, reference: &AttnReference) {
+    let (h, steps) = (reference.h, &reference.steps);
+    for (kv, (oc, kc, vc)) in &reference.cpu {
+        let kv = *kv;
+        let (og, kg, vg) = run_attention(gpu, &reference.case(kv));
+        let tol = if kv == DType::F16 {
+            TOL_F16_KV
+        } else {
+            TOL_F32
+        };
+        // Compare the written slots only; unwritten ones stay NaN on both sides.
+        let written = |bytes: &[u8]| -> Vec<f32> {
+            cache_values(kv, bytes)
+                .into_iter()
+                .filter(|x| !x.is_nan())
+                .collect()
+        };
+        let what = format!("{name} kv_append {h:?} {kv} steps {steps:?}");
+        assert_close(&format!("{what} K"), &written(kc), &written(&kg), tol);
+        assert_close(&format!("{what} V"), &written(vc), &written(&vg), tol);
+        let mut pos0 = 0;
+        for (i, &rows) in steps.iter().enumerate() {
+            let what = format!("{name} attention {h:?} {kv} rows {rows} pos0 {pos0}");
+            assert_close(&what, &oc[i], &og[i], tol);
+            pos0 += rows;
+        }
+    }
 }
