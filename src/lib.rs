@@ -21,6 +21,8 @@ pub mod pool;
 
 pub mod model;
 
+pub mod bench;
+
 pub mod generate;
 pub mod sample;
 pub mod stop;
