@@ -46,6 +46,12 @@ impl Budget {
     pub fn exhausted(&self) -> bool {
         self.end.is_some_and(|e| Instant::now() >= e)
     }
+
+    /// Seconds left; None without a limit.
+    pub fn remaining(&self) -> Option<f64> {
+        self.end
+            .map(|e| e.saturating_duration_since(Instant::now()).as_secs_f64())
+    }
 }
 
 /// `n` random token ids below `vocab` (the same for a given seed).

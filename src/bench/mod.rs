@@ -168,9 +168,17 @@ pub fn bench_backend<B: Backend>(b: &B, spec: &ModelSpec, opts: &BenchOptions) -
 
     // 3. decode after a long prompt (one run: the kernels are warm by now)
     if opts.long_ctx > 0 {
-        if budget.exhausted() {
+        // A long prefill cannot be cut short: skip it when the prefill speed measured so far
+        // (halved, as attention grows with the context) says it would overrun the budget.
+        let slowest_prefill = row
+            .prefill_tok_s
+            .values()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let estimate = 2.0 * opts.long_ctx as f64 / slowest_prefill;
+        if budget.exhausted() || budget.remaining().is_some_and(|left| estimate > left) {
             row.notes.push(format!(
-                "long-context decode at {} skipped: time budget spent",
+                "long-context decode at {} skipped: time budget spent or too short (estimate {estimate:.0} s)",
                 opts.long_ctx
             ));
         } else {
