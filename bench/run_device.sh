@@ -6,6 +6,7 @@
 # (built with --features cuda for the CUDA rows), e.g. on the project's GPU machine:
 #   bash .device/on-device.sh bash bench/run_device.sh
 # A backend or peer that fails or runs out of time gets a row saying so; the script goes on.
+# BENCH_CHECK=1 runs a quick version on the tiny shape without a GPU (to check the script).
 # BENCH_DEADLINE_S (default 520) bounds the whole run; each case has a soft time budget
 # (--max-seconds) and a hard `timeout` a little above it.
 set -uo pipefail
@@ -52,22 +53,32 @@ peer() { # SHAPE VARIANT SECONDS [extra flags]
     "$python" "$here/peers/hf_transformers.py" --shape "$shape" "$@"
 }
 
-# Most important first: the 8B rows carry most of the comparisons.
-ours llama-3.1-8b bf16 cuda 55 --runs 3
-ours llama-3.1-8b bf16 wgpu 55 --runs 3
-peer llama-3.1-8b eager 55 --runs 3
-ours llama-3.2-1b bf16 cuda 30
-ours llama-3.2-1b bf16 wgpu 30
-peer llama-3.2-1b eager 35
-ours smollm2-135m bf16 cuda 20
-ours smollm2-135m bf16 wgpu 20
-peer smollm2-135m eager 25
-ours llama-3.1-8b q8_0 cuda 30 --runs 3 --long-ctx 0
-ours llama-3.1-8b q8_0 wgpu 30 --runs 3 --long-ctx 0
-ours llama-3.1-8b q4_k cuda 30 --runs 3 --long-ctx 0
-ours llama-3.1-8b q4_k wgpu 30 --runs 3 --long-ctx 0
-# Compiled decoding last: compiling takes a while and is only worth it if time is left.
-peer llama-3.2-1b compile 70 --compile --no-eager --runs 3 --long-ctx 0
+if [ "${BENCH_CHECK:-0}" = 1 ]; then
+  # A quick check of this script and merge.py without a GPU: the tiny shape, small counts.
+  q=(--runs 1 --gen 8 --prefill 64 --long-ctx 256 --copy-mib 16)
+  ours tiny bf16 cpu 20 "${q[@]}"
+  ours tiny bf16 wgpu 20 "${q[@]}"
+  ours tiny bf16 cuda 20 "${q[@]}"
+  ours tiny q4_k wgpu 20 "${q[@]}"
+  peer tiny eager 40 "${q[@]}" --device cpu
+else
+  # Most important first: the 8B rows carry most of the comparisons.
+  ours llama-3.1-8b bf16 cuda 55 --runs 3
+  ours llama-3.1-8b bf16 wgpu 55 --runs 3
+  peer llama-3.1-8b eager 55 --runs 3
+  ours llama-3.2-1b bf16 cuda 30
+  ours llama-3.2-1b bf16 wgpu 30
+  peer llama-3.2-1b eager 35
+  ours smollm2-135m bf16 cuda 20
+  ours smollm2-135m bf16 wgpu 20
+  peer smollm2-135m eager 25
+  ours llama-3.1-8b q8_0 cuda 30 --runs 3 --long-ctx 0
+  ours llama-3.1-8b q8_0 wgpu 30 --runs 3 --long-ctx 0
+  ours llama-3.1-8b q4_k cuda 30 --runs 3 --long-ctx 0
+  ours llama-3.1-8b q4_k wgpu 30 --runs 3 --long-ctx 0
+  # Compiled decoding last: compiling takes a while and is only worth it if time is left.
+  peer llama-3.2-1b compile 70 --compile --no-eager --runs 3 --long-ctx 0
+fi
 
 echo "== merge ($(($SECONDS - start))s so far)"
 "$python" "$here/merge.py" "$work" "$out"

@@ -177,13 +177,21 @@ pub fn bench_backend<B: Backend>(b: &B, spec: &ModelSpec, opts: &BenchOptions) -
             .fold(f64::INFINITY, f64::min);
         let estimate = 2.0 * opts.long_ctx as f64 / slowest_prefill;
         if budget.exhausted() || budget.remaining().is_some_and(|left| estimate > left) {
+            let why = if budget.exhausted() {
+                "time budget spent".to_string()
+            } else {
+                format!("its prefill would take about {estimate:.0} s, more than the budget left")
+            };
             row.notes.push(format!(
-                "long-context decode at {} skipped: time budget spent or too short (estimate {estimate:.0} s)",
+                "long-context decode at {} skipped: {why}",
                 opts.long_ctx
             ));
         } else {
             say(&format!("decode after {} tokens", opts.long_ctx));
-            let once = RunSettings { runs: 1, ..settings };
+            let once = RunSettings {
+                runs: 1,
+                ..settings
+            };
             let gen = opts.long_ctx_gen.max(2);
             row.long_ctx_tokens = Some(opts.long_ctx);
             row.long_ctx_gen_tokens = Some(gen);

@@ -142,7 +142,10 @@ impl Report {
                 (Some(t), Some(n)) => format!("{t:.1} @{n}"),
                 _ => "-".into(),
             });
-            l.push(num(r.peak_mem_bytes.map(|b| b as f64 / (1 << 20) as f64), 0));
+            l.push(num(
+                r.peak_mem_bytes.map(|b| b as f64 / (1 << 20) as f64),
+                0,
+            ));
             l.push(num(r.bytes_per_token.map(|b| b as f64 / 1e9), 3));
             l.push(num(r.achieved_gbps, 1));
             l.push(match (r.bandwidth_fraction, r.bandwidth_gbps) {
@@ -202,7 +205,10 @@ mod tests {
         };
         let rep = Report::new(vec![r, failed]);
         let t = rep.table();
-        assert!(t.contains("prefill 512 tok/s") && t.contains("50% of 40"), "{t}");
+        assert!(
+            t.contains("prefill 512 tok/s") && t.contains("50% of 40"),
+            "{t}"
+        );
         assert!(t.contains("cuda") && t.contains("error: no CUDA"), "{t}");
         let back: Report = serde_json::from_str(&rep.to_json()).unwrap();
         assert_eq!(back.rows, rep.rows);

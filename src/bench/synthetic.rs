@@ -240,6 +240,23 @@ impl<B: Backend> Filler<'_, B> {
     }
 }
 
+/// One random `[rows, cols]` weight in `dtype` made on the device (for per-op benchmarks).
+pub fn random_weight<B: Backend>(
+    b: &B,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    seed: u64,
+) -> Result<Weight<B>> {
+    let unit = copy_unit(dtype);
+    let host = random_chunk(dtype, (1 << 20) / unit * unit, seed)?;
+    let mut chunk = Buf::exact(b, host.len())?;
+    b.upload(&mut chunk, 0, &host)?;
+    let w = Filler { b, dtype, chunk }.matrix(rows, cols)?;
+    b.sync()?;
+    Ok(w)
+}
+
 /// A model of `shape` whose matrices (embedding and output included) are random `dtype` weights
 /// made on the device; norms are f32 ones.
 pub fn synthetic_model<B: Backend>(

@@ -1,8 +1,8 @@
 //! `anyllama bench`: the flags turned into `anyllama::bench` options, one row per backend.
 
 use crate::args::{BackendArg, BenchArgs, BenchDtype, KvDtypeArg};
-use anyllama::bench::report::Report;
 use anyllama::backend::select::with_backend;
+use anyllama::bench::report::Report;
 use anyllama::bench::{failed_row, BenchJob, BenchOptions, ModelSpec};
 use anyllama::dtype::DType;
 use anyllama::loader::ModelFiles;
@@ -31,22 +31,21 @@ fn backend_name(b: BackendArg) -> &'static str {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
-    let spec = match (&a.synthetic, &a.model) {
-        (Some(name), None) => ModelSpec::Synthetic {
-            shape: anyllama::bench::synthetic::shape(name)?,
-            dtype: dtype(a.dtype),
-        },
-        (None, Some(m)) => {
-            let path = anyllama::hub::resolve_model_path(m)?;
-            ModelSpec::Files(Box::new(ModelFiles::open(&path)?))
-        }
-        _ => {
-            return Err(Error::Usage(
+    let spec =
+        match (&a.synthetic, &a.model) {
+            (Some(name), None) => ModelSpec::Synthetic {
+                shape: anyllama::bench::synthetic::shape(name)?,
+                dtype: dtype(a.dtype),
+            },
+            (None, Some(m)) => {
+                let path = anyllama::hub::resolve_model_path(m)?;
+                ModelSpec::Files(Box::new(ModelFiles::open(&path)?))
+            }
+            _ => return Err(Error::Usage(
                 "bench needs a model: -m <folder | file.gguf | org/name> or --synthetic <shape>"
                     .into(),
-            ))
-        }
-    };
+            )),
+        };
     if a.prompt == 0 || a.gen == 0 {
         return Err(Error::Usage("--prompt and --gen must be positive".into()));
     }
