@@ -78,16 +78,22 @@ def main():
         # a failed case is recorded under the backend name it was asked for
         return find("anyllama", backend, model, dtype)
 
+    prefills = sorted({int(k) for r in rows for k in (r.get("prefill_tok_s") or {})})
+    long_ctx = max((r.get("long_ctx_tokens") or 0 for r in rows), default=0)
+    # (label, value of a row, digits, whether a peer ratio makes sense)
     metrics = [
-        ("decode tok/s", lambda r: r.get("decode_tok_s"), 1),
-        ("TTFT ms (128-token prompt)", lambda r: r.get("ttft_ms"), 1),
-        ("prefill 512 tok/s", lambda r: (r.get("prefill_tok_s") or {}).get("512"), 0),
-        ("prefill 2048 tok/s", lambda r: (r.get("prefill_tok_s") or {}).get("2048"), 0),
-        ("decode tok/s at 8192 context", lambda r: r.get("long_ctx_decode_tok_s"), 1),
-        ("decode 8192 ctx / 128 ctx", lambda r: ratio(r.get("long_ctx_decode_tok_s"), r.get("decode_tok_s")), 2),
-        ("peak memory GiB", lambda r: r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None, 2),
-        ("decode bandwidth / copy bandwidth", lambda r: r.get("bandwidth_fraction"), 2),
-        ("copy bandwidth GB/s", lambda r: r.get("bandwidth_gbps"), 0),
+        ("decode tok/s", lambda r: r.get("decode_tok_s"), 1, True),
+        ("TTFT ms (128-token prompt)", lambda r: r.get("ttft_ms"), 1, True),
+    ]
+    for n in prefills:
+        metrics.append((f"prefill {n} tok/s", lambda r, n=n: (r.get("prefill_tok_s") or {}).get(str(n)), 0, True))
+    metrics += [
+        (f"decode tok/s at {long_ctx} context", lambda r: r.get("long_ctx_decode_tok_s"), 1, True),
+        (f"decode {long_ctx} ctx / 128 ctx",
+         lambda r: ratio(r.get("long_ctx_decode_tok_s"), r.get("decode_tok_s")), 2, False),
+        ("peak memory GiB", lambda r: r["peak_mem_bytes"] / 2**30 if r.get("peak_mem_bytes") else None, 2, True),
+        ("decode bandwidth / copy bandwidth", lambda r: r.get("bandwidth_fraction"), 2, False),
+        ("copy bandwidth GB/s", lambda r: r.get("bandwidth_gbps"), 0, False),
     ]
     cases = []
     for r in rows:
@@ -110,7 +116,7 @@ def main():
         w, c = our("wgpu", model, dtype), our("cuda", model, dtype)
         he = find("transformers", None, model, "bf16")
         hc = find("transformers+compile", None, model, "bf16")
-        for label, get, digits in metrics:
+        for label, get, digits, peer_ratio in metrics:
             vals = [get(r) if r and not r.get("error") else None for r in (w, c, he, hc)]
             if all(v is None for v in vals):
                 continue
@@ -118,7 +124,6 @@ def main():
             best_hf = hev if hcv is None else (hcv if hev is None else max(hev, hcv))
             if "ms" in label or "memory" in label:
                 best_hf = hev if hcv is None else (hcv if hev is None else min(hev, hcv))
-            peer_ratio = "/" not in label and "bandwidth" not in label
             cells = [
                 f"{model} {dtype} {label}",
                 fmt(wv, digits), fmt(cv, digits), fmt(hev, digits), fmt(hcv, digits),

@@ -12,6 +12,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/out}; mkdir -p "$out"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 here=$(cd "$(dirname "$0")" && pwd)
 deadline=${BENCH_DEADLINE_S:-520}
 start=$SECONDS
