@@ -54,6 +54,7 @@ fn cfg_8b() -> ModelConfig {
 }
 
 /// Matrix-vector products of decode and a prefill GEMM, in the dtypes that matter.
+#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
 fn matmuls<B: Backend>(c: &mut Criterion, b: &B) {
     let cfg = cfg_8b();
     let (dim, ffn) = (cfg.dim, cfg.ffn_dim);
