@@ -3,7 +3,8 @@
 //! Reading order: config and rope (the model's shape), weights (files -> tensors), backend (the
 //! trait, the cpu reference, wgpu), pool and kv_cache (memory), model (the forward pass),
 //! sample and generate (the decode loop), tokenizer and chat_template (text <-> ids), loader
-//! (a model folder or GGUF file -> everything above), convert (GGUF <-> HF folder).
+//! (a model folder or GGUF file -> everything above), convert (GGUF <-> HF folder), bench
+//! (speed measurements over any backend).
 
 pub mod config;
 pub mod generation_config;
@@ -20,6 +21,8 @@ pub mod kv_cache;
 pub mod pool;
 
 pub mod model;
+
+pub mod bench;
 
 pub mod generate;
 pub mod sample;

@@ -6,10 +6,16 @@
 //! queue: a buffer dropped after op N was enqueued can only be written again by an op enqueued
 //! after N. Weights and the KV cache are allocated exactly and never pooled.
 //! `ANYLLAMA_POOL_DEBUG=1` disables reuse to flush out use-after-release bugs.
+//!
+//! The pool also counts the bytes held in raw allocations (pooled ones, in use or free, and exact
+//! ones) and the peak of that count: `anyllama bench` reports the peak as the model's device
+//! memory. Backend-internal allocations (staging buffers, pipelines, the driver's own) are not
+//! counted.
 
 use crate::backend::Backend;
 use crate::error::Result;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Smallest allocation: keeps every buffer bindable and 16-byte aligned in size.
@@ -18,6 +24,9 @@ const MIN_BYTES: usize = 256;
 pub struct Pool<B: Backend> {
     free: Mutex<HashMap<usize, Vec<B::Raw>>>,
     reuse: bool,
+    /// Bytes in raw allocations made through this pool or `Buf::exact`, and their peak.
+    held: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 impl<B: Backend> Default for Pool<B> {
@@ -26,6 +35,8 @@ impl<B: Backend> Default for Pool<B> {
         Pool {
             free: Mutex::new(HashMap::new()),
             reuse: !debug,
+            held: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
         }
     }
 }
@@ -53,19 +64,45 @@ impl<B: Backend> Pool<B> {
         };
         let raw = match reused {
             Some(raw) => raw,
-            None => backend.alloc_raw(class)?,
+            None => self.alloc_counted(backend, class)?,
         };
         Ok(Buf {
             raw: Some(raw),
             bytes,
             class,
-            pool: Some(self.clone()),
+            pool: self.clone(),
+            pooled: true,
         })
     }
 
     /// Drops every cached free buffer (e.g. before loading another model).
     pub fn trim(&self) {
-        self.free.lock().unwrap().clear();
+        let mut free = self.free.lock().unwrap();
+        let freed: usize = free.iter().map(|(class, v)| class * v.len()).sum();
+        free.clear();
+        self.held.fetch_sub(freed, Ordering::Relaxed);
+    }
+
+    /// Bytes now held in raw device allocations (in use or cached free).
+    pub fn held_bytes(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes held at once since the pool was made or `reset_peak` was called.
+    pub fn peak_bytes(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new peak measurement from what is held now.
+    pub fn reset_peak(&self) {
+        self.peak.store(self.held_bytes(), Ordering::Relaxed);
+    }
+
+    fn alloc_counted(&self, backend: &B, bytes: usize) -> Result<B::Raw> {
+        let raw = backend.alloc_raw(bytes)?;
+        let now = self.held.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        Ok(raw)
     }
 }
 
@@ -74,18 +111,22 @@ pub struct Buf<B: Backend> {
     raw: Option<B::Raw>,
     bytes: usize,
     class: usize,
-    pool: Option<Arc<Pool<B>>>,
+    /// The pool that counts this allocation (and takes it back when `pooled`).
+    pool: Arc<Pool<B>>,
+    pooled: bool,
 }
 
 impl<B: Backend> Buf<B> {
     /// An exact, unpooled buffer (weights, KV cache).
     pub fn exact(backend: &B, bytes: usize) -> Result<Self> {
         let size = bytes.max(16).next_multiple_of(16);
+        let pool = backend.pool().clone();
         Ok(Buf {
-            raw: Some(backend.alloc_raw(size)?),
+            raw: Some(pool.alloc_counted(backend, size)?),
             bytes,
             class: size,
-            pool: None,
+            pool,
+            pooled: false,
         })
     }
 
@@ -114,22 +155,51 @@ impl<B: Backend> Buf<B> {
 
 impl<B: Backend> Drop for Buf<B> {
     fn drop(&mut self) {
-        if let (Some(pool), Some(raw)) = (&self.pool, self.raw.take()) {
-            if pool.reuse {
-                pool.free
-                    .lock()
-                    .unwrap()
-                    .entry(self.class)
-                    .or_default()
-                    .push(raw);
-            }
+        let Some(raw) = self.raw.take() else { return };
+        if self.pooled && self.pool.reuse {
+            self.pool
+                .free
+                .lock()
+                .unwrap()
+                .entry(self.class)
+                .or_default()
+                .push(raw);
+        } else {
+            drop(raw);
+            self.pool.held.fetch_sub(self.class, Ordering::Relaxed);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::size_class;
+    use super::{size_class, Buf};
+    use crate::backend::{cpu::Cpu, Backend};
+
+    #[test]
+    fn held_and_peak_bytes_follow_allocations() {
+        let b = Cpu::new();
+        let pool = b.pool().clone();
+        if !pool.reuse {
+            return; // ANYLLAMA_POOL_DEBUG: nothing is cached, the counts below differ
+        }
+        let exact = Buf::exact(&b, 1000).unwrap(); // rounded to 1008
+        assert_eq!(pool.held_bytes(), 1008);
+        let scratch = b.alloc(4096).unwrap();
+        assert_eq!(pool.held_bytes(), 1008 + 4096);
+        drop(exact);
+        assert_eq!(pool.held_bytes(), 4096);
+        drop(scratch); // back to the free list: still held
+        assert_eq!(pool.held_bytes(), 4096);
+        let again = b.alloc(4000).unwrap(); // same class, reused
+        assert_eq!(pool.held_bytes(), 4096);
+        drop(again);
+        pool.trim();
+        assert_eq!(pool.held_bytes(), 0);
+        assert_eq!(pool.peak_bytes(), 1008 + 4096);
+        pool.reset_peak();
+        assert_eq!(pool.peak_bytes(), 0);
+    }
 
     #[test]
     fn size_classes_round_up_by_at_most_a_quarter() {

@@ -140,7 +140,7 @@ pub struct Weights<B: Backend> {
     pub layers: Vec<LayerWeights<B>>,
     pub norm: Buf<B>,
     /// None when the output projection is tied to the embedding table.
-    output: Option<Weight<B>>,
+    pub(crate) output: Option<Weight<B>>,
 }
 
 impl<B: Backend> Weights<B> {

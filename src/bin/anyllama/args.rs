@@ -26,6 +26,9 @@ pub enum Command {
     Devices,
     /// Convert between a GGUF file and an HF folder (direction from the input).
     Convert(ConvertArgs),
+    /// Measure speed: decode and prefill tokens/s, time to first token, peak memory and the
+    /// fraction of memory bandwidth used, per backend (bench/NOTES.md has the timing rules).
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -146,6 +149,84 @@ pub enum OutDtype {
     Q4_0,
     #[value(name = "q4_1")]
     Q4_1,
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Model to measure: an HF folder, a .gguf file, or org/name in the local HF cache.
+    #[arg(short = 'm', long = "model", conflicts_with = "synthetic")]
+    pub model: Option<String>,
+    /// Instead of a model file: random weights of a real shape, made on the device
+    /// (smollm2-135m, llama-3.2-1b, llama-3.1-8b; tiny for tests).
+    #[arg(long)]
+    pub synthetic: Option<String>,
+    /// Weight storage type of the synthetic model.
+    #[arg(long, value_enum, default_value_t = BenchDtype::Bf16, requires = "synthetic")]
+    pub dtype: BenchDtype,
+    /// Backends to measure, comma-separated (e.g. wgpu,cuda); each gets a row.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    pub backend: Vec<BackendArg>,
+    /// Index of the GPU adapter to use (see `anyllama devices`).
+    #[arg(long)]
+    pub adapter: Option<usize>,
+    /// Prompt tokens of the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    pub prompt: usize,
+    /// Tokens generated per decode run (EOS ignored).
+    #[arg(long, default_value_t = 256)]
+    pub gen: usize,
+    /// Timed runs per measurement, after one warm-up; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Prompt lengths of the prefill measurements, comma-separated (0 for none).
+    #[arg(long, value_delimiter = ',', default_value = "512,2048")]
+    pub prefill: Vec<usize>,
+    /// Prompt length of the long-context decode measurement (0 skips it).
+    #[arg(long, default_value_t = 8192)]
+    pub long_ctx: usize,
+    /// Tokens decoded after the long prompt.
+    #[arg(long, default_value_t = 32)]
+    pub long_ctx_gen: usize,
+    /// Tokens per prefill forward call.
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// KV cache storage type.
+    #[arg(long, value_enum, default_value_t = KvDtypeArg::F16)]
+    pub kv_dtype: KvDtypeArg,
+    /// Memory bandwidth to compare decode against, in GB/s (default: measured with a large
+    /// device copy, read + write bytes).
+    #[arg(long)]
+    pub bandwidth: Option<f64>,
+    /// MiB per buffer of the bandwidth copy.
+    #[arg(long, default_value_t = 1024)]
+    pub copy_mib: usize,
+    /// Soft time limit per backend in seconds: repetitions stop and later measurements are
+    /// skipped once spent (0: none).
+    #[arg(long, default_value_t = 300.0)]
+    pub max_seconds: f64,
+    /// Seed of the random weights and prompts.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print JSON on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum BenchDtype {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q4_k")]
+    Q4K,
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -1,6 +1,7 @@
-//! The anyllama command line: generate, chat, info, devices.
+//! The anyllama command line: generate, chat, info, devices, convert, bench.
 
 mod args;
+mod bench;
 mod run;
 
 use args::{Cli, Command};
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
         Command::Info(a) => run::info(a),
         Command::Devices => run::devices(),
         Command::Convert(a) => run::convert(a),
+        Command::Bench(a) => bench::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
