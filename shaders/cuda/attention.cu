@@ -241,3 +241,51 @@ __device__ void attention_prefill(float* out, const float* q, const void* k_cach
 PREFILL(16)
 PREFILL(32)
 PREFILL(64)
+
+// Long prefills go through cuBLAS instead (attention_gemm.rs): attention_gather copies positions
+// 0..n_pos of one layer's paged K and V into contiguous f32 [kv head][position][head_dim]
+// matrices, the scores S = Q K^T come from a batched GEMM (one batch per kv head, one call per
+// query head of the group), attention_softmax turns each score row into causal softmax weights
+// in place, and a second batched GEMM multiplies them with V.
+extern "C" __global__ void attention_gather(float* k_out, float* v_out, const void* k_cache,
+                                            const void* v_cache, const u32* table,
+                                            AttentionParams p, u32 n_pos) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const u32 hd = p.head_dim;
+    if (i >= (size_t)p.n_kv_heads * n_pos * hd) return;
+    const u32 d = (u32)(i % hd);
+    const u32 pos = (u32)((i / hd) % n_pos);
+    const u32 kvh = (u32)(i / ((size_t)hd * n_pos));
+    const size_t at = kv_row(table, pos, kvh, p.n_kv_heads, hd) + d;
+    k_out[i] = kv_get(k_cache, at, p.kv_f16);
+    v_out[i] = kv_get(v_cache, at, p.kv_f16);
+}
+
+// One block per score row (kv head blockIdx.y, query row blockIdx.x) of s [kv head][rows][n_pos]:
+// weights softmax(s * scale) over positions 0..=pos0 + row, zero after.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_softmax(float* s, AttentionParams p, u32 n_pos) {
+    __shared__ float red[32];
+    const u32 r = blockIdx.x;
+    float* row = s + ((size_t)blockIdx.y * p.rows + r) * n_pos;
+    const u32 n = min(p.pos0 + r + 1, n_pos);
+    float mx = -INFINITY;
+    for (u32 j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, row[j] * p.scale);
+    {  // block max: warp max, then across warps
+        __shared__ float wm[32];
+        float v = warp_max(mx);
+        if ((threadIdx.x & 31) == 0) wm[threadIdx.x >> 5] = v;
+        __syncthreads();
+        v = (threadIdx.x & 31) < (blockDim.x >> 5) ? wm[threadIdx.x & 31] : -INFINITY;
+        mx = warp_max(v);
+    }
+    float sum = 0.0f;
+    for (u32 j = threadIdx.x; j < n; j += blockDim.x) {
+        const float e = expf(row[j] * p.scale - mx);
+        row[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, red);
+    const float inv = 1.0f / sum;
+    for (u32 j = threadIdx.x; j < n_pos; j += blockDim.x) row[j] = j < n ? row[j] * inv : 0.0f;
+}

@@ -1,6 +1,6 @@
 // matmul: out[r, col0 + o] = sum_i x[r, i] * w[o, i], weights in any stored format, f32 sums.
-// Decode (few rows) runs `matvec_<dtype>`: one warp per output feature walks its weight row in
-// octets (16-byte loads for 16-bit weights, whole quant sub-blocks decoded as
+// Decode (few rows) runs `matvec_<dtype>`: one warp per output feature walks its weight row
+// two octets per lane at a time (16-byte loads for 16-bit weights, whole quant sub-blocks decoded as
 // src/quant_blocks.rs does), each octet feeding up to 4 input rows (grid y picks which 4); a
 // warp shuffle reduces the lanes. Prefill (many rows) goes to cuBLAS: `widen_<dtype>` writes the
 // weights as f32 (exact path) or f16/bf16 (tensor-core path, with `round_x` rounding the
@@ -27,7 +27,28 @@ __device__ void matvec(float* out, const float* x, const u8* w, MatmulParams p) 
     const u8* row = w + (size_t)o * row_bytes<DT>(p.k);
     const float* xr = x + (size_t)r0 * p.k;
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (DT >= DT_Q8_0 || (p.k & 7) == 0) {
+    if ((p.k & 15) == 0) {
+        // Two octets per lane per pass: both weight loads are in flight before the sums.
+        for (u32 e = 16 * lane; e < p.k; e += 512) {
+            float wv[16];
+            load8<DT>(row, e, wv);
+            load8<DT>(row, e + 8, wv + 8);
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                if (r < nr) {
+                    const float4* xp = (const float4*)(xr + (size_t)r * p.k + e);
+                    float s = 0.0f;
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        const float4 a = xp[q];
+                        s += wv[4 * q] * a.x + wv[4 * q + 1] * a.y + wv[4 * q + 2] * a.z +
+                             wv[4 * q + 3] * a.w;
+                    }
+                    acc[r] += s;
+                }
+            }
+        }
+    } else if (DT >= DT_Q8_0 || (p.k & 7) == 0) {
         for (u32 e = 8 * lane; e < p.k; e += 256) {
             float wv[8];
             load8<DT>(row, e, wv);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 const GEMM_SCRATCH: usize = 256 << 20;
 
 pub struct Blas {
-    handle: bsys::cublasHandle_t,
+    pub(super) handle: bsys::cublasHandle_t,
 }
 
 // The handle is only used from calls that hold &Cuda, in order on one stream.

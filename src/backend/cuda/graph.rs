@@ -35,6 +35,9 @@ pub struct Graphs {
     /// Held for a whole step by the thread running it, and by any other thread for each of
     /// its enqueues, so that no other thread's op lands inside a capture.
     exclusive: Mutex<()>,
+    /// Steps captured, replayed, and run without a graph (`ANYLLAMA_CUDA_DEBUG=1` prints them
+    /// when the backend is dropped).
+    pub(super) counts: Mutex<[u64; 3]>,
 }
 
 /// An instantiated graph. cudarc's handle holds raw pointers; it is only launched or dropped
@@ -67,6 +70,7 @@ impl Graphs {
             state: Mutex::new(Trace::default()),
             graphs: Mutex::new(HashMap::new()),
             exclusive: Mutex::new(()),
+            counts: Mutex::new([0; 3]),
         }
     }
 
@@ -172,11 +176,13 @@ impl Cuda {
             (t.hash, t.graphable, t.pos)
         };
         let Some(pos) = pos.filter(|_| graphable) else {
+            self.graphs.counts.lock().unwrap()[2] += 1;
             return ops();
         };
         let err = cuda_err("graph");
         let mut graphs = self.graphs.graphs.lock().unwrap();
         if !graphs.contains_key(&hash) {
+            self.graphs.counts.lock().unwrap()[0] += 1;
             if graphs.len() >= MAX_GRAPHS {
                 graphs.clear();
             }
@@ -199,6 +205,7 @@ impl Cuda {
         let pos_ptr = self.scratch(Scratch::StepPos, 4)?;
         self.upload_raw(pos_ptr, bytemuck::bytes_of(&pos))?;
         graphs[&hash].0.launch().map_err(&err)?;
+        self.graphs.counts.lock().unwrap()[1] += 1;
         Ok(())
     }
 }

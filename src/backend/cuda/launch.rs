@@ -23,6 +23,10 @@ pub enum Scratch {
     /// Split-KV partial outputs and (max, sum) pairs of attention_decode.
     AttnParts,
     AttnMl,
+    /// Gathered K and V and the score matrix of the cuBLAS prefill attention.
+    AttnK,
+    AttnV,
+    AttnScores,
     /// Probabilities of `sample` for `sample_walk`.
     SampleProbs,
     /// Widened weights and rounded activations of the prefill GEMM.

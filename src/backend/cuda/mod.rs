@@ -5,9 +5,11 @@
 //! are there before touching them (cudarc panics on a missing library) and returns an error.
 //!
 //! Files: kernels.rs (NVRTC compile + disk cache), launch.rs (device pointers, launches,
-//! scratch buffers), gemm.rs (cuBLAS), graph.rs (decode-step capture and replay), ops.rs (the
+//! scratch buffers), gemm.rs (cuBLAS GEMMs), attention_gemm.rs (long prefills'
+//! attention on cuBLAS), graph.rs (decode-step capture and replay), ops.rs (the
 //! `Backend` impl: sizes, checks, launch shapes).
 
+mod attention_gemm;
 mod gemm;
 mod graph;
 mod kernels;
@@ -130,6 +132,18 @@ impl Cuda {
         self.ctx
             .mem_get_info()
             .map_err(|e| Error::Device(format!("CUDA: {e}")))
+    }
+}
+
+impl Drop for Cuda {
+    fn drop(&mut self) {
+        if flag("ANYLLAMA_CUDA_DEBUG").unwrap_or(false) {
+            let [captured, replayed, plain] = *self.graphs.counts.lock().unwrap();
+            eprintln!(
+                "cuda: decode steps: {captured} captured as graphs, {replayed} replayed, {plain} \
+                 without a graph"
+            );
+        }
     }
 }
 

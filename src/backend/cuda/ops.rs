@@ -22,6 +22,8 @@ const DECODE_MAX_ROWS: usize = 4;
 /// attention.cu limits: query heads per kv head in the decode kernel, head_dim overall.
 const DECODE_MAX_GROUP: usize = 16;
 const HEAD_DIM_MAX: usize = 256;
+/// From this many query rows on, attention runs as cuBLAS GEMMs (attention_gemm.rs).
+const GEMM_ATTENTION_MIN_ROWS: usize = 32;
 /// Blocks the split-KV decode kernel aims for, so that one query row fills the GPU.
 const DECODE_TARGET_BLOCKS: usize = 264;
 
@@ -492,6 +494,9 @@ impl Backend for Cuda {
                 0,
                 &[arg(&o), arg(&po), arg(&pml), arg(&p), arg(&n_splits)],
             );
+        }
+        if rows >= GEMM_ATTENTION_MIN_ROWS && !self.graphs.recording() {
+            return self.attention_gemm(o, qp, (kc, vc, t), p);
         }
         let name = match h.head_dim {
             0..=64 => "attention_prefill_16",
