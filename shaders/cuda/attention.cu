@@ -4,8 +4,9 @@
 // attention_decode (few query rows; flash-decoding): grid (split, kv head, row). A block owns one
 // split of split_len positions and every query head of its kv head's group, so each K and V row
 // is read once for the whole group. Positions go in chunks of 128: thread t scores position t of
-// the chunk against every head (q in shared memory), one warp per head turns the scores into
-// online-softmax weights, then thread t accumulates dims t and t + 128 of every head's output.
+// the chunk against every head (q in shared memory, K read 4 values at a time), one warp per head
+// turns the scores into online-softmax weights, then each warp accumulates every fourth
+// position's V row (lanes split head_dim) and the warps' sums meet in shared memory at the end.
 // The block writes its unnormalised output, running max and sum; attention_combine merges splits.
 //
 // attention_prefill (many query rows; flash-attention style): grid (query tile of 32 rows,
@@ -17,6 +18,7 @@
 #define KV_BLOCK 16
 #define DEC_THREADS 128
 #define DEC_MAX_GROUP 16
+#define DEC_DIMS 4 /* head_dim <= 32 * DEC_DIMS in the decode kernel */
 #define PRE_ROWS 32
 #define PRE_TILE 16
 
@@ -28,13 +30,49 @@ __device__ __forceinline__ float kv_get(const void* cache, size_t i, u32 f16) {
     return f16 ? f16_to_f32(((const u16*)cache)[i]) : ((const float*)cache)[i];
 }
 
-// Shared memory: q [group][hd], scores [group][128], max/sum/correction [group] x 3.
+// K row of position pos dotted with every head's q (q in shared memory), f16 or f32 cache,
+// loaded 4 values at a time when head_dim allows (rows are then 8- or 16-byte aligned).
+__device__ __forceinline__ void score_row(float* dot, const float* qs, const void* k_cache,
+                                          size_t base, u32 hd, u32 group, u32 f16) {
+    if ((hd & 3) == 0) {
+        for (u32 d = 0; d < hd; d += 4) {
+            float k[4];
+            if (f16) {
+                const uint2 w = *(const uint2*)((const u16*)k_cache + base + d);
+                k[0] = f16_to_f32((u16)(w.x & 0xffffu));
+                k[1] = f16_to_f32((u16)(w.x >> 16));
+                k[2] = f16_to_f32((u16)(w.y & 0xffffu));
+                k[3] = f16_to_f32((u16)(w.y >> 16));
+            } else {
+                const float4 w = *(const float4*)((const float*)k_cache + base + d);
+                k[0] = w.x; k[1] = w.y; k[2] = w.z; k[3] = w.w;
+            }
+#pragma unroll
+            for (int h = 0; h < DEC_MAX_GROUP; h++)
+                if (h < group) {
+                    const float* qh = qs + h * hd + d;
+                    dot[h] += qh[0] * k[0] + qh[1] * k[1] + qh[2] * k[2] + qh[3] * k[3];
+                }
+        }
+    } else {
+        for (u32 d = 0; d < hd; d++) {
+            const float k = kv_get(k_cache, base + d, f16);
+#pragma unroll
+            for (int h = 0; h < DEC_MAX_GROUP; h++)
+                if (h < group) dot[h] += qs[h * hd + d] * k;
+        }
+    }
+}
+
+// Shared memory: max(q [group][hd] + scores [group][128] + max/sum/correction [group] x 3,
+// the four warps' partial outputs [4][group][hd]).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attention_decode(float* part_o, float* part_ml, const float* q, const void* k_cache,
                      const void* v_cache, const u32* table, AttentionParams p, u32 n_splits,
                      const u32* pos_dev) {
     extern __shared__ float sh_decode[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, t = threadIdx.x;
+    const u32 warp = t >> 5, lane = t & 31;
     const u32 hd = p.head_dim, group = p.n_heads / p.n_kv_heads;
     float* qs = sh_decode;
     float* sc = qs + group * hd;
@@ -49,9 +87,12 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
         m[t] = -INFINITY;
         l[t] = 0.0f;
     }
-    float acc[DEC_MAX_GROUP][2];
+    // acc[h][i]: this warp's share (positions j = warp mod 4) of head h, dim lane + 32 i.
+    float acc[DEC_MAX_GROUP][DEC_DIMS];
 #pragma unroll
-    for (int h = 0; h < DEC_MAX_GROUP; h++) acc[h][0] = acc[h][1] = 0.0f;
+    for (int h = 0; h < DEC_MAX_GROUP; h++)
+#pragma unroll
+        for (int i = 0; i < DEC_DIMS; i++) acc[h][i] = 0.0f;
     __syncthreads();
     for (u32 c0 = s0; c0 < s1; c0 += DEC_THREADS) {
         const u32 n = min(s1 - c0, (u32)DEC_THREADS);
@@ -59,21 +100,14 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
         float dot[DEC_MAX_GROUP];
 #pragma unroll
         for (int h = 0; h < DEC_MAX_GROUP; h++) dot[h] = 0.0f;
-        if (t < n) {
-            const size_t base = kv_row(table, c0 + t, kvh, p.n_kv_heads, hd);
-            for (u32 d = 0; d < hd; d++) {
-                const float kv = kv_get(k_cache, base + d, p.kv_f16);
-#pragma unroll
-                for (int h = 0; h < DEC_MAX_GROUP; h++)
-                    if (h < group) dot[h] += qs[h * hd + d] * kv;
-            }
-        }
+        if (t < n)
+            score_row(dot, qs, k_cache, kv_row(table, c0 + t, kvh, p.n_kv_heads, hd), hd, group,
+                      p.kv_f16);
 #pragma unroll
         for (int h = 0; h < DEC_MAX_GROUP; h++)
             if (h < group) sc[h * DEC_THREADS + t] = t < n ? dot[h] * p.scale : -INFINITY;
         __syncthreads();
         // 2. online softmax, one warp per head
-        const u32 warp = t >> 5, lane = t & 31;
         for (u32 h = warp; h < group; h += DEC_THREADS / 32) {
             float* s = sc + h * DEC_THREADS;
             float cm = -INFINITY;
@@ -95,38 +129,57 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
             }
         }
         __syncthreads();
-        // 3. weighted sum of V, dims t and t + 128
+        // 3. weighted sum of V: warp w takes positions w, w + 4, ...; lanes split the dims, so
+        //    every load of a V row is coalesced and the four warps' loads are independent.
 #pragma unroll
         for (int h = 0; h < DEC_MAX_GROUP; h++)
-            if (h < group) {
-                acc[h][0] *= corr[h];
-                acc[h][1] *= corr[h];
-            }
-        for (u32 j = 0; j < n; j++) {
+            if (h < group)
+#pragma unroll
+                for (int i = 0; i < DEC_DIMS; i++) acc[h][i] *= corr[h];
+        for (u32 j = warp; j < n; j += DEC_THREADS / 32) {
             const size_t base = kv_row(table, c0 + j, kvh, p.n_kv_heads, hd);
+            float v[DEC_DIMS];
 #pragma unroll
-            for (int x = 0; x < 2; x++) {
-                const u32 d = t + x * DEC_THREADS;
-                if (d < hd) {
-                    const float v = kv_get(v_cache, base + d, p.kv_f16);
-#pragma unroll
-                    for (int h = 0; h < DEC_MAX_GROUP; h++)
-                        if (h < group) acc[h][x] += sc[h * DEC_THREADS + j] * v;
-                }
+            for (int i = 0; i < DEC_DIMS; i++) {
+                const u32 d = lane + 32 * i;
+                v[i] = d < hd ? kv_get(v_cache, base + d, p.kv_f16) : 0.0f;
             }
+#pragma unroll
+            for (int h = 0; h < DEC_MAX_GROUP; h++)
+                if (h < group) {
+                    const float w = sc[h * DEC_THREADS + j];
+#pragma unroll
+                    for (int i = 0; i < DEC_DIMS; i++) acc[h][i] += w * v[i];
+                }
         }
         __syncthreads();
     }
+    // The four warps' partial sums, added through shared memory (reusing q and scores).
+    float ml[2 * DEC_MAX_GROUP];
     for (u32 h = 0; h < group; h++) {
-        const size_t row = ((size_t)r * p.n_heads + kvh * group + h) * n_splits + split;
+        ml[2 * h] = m[h];
+        ml[2 * h + 1] = l[h];
+    }
+    __syncthreads();
+    float* red = sh_decode;
 #pragma unroll
-        for (int x = 0; x < 2; x++) {
-            const u32 d = t + x * DEC_THREADS;
-            if (d < hd) part_o[row * hd + d] = acc[h][x];
-        }
-        if (t == 0) {
-            part_ml[2 * row] = m[h];
-            part_ml[2 * row + 1] = l[h];
+    for (int h = 0; h < DEC_MAX_GROUP; h++)
+        if (h < group)
+#pragma unroll
+            for (int i = 0; i < DEC_DIMS; i++) {
+                const u32 d = lane + 32 * i;
+                if (d < hd) red[(warp * group + h) * hd + d] = acc[h][i];
+            }
+    __syncthreads();
+    for (u32 i = t; i < group * hd; i += DEC_THREADS) {
+        const u32 h = i / hd, d = i % hd;
+        float o = 0.0f;
+        for (u32 w = 0; w < DEC_THREADS / 32; w++) o += red[(w * group + h) * hd + d];
+        const size_t row = ((size_t)r * p.n_heads + kvh * group + h) * n_splits + split;
+        part_o[row * hd + d] = o;
+        if (d == 0) {
+            part_ml[2 * row] = ml[2 * h];
+            part_ml[2 * row + 1] = ml[2 * h + 1];
         }
     }
 }

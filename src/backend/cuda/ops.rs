@@ -22,6 +22,8 @@ const DECODE_MAX_ROWS: usize = 4;
 /// attention.cu limits: query heads per kv head in the decode kernel, head_dim overall.
 const DECODE_MAX_GROUP: usize = 16;
 const HEAD_DIM_MAX: usize = 256;
+/// attention.cu's decode kernel: lanes hold 4 dims each (DEC_DIMS).
+const DECODE_MAX_HEAD_DIM: usize = 128;
 /// From this many query rows on, attention runs as cuBLAS GEMMs (attention_gemm.rs).
 const GEMM_ATTENTION_MIN_ROWS: usize = 32;
 /// Blocks the split-KV decode kernel aims for, so that one query row fills the GPU.
@@ -104,9 +106,9 @@ impl Cuda {
     /// Splits of the decode kernel for `n_pos` positions (a bucket's end while recording).
     fn decode_splits(&self, n_pos: usize, blocks_per_split: usize) -> (usize, usize) {
         let want = DECODE_TARGET_BLOCKS.div_ceil(blocks_per_split.max(1));
-        let most = n_pos.div_ceil(64).max(1);
+        let most = n_pos.div_ceil(32).max(1);
         let splits = want.clamp(1, most);
-        let split_len = n_pos.div_ceil(splits).next_multiple_of(64);
+        let split_len = n_pos.div_ceil(splits).next_multiple_of(32);
         (n_pos.div_ceil(split_len).max(1), split_len)
     }
 }
@@ -451,7 +453,8 @@ impl Backend for Cuda {
             scale: 1.0 / (h.head_dim as f32).sqrt(),
             split_len: 0,
         };
-        if rows <= DECODE_MAX_ROWS && group <= DECODE_MAX_GROUP {
+        if rows <= DECODE_MAX_ROWS && group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM
+        {
             let recording = self.graphs.recording();
             let (pos, pos_dev) = self.step_pos(pos0)?;
             p.pos0 = pos;
@@ -467,7 +470,8 @@ impl Backend for Cuda {
             let parts = rows * h.n_heads * splits;
             let po = self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?;
             let pml = self.scratch(Scratch::AttnMl, parts * 2 * 4)?;
-            let shared = ((group * h.head_dim + group * 128 + 3 * group) * 4) as u32;
+            let scores = group * h.head_dim + group * 128 + 3 * group;
+            let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
             let f = self.kernels.get("attention", "attention_decode")?;
             self.launch(
                 &f,
