@@ -125,19 +125,14 @@ impl<B: Backend> Model<B> {
             let (kc, vc, table) = kv.layer_mut(i, seq);
             b.kv_append(kc, vc, kv_dtype, table, &s.k, &s.v, rows, pos0, heads)?;
             b.attention(&mut s.att, &s.q, kv.view(i, seq), rows, pos0, heads)?; // att [rows, n_heads*hd]
-            b.matmul(&mut s.xb2, &s.att, &l.wo, rows)?; // xb2 [rows, dim]
-            bias(b, &mut s.xb2, &l.bo, rows, dim)?;
-            b.add(&mut s.x, &s.xb2, rows * dim)?; // residual
-                                                  // feed-forward block
+                                                                                // x += att . wo^T (+ bo)                                              x [rows, dim]
+            b.matmul_residual(&mut s.x, &mut s.xb2, &s.att, &l.wo, l.bo.as_ref(), rows)?;
+            // feed-forward block
             b.rms_norm(&mut s.xb, &s.x, &l.ffn_norm, rows, dim, c.norm_eps)?;
-            b.matmul(&mut s.gate, &s.xb, &l.w1, rows)?; // gate [rows, ffn]
-            b.matmul(&mut s.up, &s.xb, &l.w3, rows)?; // up [rows, ffn]
-            bias(b, &mut s.gate, &l.b1, rows, c.ffn_dim)?;
-            bias(b, &mut s.up, &l.b3, rows, c.ffn_dim)?;
-            b.swiglu(&mut s.hb, &s.gate, &s.up, rows * c.ffn_dim)?; // hb [rows, ffn]
-            b.matmul(&mut s.xb2, &s.hb, &l.w2, rows)?; // xb2 [rows, dim]
-            bias(b, &mut s.xb2, &l.b2, rows, dim)?;
-            b.add(&mut s.x, &s.xb2, rows * dim)?; // residual
+            let (w13, b13) = ((&l.w1, &l.w3), (l.b1.as_ref(), l.b3.as_ref()));
+            b.ffn_gate_up(&mut s.hb, &mut s.gate, &mut s.up, &s.xb, w13, b13, rows)?; // hb [rows, ffn]
+                                                                                      // x += hb . w2^T (+ b2)
+            b.matmul_residual(&mut s.x, &mut s.xb2, &s.hb, &l.w2, l.b2.as_ref(), rows)?;
         }
         // final norm and classifier, on the last row only unless every row's logits are wanted
         let out_rows = if all_logits { rows } else { 1 };

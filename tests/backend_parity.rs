@@ -326,3 +326,69 @@ fn check_queue_order<B: Backend>(name: &str, gpu: &B) {
 fn upload_copy_and_read_keep_queue_order() {
     on_every_gpu!(check_queue_order);
 }
+
+/// The fused projections (matmul_residual: x += h . w^T; ffn_gate_up: silu(x . w1^T) * (x . w3^T))
+/// against the CPU's unfused ops, on the decode (fused on CUDA) and prefill row counts, with and
+/// without biases (which CUDA leaves unfused).
+fn check_fused_projections<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
+    let cpu = Cpu::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for rows in [1, 3, 9] {
+            for (n, k) in [(576, 1536), (130, 64)] {
+                for with_bias in [false, true] {
+                    let what =
+                        format!("{name} fused {dtype} rows {rows} n {n} k {k} bias {with_bias}");
+                    let (x, w1, w3) = (
+                        randn(r, rows * k, 1.0),
+                        randn(r, n * k, 0.5),
+                        randn(r, n * k, 0.5),
+                    );
+                    let (resid, bias) = (randn(r, rows * n, 2.0), randn(r, n, 1.0));
+                    let mut outs = vec![];
+                    macro_rules! go {
+                        ($b:expr) => {{
+                            let b = $b;
+                            let (wa, wb) =
+                                (weight(b, dtype, n, k, &w1), weight(b, dtype, n, k, &w3));
+                            let xb = f32_buf(b, &x);
+                            let bb = f32_buf(b, &bias);
+                            let bias_ref = with_bias.then_some(&bb);
+                            let mut res = f32_buf(b, &resid);
+                            let mut tmp = poisoned(b, rows * n);
+                            b.matmul_residual(&mut res, &mut tmp, &xb, &wa, bias_ref, rows)
+                                .unwrap();
+                            let mut out = poisoned(b, rows * n);
+                            let (mut g, mut u) = (poisoned(b, rows * n), poisoned(b, rows * n));
+                            b.ffn_gate_up(
+                                &mut out,
+                                &mut g,
+                                &mut u,
+                                &xb,
+                                (&wa, &wb),
+                                (bias_ref, bias_ref),
+                                rows,
+                            )
+                            .unwrap();
+                            outs.push((read_f32(b, &res, rows * n), read_f32(b, &out, rows * n)));
+                        }};
+                    }
+                    go!(&cpu);
+                    go!(gpu);
+                    let tol = if name == "cuda" && rows > 8 && dtype != DType::F32 {
+                        1e-4
+                    } else {
+                        TOL_F32
+                    };
+                    assert_close(&format!("{what} residual"), &outs[0].0, &outs[1].0, tol);
+                    assert_close(&format!("{what} gate/up"), &outs[0].1, &outs[1].1, tol);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_projections_match() {
+    let mut r = rng(9);
+    on_every_gpu!(check_fused_projections, &mut r);
+}

@@ -17,16 +17,11 @@ __device__ __forceinline__ float load1(const u8* row, u32 e) {
     return bf16_to_f32(((const u16*)row)[e]);
 }
 
+// acc[r] += this lane's share of weight row `row` . x row r, for r < nr (lanes of a warp
+// together cover the row).
 template <int DT>
-__device__ void matvec(float* out, const float* x, const u8* w, MatmulParams p) {
-    const u32 lane = threadIdx.x & 31;
-    const u32 o = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
-    const u32 r0 = blockIdx.y * 4;
-    const u32 nr = min(p.rows - r0, 4u);
-    if (o >= p.n) return;
-    const u8* row = w + (size_t)o * row_bytes<DT>(p.k);
-    const float* xr = x + (size_t)r0 * p.k;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+__device__ __forceinline__ void row_dots(float* acc, const u8* row, const float* xr,
+                                         MatmulParams p, u32 nr, u32 lane) {
     if ((p.k & 15) == 0) {
         // Two octets per lane per pass: both weight loads are in flight before the sums.
         for (u32 e = 16 * lane; e < p.k; e += 512) {
@@ -70,10 +65,47 @@ __device__ void matvec(float* out, const float* x, const u8* w, MatmulParams p) 
                 if (r < nr) acc[r] += wv * xr[(size_t)r * p.k + e];
         }
     }
+}
+
+// p.accumulate: out += x . w^T (the residual add in the epilogue), else out = x . w^T.
+template <int DT>
+__device__ void matvec(float* out, const float* x, const u8* w, MatmulParams p) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 o = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
+    const u32 r0 = blockIdx.y * 4;
+    const u32 nr = min(p.rows - r0, 4u);
+    if (o >= p.n) return;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    row_dots<DT>(acc, w + (size_t)o * row_bytes<DT>(p.k), x + (size_t)r0 * p.k, p, nr, lane);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
         float s = warp_sum(acc[r]);
-        if (lane == 0 && r < nr) out[(size_t)(r0 + r) * p.out_stride + p.col0 + o] = s;
+        if (lane == 0 && r < nr) {
+            float* at = out + (size_t)(r0 + r) * p.out_stride + p.col0 + o;
+            *at = p.accumulate ? *at + s : s;
+        }
+    }
+}
+
+// out[r, o] = silu(x[r] . w1[o]) * (x[r] . w3[o]): the feed-forward's gate and up projections
+// and swiglu in one pass (one warp reads both weight rows of feature o).
+template <int DT>
+__device__ void matvec_swiglu(float* out, const float* x, const u8* w1, const u8* w3,
+                              MatmulParams p) {
+    const u32 lane = threadIdx.x & 31;
+    const u32 o = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
+    const u32 r0 = blockIdx.y * 4;
+    const u32 nr = min(p.rows - r0, 4u);
+    if (o >= p.n) return;
+    const float* xr = x + (size_t)r0 * p.k;
+    float g[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    row_dots<DT>(g, w1 + (size_t)o * row_bytes<DT>(p.k), xr, p, nr, lane);
+    row_dots<DT>(u, w3 + (size_t)o * row_bytes<DT>(p.k), xr, p, nr, lane);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const float gs = warp_sum(g[r]), us = warp_sum(u[r]);
+        if (lane == 0 && r < nr)
+            out[(size_t)(r0 + r) * p.out_stride + p.col0 + o] = gs / (1.0f + expf(-gs)) * us;
     }
 }
 
@@ -99,6 +131,10 @@ __device__ void widen(void* dst, const u8* w, u32 n, u32 k) {
     extern "C" __global__ void __launch_bounds__(256)                                         \
         matvec_##NAME(float* out, const float* x, const u8* w, MatmulParams p) {              \
         matvec<DT>(out, x, w, p);                                                             \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) matvec_swiglu_##NAME(                    \
+        float* out, const float* x, const u8* w1, const u8* w3, MatmulParams p) {             \
+        matvec_swiglu<DT>(out, x, w1, w3, p);                                                 \
     }                                                                                         \
     extern "C" __global__ void widen_##NAME##_f32(void* dst, const u8* w, u32 n, u32 k) {     \
         widen<DT, 0>(dst, w, n, k);                                                           \

@@ -172,6 +172,35 @@ pub trait Backend: Sized + 'static {
         -> Result<()>;
     /// x[i] += y[i] for i < n
     fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()>;
+    /// resid[rows, w.rows] += x . w^T (+ bias): a projection into the residual stream. `tmp` is
+    /// scratch of the output's size. Backends may fuse the add into the matmul's epilogue.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_residual(
+        &self,
+        resid: &mut Buf<Self>,
+        tmp: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        bias: Option<&Buf<Self>>,
+        rows: usize,
+    ) -> Result<()> {
+        matmul_residual_unfused(self, resid, tmp, x, w, bias, rows)
+    }
+    /// out[rows, w1.rows] = silu(x . w1^T + b1) * (x . w3^T + b3): the feed-forward's gate and
+    /// up projections and swiglu. `gate` and `up` are scratch of the output's size.
+    #[allow(clippy::too_many_arguments)]
+    fn ffn_gate_up(
+        &self,
+        out: &mut Buf<Self>,
+        gate: &mut Buf<Self>,
+        up: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: (&Weight<Self>, &Weight<Self>),
+        bias: (Option<&Buf<Self>>, Option<&Buf<Self>>),
+        rows: usize,
+    ) -> Result<()> {
+        ffn_gate_up_unfused(self, out, gate, up, x, w, bias, rows)
+    }
     /// Picks a token from logits[vocab] and writes it (u32) to out[out_index].
     fn sample(
         &self,
@@ -181,4 +210,46 @@ pub trait Backend: Sized + 'static {
         vocab: usize,
         s: SampleOp,
     ) -> Result<()>;
+}
+
+/// `matmul_residual` as three ops (every backend's default; fused backends fall back to it).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_residual_unfused<B: Backend>(
+    b: &B,
+    resid: &mut Buf<B>,
+    tmp: &mut Buf<B>,
+    x: &Buf<B>,
+    w: &Weight<B>,
+    bias: Option<&Buf<B>>,
+    rows: usize,
+) -> Result<()> {
+    b.matmul(tmp, x, w, rows)?;
+    if let Some(bias) = bias {
+        b.add_bias(tmp, bias, rows, w.rows)?;
+    }
+    b.add(resid, tmp, rows * w.rows)
+}
+
+/// `ffn_gate_up` as separate ops (every backend's default; fused backends fall back to it).
+#[allow(clippy::too_many_arguments)]
+pub fn ffn_gate_up_unfused<B: Backend>(
+    b: &B,
+    out: &mut Buf<B>,
+    gate: &mut Buf<B>,
+    up: &mut Buf<B>,
+    x: &Buf<B>,
+    w: (&Weight<B>, &Weight<B>),
+    bias: (Option<&Buf<B>>, Option<&Buf<B>>),
+    rows: usize,
+) -> Result<()> {
+    let n = w.0.rows;
+    b.matmul(gate, x, w.0, rows)?;
+    b.matmul(up, x, w.1, rows)?;
+    if let Some(b1) = bias.0 {
+        b.add_bias(gate, b1, rows, n)?;
+    }
+    if let Some(b3) = bias.1 {
+        b.add_bias(up, b3, rows, n)?;
+    }
+    b.swiglu(out, gate, up, rows * n)
 }

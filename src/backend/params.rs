@@ -42,7 +42,9 @@ pub struct MatmulParams {
     pub out_stride: u32,
     /// First output column of this chunk (0 unless w is bound in row chunks).
     pub col0: u32,
-    pub _pad: [u32; 3],
+    /// 1: add into `out` instead of overwriting it (CUDA's residual epilogue; WGSL ignores it).
+    pub accumulate: u32,
+    pub _pad: [u32; 2],
 }
 
 /// x[rows, n] += bias[n]

@@ -6,7 +6,9 @@ use super::graph::POS_BUCKET;
 use super::launch::{arg, cuda_err, DevBuf, Scratch};
 use super::Cuda;
 use crate::backend::params::*;
-use crate::backend::{Backend, Heads, KvView, SampleOp, Weight};
+use crate::backend::{
+    ffn_gate_up_unfused, matmul_residual_unfused, Backend, Heads, KvView, SampleOp, Weight,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -110,6 +112,60 @@ impl Cuda {
         let splits = want.clamp(1, most);
         let split_len = n_pos.div_ceil(splits).next_multiple_of(32);
         (n_pos.div_ceil(split_len).max(1), split_len)
+    }
+}
+
+impl Cuda {
+    /// The mat-vec kernel: out (+)= x . w^T for one weight, or silu(x . w1^T) * (x . w3^T) for
+    /// two (matvec_swiglu); `accumulate` adds into out (the residual epilogue).
+    fn matvec(
+        &self,
+        out: &mut Buf<Self>,
+        x: &[&Buf<Self>],
+        w: &[&Weight<Self>],
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        const OP: &str = "matmul";
+        let (n, k, dtype) = (w[0].rows, w[0].cols, w[0].dtype);
+        let rb = row_bytes(dtype, k, OP)?;
+        let wp = w
+            .iter()
+            .map(|w| self.ptr(&w.buf, n * rb, "the weights", OP))
+            .collect::<Result<Vec<u64>>>()?;
+        let o = self.ptr(out, rows * n * 4, "out", OP)?;
+        let xp = self.ptr(x[0], rows * k * 4, "x", OP)?;
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let p = MatmulParams {
+            rows: u32_of(rows, "rows", OP)?,
+            n: u32_of(n, "n", OP)?,
+            k: u32_of(k, "k", OP)?,
+            out_stride: u32_of(n, "n", OP)?,
+            col0: 0,
+            accumulate: accumulate as u32,
+            _pad: [0; 2],
+        };
+        let grid = (
+            u32_of(n.div_ceil(8), "n", OP)?,
+            u32_of(rows.div_ceil(4), "rows", OP)?,
+            1,
+        );
+        if let [w1, w3] = wp[..] {
+            let f = self
+                .kernels
+                .get("matmul", by_dtype!("matvec_swiglu_", dtype))?;
+            return self.launch(
+                &f,
+                grid,
+                256,
+                0,
+                &[arg(&o), arg(&xp), arg(&w1), arg(&w3), arg(&p)],
+            );
+        }
+        let f = self.kernels.get("matmul", by_dtype!("matvec_", dtype))?;
+        self.launch(&f, grid, 256, 0, &[arg(&o), arg(&xp), arg(&wp[0]), arg(&p)])
     }
 }
 
@@ -297,21 +353,40 @@ impl Backend for Cuda {
         if rows > MATVEC_MAX_ROWS && (k % 8 == 0 || w.dtype == DType::F32) {
             return self.gemm(o, xp, wp, w.dtype, rows, n, k, rb);
         }
-        let p = MatmulParams {
-            rows: u32_of(rows, "rows", OP)?,
-            n: u32_of(n, "n", OP)?,
-            k: u32_of(k, "k", OP)?,
-            out_stride: u32_of(n, "n", OP)?,
-            col0: 0,
-            _pad: [0; 3],
-        };
-        let f = self.kernels.get("matmul", by_dtype!("matvec_", w.dtype))?;
-        let grid = (
-            u32_of(n.div_ceil(8), "n", OP)?,
-            u32_of(rows.div_ceil(4), "rows", OP)?,
-            1,
-        );
-        self.launch(&f, grid, 256, 0, &[arg(&o), arg(&xp), arg(&wp), arg(&p)])
+        self.matvec(out, &[x], &[w], rows, false)
+    }
+
+    fn matmul_residual(
+        &self,
+        resid: &mut Buf<Self>,
+        tmp: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        bias: Option<&Buf<Self>>,
+        rows: usize,
+    ) -> Result<()> {
+        if rows > MATVEC_MAX_ROWS || bias.is_some() {
+            return matmul_residual_unfused(self, resid, tmp, x, w, bias, rows);
+        }
+        // The mat-vec kernel adds into the residual stream itself (p.accumulate).
+        self.matvec(resid, &[x], &[w], rows, true)
+    }
+
+    fn ffn_gate_up(
+        &self,
+        out: &mut Buf<Self>,
+        gate: &mut Buf<Self>,
+        up: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: (&Weight<Self>, &Weight<Self>),
+        bias: (Option<&Buf<Self>>, Option<&Buf<Self>>),
+        rows: usize,
+    ) -> Result<()> {
+        let same = w.0.dtype == w.1.dtype && w.0.rows == w.1.rows && w.0.cols == w.1.cols;
+        if rows > MATVEC_MAX_ROWS || bias.0.is_some() || bias.1.is_some() || !same {
+            return ffn_gate_up_unfused(self, out, gate, up, x, w, bias, rows);
+        }
+        self.matvec(out, &[x], &[w.0, w.1], rows, false)
     }
 
     fn add_bias(&self, x: &mut Buf<Self>, bias: &Buf<Self>, rows: usize, n: usize) -> Result<()> {

@@ -358,7 +358,8 @@ impl Backend for Wgpu {
                 k: k as u32,
                 out_stride: n as u32,
                 col0: col0 as u32,
-                _pad: [0; 3],
+                accumulate: 0,
+                _pad: [0; 2],
             };
             let wb = self.bind_rows(&w.buf, n, col0, nc, row_bytes);
             // matvec: 8 output features per workgroup, 4 rows per grid row; tiled: 64 rows x
