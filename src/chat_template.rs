@@ -36,6 +36,9 @@ impl Message {
     }
 }
 
+/// Instructions one render may execute.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 /// Marks an error raised by the template itself through `raise_exception(message)`, so that the
 /// message reaches the user unchanged instead of wrapped in minijinja's error text.
 #[derive(Debug)]
@@ -62,6 +65,18 @@ pub fn render_chat_template(
             "cannot apply a chat template to an empty conversation".into(),
         ));
     }
+    Error::contain_panics(
+        |m| Error::Template(format!("rendering panicked: {m}")),
+        || render(template, messages, add_generation_prompt, special_tokens),
+    )
+}
+
+fn render(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    special_tokens: &[(String, String)],
+) -> Result<String> {
     let source = neutralize_generation_tags(template);
     let env = hf_environment();
     let compiled = env.template_from_str(&source).map_err(template_error)?;
@@ -85,6 +100,10 @@ pub fn render_chat_template(
 /// The Jinja environment transformers builds in `_compile_jinja_template`.
 fn hf_environment() -> Environment<'static> {
     let mut env = Environment::new();
+    // A template comes with the model file; bounding the instructions it may run turns a
+    // crafted endless loop (nested ranges, recursion) into an error instead of a hang. Real
+    // templates render a long conversation in well under a hundredth of this.
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

@@ -51,6 +51,18 @@ pub struct GgufSpecialTokens {
 
 /// The tokenizer the file describes, and its special-token settings.
 pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens)> {
+    Error::contain_panics(
+        |m| {
+            Error::Tokenizer(format!(
+                "{}: the tokenizer library panicked: {m}",
+                g.path().display()
+            ))
+        },
+        || build(g),
+    )
+}
+
+fn build(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens)> {
     let path = g.path().display().to_string();
     let fail = |m: String| Error::Tokenizer(format!("{path}: {m}"));
 
