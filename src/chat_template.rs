@@ -37,7 +37,7 @@ impl Message {
 }
 
 /// Instructions one render may execute.
-const TEMPLATE_FUEL: u64 = 20_000_000;
+const TEMPLATE_FUEL: u64 = 5_000_000;
 
 /// Marks an error raised by the template itself through `raise_exception(message)`, so that the
 /// message reaches the user unchanged instead of wrapped in minijinja's error text.

@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, Sequence};
+use crate::loader::human_bytes;
 use crate::model::{Model, Scratch};
 use crate::pool::Buf;
 use crate::sample::{apply_penalties, sample_logits, Sampler, SamplingParams};
@@ -97,18 +98,12 @@ impl<'a, B: Backend> Generator<'a, B> {
             || usize::try_from(kv_buffer).is_err()
         {
             return Err(Error::Device(format!(
-                "a KV cache for {ctx_len} tokens ({:.2} GiB) plus scratch does not fit in {}'s \
-                 memory ({} available, largest buffer {})",
-                kv_bytes as f64 / (1u64 << 30) as f64,
+                "a KV cache for {ctx_len} tokens ({}) plus scratch does not fit in the memory of \
+                 {} ({} available, largest buffer {})",
+                human_bytes(kv_bytes),
                 b.device_name(),
-                limits.available.map_or("unknown".into(), |a| format!(
-                    "{:.2} GiB",
-                    a as f64 / (1u64 << 30) as f64
-                )),
-                limits.max_buffer.map_or("unknown".into(), |a| format!(
-                    "{:.2} GiB",
-                    a as f64 / (1u64 << 30) as f64
-                )),
+                limits.available.map_or("unknown".into(), human_bytes),
+                limits.max_buffer.map_or("unknown".into(), human_bytes),
             )));
         }
         let n_blocks = ctx_len.div_ceil(crate::backend::params::KV_BLOCK);

@@ -27,7 +27,12 @@ pub struct ModelFiles {
 
 impl ModelFiles {
     /// Opens an HF model folder or a `.gguf` file (memory-mapped; nothing is uploaded yet).
+    /// Every error names the file or folder it is about.
     pub fn open(path: &Path) -> Result<ModelFiles> {
+        Self::open_unnamed(path).map_err(|e| naming(path, e))
+    }
+
+    fn open_unnamed(path: &Path) -> Result<ModelFiles> {
         if path.is_dir() {
             let cfg = ModelConfig::from_hf_dir(path)?;
             let source = SafetensorsSource::open(path)?;
@@ -137,7 +142,8 @@ impl ModelFiles {
     /// Checks every tensor against the config and works out what running with a context of
     /// `ctx_len` tokens (KV cache in `kv_dtype`, prefill chunks of `chunk` rows) takes.
     pub fn memory_plan(&self, ctx_len: usize, kv_dtype: DType, chunk: usize) -> Result<MemoryPlan> {
-        let weights = plan_weights(self.source.as_ref(), &self.cfg, self.gguf)?;
+        let weights = plan_weights(self.source.as_ref(), &self.cfg, self.gguf)
+            .map_err(|e| naming(&self.path, e))?;
         MemoryPlan::new(&self.cfg, weights, ctx_len, kv_dtype, chunk)
     }
 
@@ -159,7 +165,8 @@ impl ModelFiles {
     /// stderr is a terminal). The weights alone are checked against `b`'s memory first; see
     /// `check_fits` for the check that includes the KV cache.
     pub fn load<B: Backend>(&self, b: &B, progress: bool) -> Result<Model<B>> {
-        let weights = plan_weights(self.source.as_ref(), &self.cfg, self.gguf)?;
+        let weights = plan_weights(self.source.as_ref(), &self.cfg, self.gguf)
+            .map_err(|e| naming(&self.path, e))?;
         let plan = MemoryPlan {
             weights: weights.bytes,
             largest: weights.largest,
@@ -188,7 +195,8 @@ impl ModelFiles {
         bar.set_message(format!("{} on {}", self.name(), b.name()));
         let weights = load_weights(b, self.source.as_ref(), &self.cfg, self.gguf, &|n| {
             bar.inc(n as u64)
-        })?;
+        })
+        .map_err(|e| naming(&self.path, e))?;
         b.sync()?;
         bar.finish_and_clear();
         Model::new(b, self.cfg.clone(), weights)
@@ -293,7 +301,7 @@ impl MemoryPlan {
 
     /// Compares the plan with what the device reports; unknown limits pass.
     pub fn check(&self, limits: &MemoryLimits, model: &str, device: &str) -> Result<()> {
-        let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+        let gib = human_bytes;
         if let Some(max) = limits.max_buffer {
             let (name, bytes) = &self.largest;
             if *bytes > max {
@@ -342,6 +350,20 @@ impl MemoryPlan {
     }
 }
 
+/// "1.5 GiB", "320.0 KiB", "12 bytes".
+pub fn human_bytes(b: u64) -> String {
+    let units = [
+        (1u64 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    match units.iter().find(|(size, _)| b >= *size) {
+        Some((size, unit)) => format!("{:.1} {unit}", b as f64 / *size as f64),
+        None => format!("{b} bytes"),
+    }
+}
+
 /// (one KV buffer, the whole KV cache, scratch) in bytes, or None on overflow. Mirrors
 /// `KvCache::new` and `Scratch::new`.
 pub fn runtime_bytes(
@@ -368,6 +390,25 @@ pub fn runtime_bytes(
         .checked_add(cfg.vocab_size as u64)?
         .checked_mul(4)?;
     Some((kv_buffer, kv_cache, scratch))
+}
+
+/// Puts the model's path in front of a config / tokenizer / template message that lacks it
+/// (load errors carry their own file).
+fn naming(path: &Path, e: Error) -> Error {
+    let shown = path.display().to_string();
+    let prefix = |m: String| {
+        if m.contains(&shown) {
+            m
+        } else {
+            format!("{shown}: {m}")
+        }
+    };
+    match e {
+        Error::Config(m) => Error::Config(prefix(m)),
+        Error::Tokenizer(m) => Error::Tokenizer(prefix(m)),
+        Error::Template(m) => Error::Template(prefix(m)),
+        other => other,
+    }
 }
 
 /// Every id the tokenizer can produce must exist in the embedding table.

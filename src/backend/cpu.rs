@@ -108,8 +108,8 @@ impl Backend for Cpu {
         super::MemoryLimits {
             total: field("MemTotal:"),
             available: field("MemAvailable:"),
-            // One Vec: isize::MAX bytes.
-            max_buffer: Some(isize::MAX as u64),
+            // A host buffer is one Vec, bounded only by memory.
+            max_buffer: None,
         }
     }
 
