@@ -197,7 +197,8 @@ fn neutralize_generation_tags(template: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        match tag.find("%}") {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they share the `%`).
+        match tag[2..].find("%}").map(|e| e + 2) {
             Some(end) => {
                 let inner = &tag[2..end];
                 let marker_open = inner.starts_with(['-', '+']);
@@ -272,6 +273,18 @@ mod tests {
             render_chat_template("x", &[], false, &[]),
             Err(Error::Template(_))
         ));
+    }
+
+    #[test]
+    fn tag_markers_sharing_a_percent_sign_are_not_a_tag() {
+        // Found by fuzzing: `{%}` once made the tag scanner slice backwards.
+        assert_eq!(neutralize_generation_tags("a{%}b"), "a{%}b");
+        assert_eq!(
+            neutralize_generation_tags("{%}{% generation %}x{% endgeneration %}"),
+            "{%}{% if true %}x{% endif %}"
+        );
+        let err = render_chat_template("{%}", &[Message::new("user", "hi")], false, &[]);
+        assert!(matches!(err, Err(Error::Template(m)) if !m.contains("panicked")));
     }
 
     #[test]

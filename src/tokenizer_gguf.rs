@@ -120,6 +120,12 @@ fn build(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens)> {
                                 tokens.len()
                             ))
                         })?;
+                    // Merges are ranked by score: a NaN has no rank (found by fuzzing).
+                    if let Some(i) = scores.iter().position(|s| s.is_nan()) {
+                        return Err(fail(format!(
+                            "tokenizer.ggml.scores[{i}] is NaN; scores must be numbers"
+                        )));
+                    }
                     merges_from_scores(tokens, &scores)
                 }
             };
