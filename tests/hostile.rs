@@ -472,6 +472,9 @@ fn render(template: &str) -> anyllama::Result<()> {
     .map(|_| ())
 }
 
+/// The file or folder a case wrote (if any) and what loading it gave.
+type CaseResult = (Option<PathBuf>, anyllama::Result<()>);
+
 struct Case {
     name: &'static str,
     kind: Kind,
@@ -479,7 +482,7 @@ struct Case {
     says: &'static [&'static str],
     /// Whether the message must name the file or folder the case wrote.
     names_file: bool,
-    run: Box<dyn Fn(&'static str) -> (Option<PathBuf>, anyllama::Result<()>)>,
+    run: Box<dyn Fn(&'static str) -> CaseResult>,
 }
 
 fn gguf_case(
