@@ -35,7 +35,12 @@ impl Error {
         let msg = self.to_string();
         let has = |s: &str| msg.contains(s);
         match self {
-            Error::Load { .. } if has("no such file") || has("No such file") => {
+            Error::Load { .. }
+                if has("no such file")
+                    || has("No such file")
+                    || has("neither an existing path")
+                    || has("not in the Hugging Face cache") =>
+            {
                 Some("check the path; -m takes a model folder, a .gguf file or org/name")
             }
             Error::Load { .. } => Some(
@@ -45,7 +50,7 @@ impl Error {
                 Some("raise -c/--ctx-size, shorten the prompt, or pass --truncate to keep its end")
             }
             Error::Device(_) if has("memory") || has("does not fit") || has("larger than") => {
-                Some("try a smaller model or quantization, a smaller -c/--ctx-size, --kv-dtype f16, or --backend cpu")
+                Some("try a smaller -c/--ctx-size, a smaller or more quantized model, or another device (--backend, --adapter)")
             }
             Error::Device(_) if has("lost") => {
                 Some("the GPU driver reset the device; run again, or use --backend cpu")
