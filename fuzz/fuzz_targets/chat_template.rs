@@ -2,6 +2,9 @@
 //! separated by NUL bytes, rendered as alternating user / assistant turns.
 #![no_main]
 
+#[path = "cap.rs"]
+mod cap;
+
 use anyllama::chat_template::{render_chat_template, Message};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,6 +1,9 @@
 //! config.json and generation_config.json text.
 #![no_main]
 
+#[path = "cap.rs"]
+mod cap;
+
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,6 +2,9 @@
 //! from them, the memory plan, and every tensor handed out (with Q/K rows un-permuted).
 #![no_main]
 
+#[path = "cap.rs"]
+mod cap;
+
 #[path = "scratch.rs"]
 mod scratch;
 

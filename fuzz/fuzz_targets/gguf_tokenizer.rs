@@ -1,6 +1,9 @@
 //! A tokenizer rebuilt from GGUF metadata (`tokenizer.ggml.*`), then used: encode and decode.
 #![no_main]
 
+#[path = "cap.rs"]
+mod cap;
+
 #[path = "scratch.rs"]
 mod scratch;
 

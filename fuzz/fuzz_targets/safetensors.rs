@@ -3,6 +3,9 @@
 //! valid shards, so that the index's names, links and coverage rules are what gets exercised.
 #![no_main]
 
+#[path = "cap.rs"]
+mod cap;
+
 #[path = "scratch.rs"]
 mod scratch;
 
