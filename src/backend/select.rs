@@ -79,6 +79,7 @@ fn auto<W: WithBackend>(_adapter: Option<usize>, work: W) -> Result<W::Output> {
 
 /// What `anyllama devices` prints: every GPU adapter, then the CPU backend.
 pub fn describe_devices() -> String {
+    #[cfg_attr(not(feature = "wgpu"), allow(unused_mut))]
     let mut s = String::new();
     #[cfg(feature = "wgpu")]
     for a in super::wgpu::list_adapters() {
