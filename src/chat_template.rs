@@ -38,6 +38,10 @@ impl Message {
 
 /// Instructions one render may execute.
 const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Wall-clock time one render may take; real templates take well under a millisecond.
+const TEMPLATE_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// The renderer's stack: deep enough for minijinja's nesting limits in any build.
+const TEMPLATE_STACK: usize = 16 << 20;
 
 /// Marks an error raised by the template itself through `raise_exception(message)`, so that the
 /// message reaches the user unchanged instead of wrapped in minijinja's error text.
@@ -65,10 +69,37 @@ pub fn render_chat_template(
             "cannot apply a chat template to an empty conversation".into(),
         ));
     }
-    Error::contain_panics(
-        |m| Error::Template(format!("rendering panicked: {m}")),
-        || render(template, messages, add_generation_prompt, special_tokens),
-    )
+    // Fuel bounds the template's own instructions, but some built-in operations loop inside
+    // one instruction (`() * 10**18` iterates 10**18 empty repetitions), so the render runs on
+    // its own thread and a render past the time limit is an error instead of a hang. A render
+    // that never ends is left to finish (or not) on its detached thread.
+    let (template, messages, specials) = (
+        template.to_string(),
+        messages.to_vec(),
+        special_tokens.to_vec(),
+    );
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("chat-template".into())
+        .stack_size(TEMPLATE_STACK)
+        .spawn(move || {
+            let result = Error::contain_panics(
+                |m| Error::Template(format!("rendering panicked: {m}")),
+                || render(&template, &messages, add_generation_prompt, &specials),
+            );
+            let _ = send.send(result);
+        })
+        .map_err(|e| Error::Template(format!("cannot start the renderer: {e}")))?;
+    match receive.recv_timeout(TEMPLATE_TIME_LIMIT) {
+        Ok(result) => result,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Error::Template(format!(
+            "rendering did not finish within {} s; the template does not end",
+            TEMPLATE_TIME_LIMIT.as_secs()
+        ))),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Error::Template(
+            "the renderer stopped without a result".into(),
+        )),
+    }
 }
 
 fn render(
@@ -279,12 +310,26 @@ mod tests {
     fn tag_markers_sharing_a_percent_sign_are_not_a_tag() {
         // Found by fuzzing: `{%}` once made the tag scanner slice backwards.
         assert_eq!(neutralize_generation_tags("a{%}b"), "a{%}b");
+        // As in Jinja's lexer, the first tag runs to the next `%}`, swallowing the second `{%`.
         assert_eq!(
             neutralize_generation_tags("{%}{% generation %}x{% endgeneration %}"),
-            "{%}{% if true %}x{% endif %}"
+            "{%}{% generation %}x{% endif %}"
         );
         let err = render_chat_template("{%}", &[Message::new("user", "hi")], false, &[]);
         assert!(matches!(err, Err(Error::Template(m)) if !m.contains("panicked")));
+    }
+
+    #[test]
+    fn lazy_repetitions_print_without_iterating() {
+        let render = |t: &str| render_chat_template(t, &[Message::new("user", "")], false, &[]);
+        let t0 = std::time::Instant::now();
+        assert_eq!(render("{{ () * 1000000000000000000 }}").unwrap(), "[]");
+        assert_eq!(
+            render("{{ ([] * 1000000000000000000) | tojson }}").unwrap(),
+            "[]"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+        assert!(render("{{ [1] * 1000000000000 }}").is_err());
     }
 
     #[test]

@@ -260,6 +260,28 @@ pub fn cases() -> Vec<Case> {
         other_case("tpl_raise", Template, &["roles must alternate"], || {
             render("{{ raise_exception('roles must alternate') }}")
         }),
+        other_case(
+            "tpl_print_huge",
+            Template,
+            &["cannot print a sequence"],
+            || render("{{ [1] * 1000000000000 }}"),
+        ),
+        other_case("tpl_spin", Template, &["did not finish within"], || {
+            // An empty sequence repeated 10**12 times: one loop instruction that never ends.
+            render("{% for x in () * 1000000000000 %}{% endfor %}")
+        }),
+        other_case(
+            "tpl_fuzz_timeout",
+            Template,
+            &["did not finish within"],
+            || {
+                // Found by fuzzing (a 14 s render): the repetition hides inside a concatenation.
+                render(
+                "{{ 288888888888888888~8888888888-88888888888<8+888808.8<888088887*888888888888888\
+                 888888<8+8888888~8888~88888888*() }}x",
+            )
+            },
+        ),
         // ---- generation ----
         other_case(
             "gen_prompt_too_long",
