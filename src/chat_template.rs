@@ -36,6 +36,13 @@ impl Message {
     }
 }
 
+/// Instructions one render may execute.
+const TEMPLATE_FUEL: u64 = 5_000_000;
+/// Wall-clock time one render may take; real templates take well under a millisecond.
+const TEMPLATE_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// The renderer's stack: deep enough for minijinja's nesting limits in any build.
+const TEMPLATE_STACK: usize = 16 << 20;
+
 /// Marks an error raised by the template itself through `raise_exception(message)`, so that the
 /// message reaches the user unchanged instead of wrapped in minijinja's error text.
 #[derive(Debug)]
@@ -62,6 +69,45 @@ pub fn render_chat_template(
             "cannot apply a chat template to an empty conversation".into(),
         ));
     }
+    // Fuel bounds the template's own instructions, but some built-in operations loop inside
+    // one instruction (`() * 10**18` iterates 10**18 empty repetitions), so the render runs on
+    // its own thread and a render past the time limit is an error instead of a hang. A render
+    // that never ends is left to finish (or not) on its detached thread.
+    let (template, messages, specials) = (
+        template.to_string(),
+        messages.to_vec(),
+        special_tokens.to_vec(),
+    );
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("chat-template".into())
+        .stack_size(TEMPLATE_STACK)
+        .spawn(move || {
+            let result = Error::contain_panics(
+                |m| Error::Template(format!("rendering panicked: {m}")),
+                || render(&template, &messages, add_generation_prompt, &specials),
+            );
+            let _ = send.send(result);
+        })
+        .map_err(|e| Error::Template(format!("cannot start the renderer: {e}")))?;
+    match receive.recv_timeout(TEMPLATE_TIME_LIMIT) {
+        Ok(result) => result,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Error::Template(format!(
+            "rendering did not finish within {} s; the template does not end",
+            TEMPLATE_TIME_LIMIT.as_secs()
+        ))),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Error::Template(
+            "the renderer stopped without a result".into(),
+        )),
+    }
+}
+
+fn render(
+    template: &str,
+    messages: &[Message],
+    add_generation_prompt: bool,
+    special_tokens: &[(String, String)],
+) -> Result<String> {
     let source = neutralize_generation_tags(template);
     let env = hf_environment();
     let compiled = env.template_from_str(&source).map_err(template_error)?;
@@ -85,6 +131,10 @@ pub fn render_chat_template(
 /// The Jinja environment transformers builds in `_compile_jinja_template`.
 fn hf_environment() -> Environment<'static> {
     let mut env = Environment::new();
+    // A template comes with the model file; bounding the instructions it may run turns a
+    // crafted endless loop (nested ranges, recursion) into an error instead of a hang. Real
+    // templates render a long conversation in well under a hundredth of this.
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -178,7 +228,8 @@ fn neutralize_generation_tags(template: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        match tag.find("%}") {
+        // The closing `%}` comes after the opening `{%` (in `{%}` they share the `%`).
+        match tag[2..].find("%}").map(|e| e + 2) {
             Some(end) => {
                 let inner = &tag[2..end];
                 let marker_open = inner.starts_with(['-', '+']);
@@ -253,6 +304,32 @@ mod tests {
             render_chat_template("x", &[], false, &[]),
             Err(Error::Template(_))
         ));
+    }
+
+    #[test]
+    fn tag_markers_sharing_a_percent_sign_are_not_a_tag() {
+        // Found by fuzzing: `{%}` once made the tag scanner slice backwards.
+        assert_eq!(neutralize_generation_tags("a{%}b"), "a{%}b");
+        // As in Jinja's lexer, the first tag runs to the next `%}`, swallowing the second `{%`.
+        assert_eq!(
+            neutralize_generation_tags("{%}{% generation %}x{% endgeneration %}"),
+            "{%}{% generation %}x{% endif %}"
+        );
+        let err = render_chat_template("{%}", &[Message::new("user", "hi")], false, &[]);
+        assert!(matches!(err, Err(Error::Template(m)) if !m.contains("panicked")));
+    }
+
+    #[test]
+    fn lazy_repetitions_print_without_iterating() {
+        let render = |t: &str| render_chat_template(t, &[Message::new("user", "")], false, &[]);
+        let t0 = std::time::Instant::now();
+        assert_eq!(render("{{ () * 1000000000000000000 }}").unwrap(), "[]");
+        assert_eq!(
+            render("{{ ([] * 1000000000000000000) | tojson }}").unwrap(),
+            "[]"
+        );
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+        assert!(render("{{ [1] * 1000000000000 }}").is_err());
     }
 
     #[test]

@@ -9,6 +9,16 @@ use crate::error::{Error, Result};
 use serde_json::{Map, Value};
 use std::path::Path;
 
+/// Upper bounds on the sizes a config may name: several times the largest released Llama-family
+/// models (vocab 256k, width 16k, 126 layers, 128 heads, 10M context), far below overflow.
+pub const MAX_VOCAB: usize = 1 << 22;
+pub const MAX_WIDTH: usize = 1 << 17;
+pub const MAX_FFN: usize = 1 << 20;
+pub const MAX_LAYERS: usize = 1 << 12;
+pub const MAX_HEADS: usize = 1 << 12;
+pub const MAX_HEAD_DIM: usize = 1 << 12;
+pub const MAX_CONTEXT: usize = 1 << 26;
+
 /// RoPE frequency scheme, as transformers' `ROPE_INIT_FUNCTIONS` names them.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum RopeScaling {
@@ -120,13 +130,47 @@ impl ModelConfig {
                 self.head_dim
             ));
         }
+        if self.dim % self.n_heads != 0 {
+            return bad(format!(
+                "hidden_size ({}) is not a multiple of num_attention_heads ({})",
+                self.dim, self.n_heads
+            ));
+        }
+        if self.max_seq_len == 0 {
+            return bad("max_position_embeddings (context length) must be positive".into());
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return bad(format!("rms_norm_eps ({}) must be >= 0", self.norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta ({}) must be positive", self.rope_theta));
+        }
+        // Sizes far past any real model are a broken or hostile file; refusing them keeps every
+        // product of two sizes (q_dim, vocab x dim, ...) far from overflow.
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.dim, MAX_WIDTH),
+            ("intermediate_size", self.ffn_dim, MAX_FFN),
+            ("num_hidden_layers", self.n_layers, MAX_LAYERS),
+            ("num_attention_heads", self.n_heads, MAX_HEADS),
+            ("num_key_value_heads", self.n_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("max_position_embeddings", self.max_seq_len, MAX_CONTEXT),
+        ] {
+            if v > max {
+                return bad(format!(
+                    "{name} ({v}) is larger than any supported model (at most {max})"
+                ));
+            }
+        }
         Ok(())
     }
 
     /// Reads `config.json` from an HF model folder.
     pub fn from_hf_dir(dir: &Path) -> Result<ModelConfig> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::load(&path, e.to_string()))?;
+        let text =
+            crate::weights::read_text_file(&path).map_err(|e| Error::load(&path, e.to_string()))?;
         Self::from_hf_json(&text).map_err(|e| match e {
             Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
             other => other,

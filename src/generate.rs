@@ -7,6 +7,7 @@ use crate::backend::Backend;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, Sequence};
+use crate::loader::human_bytes;
 use crate::model::{Model, Scratch};
 use crate::pool::Buf;
 use crate::sample::{apply_penalties, sample_logits, Sampler, SamplingParams};
@@ -80,6 +81,30 @@ impl<'a, B: Backend> Generator<'a, B> {
     ) -> Result<Self> {
         if ctx_len == 0 {
             return Err(Error::Usage("context length must be positive".into()));
+        }
+        // The cache and scratch sizes are checked (overflow, device memory) before allocating.
+        let (kv_buffer, kv_bytes, scratch_bytes) = crate::loader::runtime_bytes(
+            &model.cfg, ctx_len, kv_dtype, chunk,
+        )
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "a context of {ctx_len} tokens is too large to address"
+            ))
+        })?;
+        let limits = b.memory_limits();
+        let need = kv_bytes.saturating_add(scratch_bytes);
+        if limits.max_buffer.is_some_and(|m| kv_buffer > m)
+            || limits.available.is_some_and(|a| need > a)
+            || usize::try_from(kv_buffer).is_err()
+        {
+            return Err(Error::Device(format!(
+                "a KV cache for {ctx_len} tokens ({}) plus scratch does not fit in the memory of \
+                 {} ({} available, largest buffer {})",
+                human_bytes(kv_bytes),
+                b.device_name(),
+                limits.available.map_or("unknown".into(), human_bytes),
+                limits.max_buffer.map_or("unknown".into(), human_bytes),
+            )));
         }
         let n_blocks = ctx_len.div_ceil(crate::backend::params::KV_BLOCK);
         let kv = KvCache::new(b, &model.cfg, n_blocks, kv_dtype)?;

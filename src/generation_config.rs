@@ -27,7 +27,7 @@ impl GenerationConfig {
     /// Reads `generation_config.json` from an HF model folder; Ok(None) when the folder has none.
     pub fn from_hf_dir(dir: &Path) -> Result<Option<GenerationConfig>> {
         let path = dir.join("generation_config.json");
-        let text = match std::fs::read_to_string(&path) {
+        let text = match crate::weights::read_text_file(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::load(&path, e.to_string())),

@@ -35,9 +35,10 @@ pub fn resolve_in(arg: &str, cache_dirs: &[PathBuf]) -> Result<PathBuf> {
         return Ok(as_path.to_path_buf());
     }
     let Some((org, name)) = repo_id(arg) else {
-        return Err(Error::Usage(format!(
-            "model `{arg}` is neither an existing path nor a Hugging Face repo id (org/name)"
-        )));
+        return Err(Error::load(
+            arg,
+            "neither an existing path nor a Hugging Face repo id (org/name)",
+        ));
     };
     let folder = format!("models--{org}--{name}");
     let mut looked = Vec::new();
@@ -53,10 +54,13 @@ pub fn resolve_in(arg: &str, cache_dirs: &[PathBuf]) -> Result<PathBuf> {
     } else {
         looked.join(", ")
     };
-    Err(Error::Usage(format!(
-        "model `{arg}` is not a path and is not in the Hugging Face cache; looked in: {list}. \
-         Download it first (e.g. `hf download {arg}`) or pass a local folder"
-    )))
+    Err(Error::load(
+        arg,
+        format!(
+            "not a path and not in the Hugging Face cache (looked in: {list}); download it \
+             first (e.g. `hf download {arg}`) or pass a local folder"
+        ),
+    ))
 }
 
 /// Splits `org/name`, accepting only characters the Hub allows so nothing escapes the cache.

@@ -2,8 +2,9 @@
 //! generation_config.json) or a GGUF file. `ModelFiles` holds everything read from the files;
 //! `load` uploads the weights to a backend with a progress bar.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, MemoryLimits};
 use crate::config::ModelConfig;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::generation_config::GenerationConfig;
 use crate::model::Model;
@@ -11,7 +12,7 @@ use crate::tokenizer::{SpecialToken, SpecialTokens, Tokenizer};
 use crate::tokenizer_gguf::tokenizer_from_gguf;
 use crate::weights::gguf::GgufFile;
 use crate::weights::safetensors::SafetensorsSource;
-use crate::weights::{load_weights, TensorSource};
+use crate::weights::{load_weights, plan_weights, TensorSource, WeightsPlan};
 use std::path::{Path, PathBuf};
 
 pub struct ModelFiles {
@@ -26,7 +27,12 @@ pub struct ModelFiles {
 
 impl ModelFiles {
     /// Opens an HF model folder or a `.gguf` file (memory-mapped; nothing is uploaded yet).
+    /// Every error names the file or folder it is about.
     pub fn open(path: &Path) -> Result<ModelFiles> {
+        Self::open_unnamed(path).map_err(|e| naming(path, e))
+    }
+
+    fn open_unnamed(path: &Path) -> Result<ModelFiles> {
         if path.is_dir() {
             let cfg = ModelConfig::from_hf_dir(path)?;
             let source = SafetensorsSource::open(path)?;
@@ -75,7 +81,21 @@ impl ModelFiles {
             add_bos: sp.add_bos,
             add_eos: sp.add_eos,
         };
-        let tokenizer = Tokenizer::from_parts(inner, specials, sp.chat_template.clone());
+        let tokenizer = Error::contain_panics(
+            |m| {
+                Error::Tokenizer(format!(
+                    "{}: the tokenizer library panicked: {m}",
+                    path.display()
+                ))
+            },
+            || {
+                Ok(Tokenizer::from_parts(
+                    inner,
+                    specials,
+                    sp.chat_template.clone(),
+                ))
+            },
+        )?;
         check_vocab(&cfg, &tokenizer)?;
         // A GGUF file has no generation_config.json: end on EOS and on the end-of-turn token.
         let mut eos = cfg.eos_token_ids.clone();
@@ -119,9 +139,43 @@ impl ModelFiles {
         ids
     }
 
+    /// Checks every tensor against the config and works out what running with a context of
+    /// `ctx_len` tokens (KV cache in `kv_dtype`, prefill chunks of `chunk` rows) takes.
+    pub fn memory_plan(&self, ctx_len: usize, kv_dtype: DType, chunk: usize) -> Result<MemoryPlan> {
+        let weights = plan_weights(self.source.as_ref(), &self.cfg, self.gguf)
+            .map_err(|e| naming(&self.path, e))?;
+        MemoryPlan::new(&self.cfg, weights, ctx_len, kv_dtype, chunk)
+    }
+
+    /// Fails with a clear error, before anything is uploaded, when the model with that context
+    /// does not fit in `b`'s memory or one of its tensors is larger than `b`'s largest buffer.
+    pub fn check_fits<B: Backend>(
+        &self,
+        b: &B,
+        ctx_len: usize,
+        kv_dtype: DType,
+        chunk: usize,
+    ) -> Result<MemoryPlan> {
+        let plan = self.memory_plan(ctx_len, kv_dtype, chunk)?;
+        plan.check(&b.memory_limits(), &self.name(), &b.device_name())?;
+        Ok(plan)
+    }
+
     /// Uploads the weights to `b`, showing a progress bar on stderr when `progress` is set (and
-    /// stderr is a terminal).
+    /// stderr is a terminal). The weights alone are checked against `b`'s memory first; see
+    /// `check_fits` for the check that includes the KV cache.
     pub fn load<B: Backend>(&self, b: &B, progress: bool) -> Result<Model<B>> {
+        let weights = plan_weights(self.source.as_ref(), &self.cfg, self.gguf)
+            .map_err(|e| naming(&self.path, e))?;
+        let plan = MemoryPlan {
+            weights: weights.bytes,
+            largest: weights.largest,
+            kv_cache: 0,
+            kv_buffer: 0,
+            scratch: 0,
+            ctx_len: 0,
+        };
+        plan.check(&b.memory_limits(), &self.name(), &b.device_name())?;
         let total = self.source.total_bytes();
         let bar = indicatif::ProgressBar::with_draw_target(
             Some(total as u64),
@@ -141,7 +195,8 @@ impl ModelFiles {
         bar.set_message(format!("{} on {}", self.name(), b.name()));
         let weights = load_weights(b, self.source.as_ref(), &self.cfg, self.gguf, &|n| {
             bar.inc(n as u64)
-        })?;
+        })
+        .map_err(|e| naming(&self.path, e))?;
         b.sync()?;
         bar.finish_and_clear();
         Model::new(b, self.cfg.clone(), weights)
@@ -195,6 +250,164 @@ impl ModelFiles {
             }
         );
         s
+    }
+}
+
+/// Device memory a model takes, worked out from the config and tensor metadata alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryPlan {
+    pub weights: u64,
+    /// The largest weight tensor and its bytes.
+    pub largest: (String, u64),
+    /// Every layer's K and V buffers together, and one of them.
+    pub kv_cache: u64,
+    pub kv_buffer: u64,
+    /// Activations and logits.
+    pub scratch: u64,
+    pub ctx_len: usize,
+}
+
+impl MemoryPlan {
+    /// The plan for `weights` with a context of `ctx_len` tokens. Arithmetic is checked: a size
+    /// that overflows is an error, never a wrapped small allocation.
+    pub fn new(
+        cfg: &ModelConfig,
+        weights: WeightsPlan,
+        ctx_len: usize,
+        kv_dtype: DType,
+        chunk: usize,
+    ) -> Result<MemoryPlan> {
+        let (kv_buffer, kv_cache, scratch) = runtime_bytes(cfg, ctx_len, kv_dtype, chunk)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "a context of {ctx_len} tokens is too large to address for this model"
+                ))
+            })?;
+        Ok(MemoryPlan {
+            weights: weights.bytes,
+            largest: weights.largest,
+            kv_cache,
+            kv_buffer,
+            scratch,
+            ctx_len,
+        })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights
+            .saturating_add(self.kv_cache)
+            .saturating_add(self.scratch)
+    }
+
+    /// Compares the plan with what the device reports; unknown limits pass.
+    pub fn check(&self, limits: &MemoryLimits, model: &str, device: &str) -> Result<()> {
+        let gib = human_bytes;
+        if let Some(max) = limits.max_buffer {
+            let (name, bytes) = &self.largest;
+            if *bytes > max {
+                return Err(Error::Device(format!(
+                    "{model}: tensor {name} ({}) is larger than the largest buffer {device} can \
+                     allocate ({}); it does not fit",
+                    gib(*bytes),
+                    gib(max)
+                )));
+            }
+            if self.kv_buffer > max {
+                return Err(Error::Device(format!(
+                    "{model}: one layer's KV cache for {} tokens ({}) is larger than the largest \
+                     buffer {device} can allocate ({}); it does not fit",
+                    self.ctx_len,
+                    gib(self.kv_buffer),
+                    gib(max)
+                )));
+            }
+        }
+        let room = limits.available.or(limits.total);
+        if let Some(room) = room.filter(|&r| self.total() > r) {
+            let what = if limits.available.is_some() {
+                "available"
+            } else {
+                "in total"
+            };
+            let kv = if self.ctx_len > 0 {
+                format!(
+                    " + KV cache for {} tokens {} + scratch {}",
+                    self.ctx_len,
+                    gib(self.kv_cache),
+                    gib(self.scratch)
+                )
+            } else {
+                String::new()
+            };
+            return Err(Error::Device(format!(
+                "{model} does not fit: it needs {} (weights {}{kv}) but {device} has {} {what}",
+                gib(self.total()),
+                gib(self.weights),
+                gib(room)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// "1.5 GiB", "320.0 KiB", "12 bytes".
+pub fn human_bytes(b: u64) -> String {
+    let units = [
+        (1u64 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    match units.iter().find(|(size, _)| b >= *size) {
+        Some((size, unit)) => format!("{:.1} {unit}", b as f64 / *size as f64),
+        None => format!("{b} bytes"),
+    }
+}
+
+/// (one KV buffer, the whole KV cache, scratch) in bytes, or None on overflow. Mirrors
+/// `KvCache::new` and `Scratch::new`.
+pub fn runtime_bytes(
+    cfg: &ModelConfig,
+    ctx_len: usize,
+    kv_dtype: DType,
+    chunk: usize,
+) -> Option<(u64, u64, u64)> {
+    let block = crate::backend::params::KV_BLOCK as u64;
+    let elem = if kv_dtype == DType::F16 { 2 } else { 4 };
+    let positions = (ctx_len as u64).div_ceil(block).checked_mul(block)?;
+    let kv_buffer = positions
+        .checked_mul(cfg.kv_dim() as u64)?
+        .checked_mul(elem)?;
+    let kv_cache = kv_buffer.checked_mul(2 * cfg.n_layers as u64)?;
+    let rows = chunk.clamp(1, ctx_len.max(1)) as u64;
+    let per_row = 1
+        + 3 * cfg.dim as u64
+        + 2 * cfg.q_dim() as u64
+        + 2 * cfg.kv_dim() as u64
+        + 3 * cfg.ffn_dim as u64;
+    let scratch = rows
+        .checked_mul(per_row)?
+        .checked_add(cfg.vocab_size as u64)?
+        .checked_mul(4)?;
+    Some((kv_buffer, kv_cache, scratch))
+}
+
+/// Puts the model's path in front of a config / tokenizer / template message that lacks it
+/// (load errors carry their own file).
+fn naming(path: &Path, e: Error) -> Error {
+    let shown = path.display().to_string();
+    let prefix = |m: String| {
+        if m.contains(&shown) {
+            m
+        } else {
+            format!("{shown}: {m}")
+        }
+    };
+    match e {
+        Error::Config(m) => Error::Config(prefix(m)),
+        Error::Tokenizer(m) => Error::Tokenizer(prefix(m)),
+        Error::Template(m) => Error::Template(prefix(m)),
+        other => other,
     }
 }
 

@@ -95,7 +95,15 @@ impl Tokenizer {
     /// Loads tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja
     /// from an HF model folder, with transformers 5's rules for combining them.
     pub fn from_hf_dir(dir: &Path) -> Result<Tokenizer> {
-        hf_load::load_dir(dir)
+        Error::contain_panics(
+            |m| {
+                Error::Tokenizer(format!(
+                    "{}: the tokenizer library panicked: {m}",
+                    dir.display()
+                ))
+            },
+            || hf_load::load_dir(dir),
+        )
     }
 
     /// Like [`Tokenizer::from_hf_dir`] for files that do not sit in one folder under their usual names.
@@ -104,7 +112,15 @@ impl Tokenizer {
         tokenizer_config: Option<&Path>,
         chat_template_jinja: Option<&Path>,
     ) -> Result<Tokenizer> {
-        hf_load::load_files(tokenizer_json, tokenizer_config, None, chat_template_jinja)
+        Error::contain_panics(
+            |m| {
+                Error::Tokenizer(format!(
+                    "{}: the tokenizer library panicked: {m}",
+                    tokenizer_json.display()
+                ))
+            },
+            || hf_load::load_files(tokenizer_json, tokenizer_config, None, chat_template_jinja),
+        )
     }
 
     /// Wraps a tokenizer built elsewhere (from GGUF metadata). As transformers does for GGUF, the
@@ -247,11 +263,7 @@ fn guard<T>(what: &str, f: impl FnOnce() -> tokenizers::Result<T>) -> Result<T> 
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(Error::Tokenizer(format!("{what}: {e}"))),
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let msg = Error::panic_message(panic.as_ref());
             Err(Error::Tokenizer(format!(
                 "{what}: the tokenizer library panicked: {msg}"
             )))

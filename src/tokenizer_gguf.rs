@@ -51,6 +51,18 @@ pub struct GgufSpecialTokens {
 
 /// The tokenizer the file describes, and its special-token settings.
 pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens)> {
+    Error::contain_panics(
+        |m| {
+            Error::Tokenizer(format!(
+                "{}: the tokenizer library panicked: {m}",
+                g.path().display()
+            ))
+        },
+        || build(g),
+    )
+}
+
+fn build(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens)> {
     let path = g.path().display().to_string();
     let fail = |m: String| Error::Tokenizer(format!("{path}: {m}"));
 
@@ -108,6 +120,12 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<(Tokenizer, GgufSpecialTokens
                                 tokens.len()
                             ))
                         })?;
+                    // Merges are ranked by score: a NaN has no rank (found by fuzzing).
+                    if let Some(i) = scores.iter().position(|s| s.is_nan()) {
+                        return Err(fail(format!(
+                            "tokenizer.ggml.scores[{i}] is NaN; scores must be numbers"
+                        )));
+                    }
                     merges_from_scores(tokens, &scores)
                 }
             };

@@ -92,6 +92,27 @@ impl Backend for Cpu {
         format!("host CPU ({} threads)", self.threads)
     }
 
+    /// System memory from /proc/meminfo (Linux); unknown elsewhere.
+    fn memory_limits(&self) -> super::MemoryLimits {
+        let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |key: &str| -> Option<u64> {
+            let line = info.lines().find(|l| l.starts_with(key))?;
+            let kib: u64 = line[key.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            kib.checked_mul(1024)
+        };
+        super::MemoryLimits {
+            total: field("MemTotal:"),
+            available: field("MemAvailable:"),
+            // A host buffer is one Vec, bounded only by memory.
+            max_buffer: None,
+        }
+    }
+
     fn alloc_raw(&self, bytes: usize) -> Result<Vec<u32>> {
         let words = bytes.div_ceil(4);
         let mut v = Vec::new();

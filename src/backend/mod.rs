@@ -64,6 +64,18 @@ pub struct SampleOp {
     pub uniform: f32,
 }
 
+/// What a backend knows about its memory, for checking that a model fits before uploading it.
+/// Every field is None where the backend cannot tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryLimits {
+    /// Memory of the device (bytes).
+    pub total: Option<u64>,
+    /// Memory free for new buffers now (bytes).
+    pub available: Option<u64>,
+    /// Largest single buffer the device can allocate (bytes).
+    pub max_buffer: Option<u64>,
+}
+
 pub trait Backend: Sized + 'static {
     /// One raw device allocation (wgpu::Buffer, a host Vec, a CUDA slice).
     type Raw: Send + Sync + 'static;
@@ -73,6 +85,10 @@ pub trait Backend: Sized + 'static {
     fn device_name(&self) -> String;
 
     // ---- memory ----
+    /// The device's memory limits; the default knows nothing.
+    fn memory_limits(&self) -> MemoryLimits {
+        MemoryLimits::default()
+    }
     fn alloc_raw(&self, bytes: usize) -> Result<Self::Raw>;
     fn pool(&self) -> &Arc<Pool<Self>>;
     /// A pooled scratch buffer of at least `bytes` bytes; contents undefined.

@@ -110,6 +110,7 @@ fn auto_wgpu<W: WithBackend>(_adapter: Option<usize>, work: W) -> Result<W::Outp
 
 /// What `anyllama devices` prints: every GPU adapter, then the CPU backend.
 pub fn describe_devices() -> String {
+    #[cfg_attr(not(feature = "wgpu"), allow(unused_mut))]
     let mut s = String::new();
     #[cfg(feature = "cuda")]
     match super::cuda::Cuda::new(None) {

@@ -52,7 +52,7 @@ fn write_json(
             write_json_string(out, value.as_str().unwrap_or_default(), opt.ensure_ascii)
         }
         ValueKind::Seq | ValueKind::Iterable => {
-            let items: Vec<Value> = value.try_iter()?.collect();
+            let items = printable_items(value)?;
             write_json_container(out, '[', ']', items.len(), opt, depth, |out, i| {
                 write_json(out, &items[i], opt, depth + 1)
             })?;
@@ -227,6 +227,31 @@ fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
 }
 
 /// Python's `repr()` of a template value, which is what Jinja prints for `{{ some_list }}`.
+/// The most items one printed sequence may hold.
+const MAX_PRINTED_ITEMS: usize = 1 << 20;
+
+/// The items of a sequence to print. A repeated sequence (`[x] * n`) is lazy: printing 10**12
+/// items, or an empty sequence repeated 10**18 times, would never end, and its length is known
+/// without iterating, so such a sequence is refused up front.
+fn printable_items(value: &Value) -> Result<Vec<Value>, JinjaError> {
+    let too_long = |n: usize| {
+        JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("cannot print a sequence of {n} items (at most {MAX_PRINTED_ITEMS})"),
+        )
+    };
+    match value.len() {
+        Some(0) => return Ok(Vec::new()),
+        Some(n) if n > MAX_PRINTED_ITEMS => return Err(too_long(n)),
+        _ => {}
+    }
+    let items: Vec<Value> = value.try_iter()?.take(MAX_PRINTED_ITEMS + 1).collect();
+    if items.len() > MAX_PRINTED_ITEMS {
+        return Err(too_long(items.len()));
+    }
+    Ok(items)
+}
+
 pub fn python_repr(value: &Value) -> Result<String, JinjaError> {
     let mut out = String::new();
     write_repr(&mut out, value)?;
@@ -242,11 +267,11 @@ fn write_repr(out: &mut String, value: &Value) -> Result<(), JinjaError> {
         ValueKind::String => write_repr_string(out, value.as_str().unwrap_or_default()),
         ValueKind::Seq | ValueKind::Iterable => {
             out.push('[');
-            for (i, item) in value.try_iter()?.enumerate() {
+            for (i, item) in printable_items(value)?.iter().enumerate() {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                write_repr(out, &item)?;
+                write_repr(out, item)?;
             }
             out.push(']');
         }

@@ -72,8 +72,9 @@ pub(super) fn load_files(
         |p| p.display().to_string(),
     );
 
-    let bytes = std::fs::read(tokenizer_json)
-        .map_err(|e| Error::load(tokenizer_json, format!("cannot read: {e}")))?;
+    let bytes = crate::weights::read_text_file(tokenizer_json)
+        .map_err(|e| Error::load(tokenizer_json, format!("cannot read: {e}")))?
+        .into_bytes();
     let class = config
         .get("tokenizer_class")
         .and_then(Value::as_str)
@@ -264,7 +265,7 @@ fn find_chat_template(
     jinja_path: Option<&Path>,
 ) -> Result<(Option<String>, Option<String>)> {
     if let Some(path) = jinja_path {
-        let text = std::fs::read_to_string(path)
+        let text = crate::weights::read_text_file(path)
             .map_err(|e| Error::load(path, format!("cannot read: {e}")))?;
         return Ok((Some(text), None));
     }
@@ -369,7 +370,7 @@ fn llama_pipeline(json: &mut Value, legacy: bool, add_prefix_space: bool) {
 }
 
 fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::weights::read_text_file(path)
         .map_err(|e| Error::load(path, format!("cannot read: {e}")))?;
     match serde_json::from_str(&text) {
         Ok(Value::Object(map)) => Ok(map),

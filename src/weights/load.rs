@@ -114,6 +114,101 @@ pub fn tensor_roles() -> impl Iterator<Item = (&'static str, bool)> {
     NAMES.iter().map(|(role, hf, _)| (*role, hf.contains("{}")))
 }
 
+/// What uploading a source's weights will take, found from tensor metadata alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightsPlan {
+    /// Device bytes of every weight (matrices as stored, vectors widened to f32).
+    pub bytes: u64,
+    /// The largest single tensor on the device and its bytes.
+    pub largest: (String, u64),
+}
+
+/// Checks every tensor the model needs before anything is uploaded: present (or absent where
+/// the config allows it), with the shape the config implies, in a dtype whose blocks tile its
+/// rows. Errors name the tensor.
+pub fn plan_weights(src: &dyn TensorSource, cfg: &ModelConfig, gguf: bool) -> Result<WeightsPlan> {
+    cfg.validate()?;
+    let (dim, ffn, q, kv, vocab) = (
+        cfg.dim,
+        cfg.ffn_dim,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.vocab_size,
+    );
+    let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+    // (role, shape, required): matrices have two dimensions, vectors one.
+    let global: [(&str, Vec<usize>, bool); 3] = [
+        ("tok_embeddings", vec![vocab, dim], true),
+        ("norm", vec![dim], true),
+        ("output", vec![vocab, dim], !cfg.tie_embeddings && !gguf),
+    ];
+    let layer: [(&str, Vec<usize>, bool); 16] = [
+        ("attn_norm", vec![dim], true),
+        ("wq", vec![q, dim], true),
+        ("wk", vec![kv, dim], true),
+        ("wv", vec![kv, dim], true),
+        ("wo", vec![dim, q], true),
+        ("bq", vec![q], ab),
+        ("bk", vec![kv], ab),
+        ("bv", vec![kv], ab),
+        ("bo", vec![dim], ab),
+        ("ffn_norm", vec![dim], true),
+        ("w1", vec![ffn, dim], true),
+        ("w2", vec![dim, ffn], true),
+        ("w3", vec![ffn, dim], true),
+        ("b1", vec![ffn], mb),
+        ("b2", vec![dim], mb),
+        ("b3", vec![ffn], mb),
+    ];
+    let mut plan = WeightsPlan {
+        bytes: 0,
+        largest: (String::new(), 0),
+    };
+    let mut visit = |role: &str, i: usize, shape: &[usize], required: bool| -> Result<()> {
+        let name = tensor_name(role, i, gguf);
+        let optional_bias = role.starts_with('b') && !required;
+        let Some(meta) = src.meta(&name)? else {
+            if required {
+                return Err(Error::Config(format!("tensor {name} is missing")));
+            }
+            return Ok(());
+        };
+        if optional_bias {
+            return Ok(()); // as HF: a bias the config does not ask for is not used
+        }
+        if meta.shape != shape {
+            return Err(Error::Config(format!(
+                "tensor {name} has shape {:?}, the config implies {shape:?}",
+                meta.shape
+            )));
+        }
+        let n: usize = shape.iter().product();
+        if meta.dtype.bytes_for(*shape.last().unwrap_or(&0)).is_none()
+            || meta.dtype.bytes_for(n) != Some(meta.bytes)
+        {
+            return Err(Error::Config(format!(
+                "tensor {name}: {} bytes of {} do not hold shape {shape:?} in whole blocks",
+                meta.bytes, meta.dtype
+            )));
+        }
+        let device = if shape.len() == 1 { n * 4 } else { meta.bytes } as u64;
+        plan.bytes += device;
+        if device > plan.largest.1 {
+            plan.largest = (name, device);
+        }
+        Ok(())
+    };
+    for (role, shape, required) in &global {
+        visit(role, 0, shape, *required)?;
+    }
+    for i in 0..cfg.n_layers {
+        for (role, shape, required) in &layer {
+            visit(role, i, shape, *required)?;
+        }
+    }
+    Ok(plan)
+}
+
 pub struct LayerWeights<B: Backend> {
     pub attn_norm: Buf<B>,
     pub wq: Weight<B>,
@@ -284,7 +379,7 @@ pub fn load_weights<B: Backend>(
     gguf: bool,
     progress: &dyn Fn(usize),
 ) -> Result<Weights<B>> {
-    cfg.validate()?;
+    plan_weights(src, cfg, gguf)?;
     let l = Loader {
         b,
         src,

@@ -55,6 +55,9 @@ impl SafetensorsSource {
         if index.is_file() {
             let (shard_names, weight_map) = read_index(&index)?;
             let files: Vec<PathBuf> = shard_names.iter().map(|n| path.join(n)).collect();
+            for f in &files {
+                check_inside(path, f, &index)?;
+            }
             return Self::from_files(&files, Some((&index, &weight_map)));
         }
         Err(Error::load(
@@ -166,7 +169,7 @@ impl TensorSource for SafetensorsSource {
 
 /// Reads the index: the distinct shard file names (in first-seen order) and tensor -> shard.
 fn read_index(path: &Path) -> Result<(Vec<String>, HashMap<String, String>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::load(path, e.to_string()))?;
+    let text = super::read_text_file(path).map_err(|e| Error::load(path, e.to_string()))?;
     let root: Value =
         serde_json::from_str(&text).map_err(|e| Error::load(path, format!("invalid JSON: {e}")))?;
     let map = root
@@ -203,6 +206,35 @@ fn is_plain_file_name(name: &str) -> bool {
         && name != ".."
         && !name.contains(['/', '\\', '\0'])
         && !(name.len() >= 2 && name.as_bytes()[1] == b':') // Windows drive prefix
+}
+
+/// A shard must resolve to a file inside the model folder: a symbolic link may not lead out of
+/// it. The one exception is the Hugging Face cache, whose `snapshots/<rev>/` folders hold links
+/// into the same repository's `blobs/`.
+fn check_inside(dir: &Path, file: &Path, index: &Path) -> Result<()> {
+    let Ok(target) = std::fs::canonicalize(file) else {
+        return Ok(()); // missing: opening it reports that, naming the file
+    };
+    let root = std::fs::canonicalize(dir).map_err(|e| Error::load(dir, e.to_string()))?;
+    let in_hub_blobs = || {
+        let snapshots = root.parent()?;
+        (snapshots.file_name()? == "snapshots")
+            .then(|| snapshots.parent().map(|repo| repo.join("blobs")))
+            .flatten()
+            .is_some_and(|blobs| target.starts_with(blobs))
+            .then_some(())
+    };
+    if target.starts_with(&root) || in_hub_blobs().is_some() {
+        return Ok(());
+    }
+    Err(Error::load(
+        index,
+        format!(
+            "shard {} is a link to {}, outside the model folder",
+            file.display(),
+            target.display()
+        ),
+    ))
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {

@@ -188,6 +188,18 @@ impl Backend for Cuda {
         )
     }
 
+    /// Total and free device memory from the driver; CUDA allocations have no size cap below
+    /// the device's memory.
+    fn memory_limits(&self) -> crate::backend::MemoryLimits {
+        let (free, total) = self.memory_info().unwrap_or((0, 0));
+        let known = |v: usize| (v > 0).then_some(v as u64);
+        crate::backend::MemoryLimits {
+            total: known(total),
+            available: known(free),
+            max_buffer: known(total),
+        }
+    }
+
     fn alloc_raw(&self, bytes: usize) -> Result<DevBuf> {
         match self.alloc_dev(bytes) {
             Ok(b) => Ok(b),

@@ -217,6 +217,16 @@ impl Backend for Wgpu {
         )
     }
 
+    /// wgpu reports the largest buffer an adapter takes, but has no query for the device's
+    /// total or free memory: an allocation past it fails as an out-of-memory error instead.
+    fn memory_limits(&self) -> crate::backend::MemoryLimits {
+        crate::backend::MemoryLimits {
+            total: None,
+            available: None,
+            max_buffer: Some(self.adapter.max_buffer_size),
+        }
+    }
+
     fn alloc_raw(&self, bytes: usize) -> Result<wgpu::Buffer> {
         match self.exec.create_buffer(bytes as u64, "anyllama") {
             Ok(b) => Ok(b),

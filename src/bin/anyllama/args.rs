@@ -46,6 +46,9 @@ pub struct ModelArgs {
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<usize>,
+    /// A prompt longer than the context keeps its end (and its BOS) instead of failing.
+    #[arg(long)]
+    pub truncate: bool,
     /// KV cache storage type.
     #[arg(long, value_enum, default_value_t = KvDtypeArg::F16)]
     pub kv_dtype: KvDtypeArg,

@@ -86,8 +86,11 @@ fn ctx_len(files: &ModelFiles, m: &ModelArgs) -> usize {
     m.ctx_size.unwrap_or(files.cfg.max_seq_len.min(4096))
 }
 
-/// Uploads the weights with a progress bar; `verbose` adds a line saying what went where.
-fn load<B: Backend>(files: &ModelFiles, b: &B, verbose: bool) -> Result<anyllama::model::Model<B>> {
+/// Checks that the model and its KV cache fit the device, then uploads the weights with a
+/// progress bar; `verbose` adds a line saying what went where.
+fn load<B: Backend>(files: &ModelFiles, b: &B, m: &ModelArgs) -> Result<anyllama::model::Model<B>> {
+    let verbose = m.verbose;
+    files.check_fits(b, ctx_len(files, m), kv_dtype(m), PREFILL_CHUNK)?;
     let model = files.load(b, true)?;
     if verbose {
         let mb = model.w.bytes() as f64 / 1e6;
@@ -98,6 +101,37 @@ fn load<B: Backend>(files: &ModelFiles, b: &B, verbose: bool) -> Result<anyllama
         );
     }
     Ok(model)
+}
+
+/// A prompt that does not fit the context: an error, or with --truncate its last tokens (after
+/// the BOS it starts with, if any), leaving room for the reply.
+fn fit_prompt(
+    prompt: Vec<u32>,
+    ctx: usize,
+    max_new_tokens: usize,
+    truncate: bool,
+    bos: Option<u32>,
+) -> Result<Vec<u32>> {
+    if prompt.len() < ctx {
+        return Ok(prompt);
+    }
+    if !truncate {
+        return Err(Error::Generation(format!(
+            "the prompt has {} tokens but the context holds {ctx}; raise -c or shorten the prompt",
+            prompt.len()
+        )));
+    }
+    let room = max_new_tokens.clamp(1, (ctx / 2).max(1));
+    let keep = ctx.saturating_sub(room).max(1);
+    let head = usize::from(bos.is_some() && prompt.first() == bos.as_ref() && keep > 1);
+    let mut out = prompt[..head].to_vec();
+    out.extend_from_slice(&prompt[prompt.len() - (keep - head)..]);
+    eprintln!(
+        "prompt: {} tokens do not fit the context of {ctx}; --truncate kept the last {}",
+        prompt.len(),
+        keep - head
+    );
+    Ok(out)
 }
 
 /// Ctrl-C stops the current generation (a second one exits).
@@ -172,8 +206,15 @@ impl WithBackend for GenerateJob {
     type Output = ();
     fn run<B: Backend>(self, b: B) -> Result<()> {
         let (files, a) = (&self.files, &self.args);
-        let prompt = files.tokenizer.encode(&a.prompt, true)?;
-        let mut model = load(files, &b, a.model.verbose)?;
+        let opts = options(files, &a.sampling);
+        let prompt = fit_prompt(
+            files.tokenizer.encode(&a.prompt, true)?,
+            ctx_len(files, &a.model),
+            opts.max_new_tokens,
+            a.model.truncate,
+            files.tokenizer.bos_id(),
+        )?;
+        let mut model = load(files, &b, &a.model)?;
         let mut gen = Generator::new(
             &b,
             &mut model,
@@ -182,14 +223,7 @@ impl WithBackend for GenerateJob {
             PREFILL_CHUNK,
         )?;
         let flag = interrupt_flag();
-        let (_, g) = stream_reply(
-            &mut gen,
-            files,
-            &prompt,
-            &options(files, &a.sampling),
-            &a.sampling.stop,
-            &flag,
-        )?;
+        let (_, g) = stream_reply(&mut gen, files, &prompt, &opts, &a.sampling.stop, &flag)?;
         println!();
         report(a.model.verbose, &g);
         Ok(())
@@ -214,7 +248,7 @@ impl WithBackend for ChatJob {
     type Output = ();
     fn run<B: Backend>(self, b: B) -> Result<()> {
         let (files, a) = (&self.files, &self.args);
-        let mut model = load(files, &b, a.model.verbose)?;
+        let mut model = load(files, &b, &a.model)?;
         let mut gen = Generator::new(
             &b,
             &mut model,
@@ -230,7 +264,13 @@ impl WithBackend for ChatJob {
         let flag = interrupt_flag();
         let mut turn = |messages: &mut Vec<Message>, user: &str| -> Result<()> {
             messages.push(Message::new("user", user));
-            let prompt = files.tokenizer.encode_chat(messages, true)?;
+            let prompt = fit_prompt(
+                files.tokenizer.encode_chat(messages, true)?,
+                ctx_len(files, &a.model),
+                opts.max_new_tokens,
+                a.model.truncate,
+                files.tokenizer.bos_id(),
+            )?;
             flag.store(false, Ordering::SeqCst);
             let (reply, g) =
                 stream_reply(&mut gen, files, &prompt, &opts, &a.sampling.stop, &flag)?;
@@ -279,6 +319,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         backend: crate::args::BackendArg::Cpu,
         adapter: None,
         ctx_size: None,
+        truncate: false,
         kv_dtype: KvDtypeArg::F16,
         verbose: false,
     };

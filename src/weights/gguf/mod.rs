@@ -231,6 +231,17 @@ impl GgufFile {
         &self.mmap[start..start + info.n_bytes]
     }
 
+    /// The decodable dtype of a tensor, or an error naming its ggml type.
+    fn dtype_of(&self, info: &TensorInfo) -> Result<DType> {
+        info.ggml_type.to_dtype().ok_or_else(|| {
+            self.error(format!(
+                "tensor {} is stored as {}, which cannot be decoded \
+                 (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
+                info.name, info.ggml_type
+            ))
+        })
+    }
+
     /// The number of heads whose rows llama.cpp interleaved in this tensor, if it is one of the
     /// Llama query/key projections (weight or bias) that need their rows put back.
     fn permuted_heads(&self, name: &str) -> Result<Option<usize>> {
@@ -288,17 +299,22 @@ impl TensorSource for GgufFile {
         self.tensors.iter().map(|t| t.n_bytes).sum()
     }
 
+    fn meta(&self, name: &str) -> Result<Option<crate::weights::TensorMeta>> {
+        let Some(info) = self.tensor_info(name) else {
+            return Ok(None);
+        };
+        Ok(Some(crate::weights::TensorMeta {
+            dtype: self.dtype_of(info)?,
+            shape: info.shape(),
+            bytes: info.n_bytes,
+        }))
+    }
+
     fn get(&self, name: &str) -> Result<Option<HostTensor<'_>>> {
         let Some(info) = self.tensor_info(name) else {
             return Ok(None);
         };
-        let dtype: DType = info.ggml_type.to_dtype().ok_or_else(|| {
-            self.error(format!(
-                "tensor {name} is stored as {}, which cannot be decoded \
-                 (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K)",
-                info.ggml_type
-            ))
-        })?;
+        let dtype = self.dtype_of(info)?;
         let shape = info.shape();
         let bytes = self.tensor_bytes(info);
         let data = match self.permuted_heads(name)? {

@@ -25,6 +25,13 @@ const MIN_KV_BYTES: u64 = 13;
 /// Smallest possible tensor info: empty name (8) + n_dims (4) + one dim (8) + type (4) + offset (8).
 const MIN_TENSOR_INFO_BYTES: u64 = 32;
 pub const DEFAULT_ALIGNMENT: u64 = 32;
+/// Caps on top of the file-size checks, so that even a huge file cannot make one entry claim
+/// gigabytes: keys and tensor names are short (the format limits keys to 65535 bytes), the
+/// longest real strings are chat templates (tens of KB), the longest arrays vocabularies and
+/// merge lists (a few hundred thousand entries).
+const MAX_NAME_LEN: u64 = 65_535;
+const MAX_STRING_LEN: u64 = 1 << 24;
+const MAX_ARRAY_LEN: u64 = 1 << 24;
 
 /// Everything in the header, validated.
 pub(crate) struct Header {
@@ -83,7 +90,16 @@ impl<'a> Cursor<'a> {
     }
 
     fn string(&mut self, what: &str) -> Result<String> {
+        self.string_capped(what, MAX_STRING_LEN)
+    }
+
+    fn string_capped(&mut self, what: &str, cap: u64) -> Result<String> {
         let len = self.u64(what)?;
+        if len > cap {
+            return Err(self.err(format_args!(
+                "{what}: string length {len} is over the limit of {cap} bytes"
+            )));
+        }
         if len > self.remaining() {
             return Err(self.err(format_args!(
                 "{what}: string length {len} runs past the end of the file ({} bytes left)",
@@ -97,6 +113,11 @@ impl<'a> Cursor<'a> {
 
     /// Fails unless `count` elements of at least `min_bytes` each can fit in what is left.
     fn check_count(&self, count: u64, min_bytes: u64, what: &str) -> Result<usize> {
+        if what.ends_with("array length") && count > MAX_ARRAY_LEN {
+            return Err(self.err(format_args!(
+                "{what} {count} is over the limit of {MAX_ARRAY_LEN} elements"
+            )));
+        }
         let fits = count
             .checked_mul(min_bytes)
             .is_some_and(|n| n <= self.remaining());
@@ -238,7 +259,7 @@ pub(crate) fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
     let mut metadata = Vec::with_capacity(n_kv);
     let mut keys = HashSet::with_capacity(n_kv);
     for _ in 0..n_kv {
-        let key = c.string("metadata key")?;
+        let key = c.string_capped("metadata key", MAX_NAME_LEN)?;
         let ty = c.u32("metadata value type")?;
         let value = c.value(ty, &key, 0)?;
         if !keys.insert(key.clone()) {
@@ -289,6 +310,22 @@ pub(crate) fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
             ));
         }
     }
+    // Two tensors must not share bytes: writing one would change the other, and a file that
+    // overlaps them is broken or crafted.
+    let mut ranges: Vec<(u64, u64, &str)> = tensors
+        .iter()
+        .map(|t| (t.offset, t.offset + t.n_bytes as u64, t.name.as_str()))
+        .collect();
+    ranges.sort_unstable();
+    for pair in ranges.windows(2) {
+        let ((_, end, first), (start, _, second)) = (pair[0], pair[1]);
+        if start < end {
+            return Err(Error::load(
+                path,
+                format!("tensors {first:?} and {second:?} overlap in the data section"),
+            ));
+        }
+    }
     Ok(Header {
         version,
         metadata,
@@ -299,7 +336,7 @@ pub(crate) fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
 }
 
 fn tensor_info(c: &mut Cursor<'_>, alignment: u64) -> Result<TensorInfo> {
-    let name = c.string("tensor name")?;
+    let name = c.string_capped("tensor name", MAX_NAME_LEN)?;
     let n_dims = c.u32("tensor dimension count")?;
     if n_dims == 0 || n_dims > MAX_DIMS {
         return Err(c.err(format_args!(
@@ -309,6 +346,11 @@ fn tensor_info(c: &mut Cursor<'_>, alignment: u64) -> Result<TensorInfo> {
     let mut dims = Vec::with_capacity(n_dims as usize);
     for _ in 0..n_dims {
         dims.push(c.u64("tensor dimension")?);
+    }
+    if dims.contains(&0) {
+        return Err(c.err(format_args!(
+            "tensor {name:?} has a zero dimension in {dims:?}"
+        )));
     }
     let ggml_type = GgmlType(c.u32("tensor type")?);
     let offset = c.u64("tensor offset")?;
