@@ -35,6 +35,8 @@ __device__ __forceinline__ float kv_get(const void* cache, size_t i, u32 f16) {
 __device__ __forceinline__ void score_row(float* dot, const float* qs, const void* k_cache,
                                           size_t base, u32 hd, u32 group, u32 f16) {
     if ((hd & 3) == 0) {
+        // Unrolled so that several K loads are in flight: the loop is latency-bound otherwise.
+#pragma unroll 8
         for (u32 d = 0; d < hd; d += 4) {
             float k[4];
             if (f16) {
@@ -136,6 +138,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
             if (h < group)
 #pragma unroll
                 for (int i = 0; i < DEC_DIMS; i++) acc[h][i] *= corr[h];
+#pragma unroll 4
         for (u32 j = warp; j < n; j += DEC_THREADS / 32) {
             const size_t base = kv_row(table, c0 + j, kvh, p.n_kv_heads, hd);
             float v[DEC_DIMS];

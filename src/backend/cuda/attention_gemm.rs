@@ -62,7 +62,7 @@ impl Cuda {
             // . K[kvh]^T: column-major C (n_pos x rows) = op_T(K (hd x n_pos)) . Q (hd x rows).
             {
                 let _exclusive = self.graphs.exclusive();
-                unsafe {
+                self.timed("cublas attention QK^T", || unsafe {
                     blas::sgemm_strided_batched(
                         self.blas.handle,
                         t,
@@ -83,7 +83,7 @@ impl Cuda {
                         (rows * n_pos) as i64,
                         n_kv as i32,
                     )
-                }
+                })
                 .map_err(e)?;
             }
             self.launch(
@@ -96,7 +96,7 @@ impl Cuda {
             // O_g[kvh] (rows x hd, row stride n_heads*hd) = S[kvh] . V[kvh]:
             // column-major C (hd x rows) = V (hd x n_pos) . S (n_pos x rows).
             let _exclusive = self.graphs.exclusive();
-            unsafe {
+            self.timed("cublas attention PV", || unsafe {
                 blas::sgemm_strided_batched(
                     self.blas.handle,
                     n,
@@ -117,7 +117,7 @@ impl Cuda {
                     (group * hd) as i64,
                     n_kv as i32,
                 )
-            }
+            })
             .map_err(e)?;
         }
         Ok(())

@@ -183,7 +183,7 @@ impl Cuda {
         let _exclusive = self.graphs.exclusive();
         let t = bsys::cublasOperation_t::CUBLAS_OP_T;
         let nn = bsys::cublasOperation_t::CUBLAS_OP_N;
-        unsafe {
+        self.timed("cublas gemm", || unsafe {
             match elem {
                 Elem::F32 => blas::sgemm(
                     self.blas.handle,
@@ -232,6 +232,6 @@ impl Cuda {
                     .map_err(e)
                 }
             }
-        }
+        })
     }
 }

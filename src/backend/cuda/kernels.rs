@@ -81,6 +81,15 @@ impl Kernels {
         })
     }
 
+    /// The name a loaded kernel was looked up by (for the profile).
+    pub fn name_of(&self, f: &CudaFunction) -> String {
+        let functions = self.functions.lock().unwrap();
+        functions
+            .iter()
+            .find(|(_, g)| g.cu_function() == f.cu_function())
+            .map_or_else(|| "?".to_string(), |(n, _)| n.to_string())
+    }
+
     /// Kernel `name` of shaders/cuda/`stem`.cu.
     pub fn get(&self, stem: &'static str, name: &'static str) -> Result<CudaFunction> {
         let mut functions = self.functions.lock().unwrap();

@@ -114,17 +114,34 @@ impl Cuda {
             return Ok(());
         }
         let mut ptrs: Vec<*mut c_void> = args.iter().map(|a| a.0.as_ptr() as *mut c_void).collect();
-        unsafe {
-            result::launch_kernel(
-                f.cu_function(),
-                grid,
-                (block, 1, 1),
-                shared,
-                self.stream.cu_stream(),
-                &mut ptrs,
-            )
+        let go = move || {
+            unsafe {
+                result::launch_kernel(
+                    f.cu_function(),
+                    grid,
+                    (block, 1, 1),
+                    shared,
+                    self.stream.cu_stream(),
+                    &mut ptrs,
+                )
+            }
+            .map_err(cuda_err("kernel launch"))
+        };
+        match &self.profile {
+            Some(_) => self.timed(&self.kernels.name_of(f), go),
+            None => {
+                let mut go = go;
+                go()
+            }
         }
-        .map_err(cuda_err("kernel launch"))
+    }
+
+    /// Runs `enqueue`, timed under `name` when profiling (profile.rs).
+    pub(super) fn timed<T>(&self, name: &str, enqueue: impl FnOnce() -> T) -> T {
+        match &self.profile {
+            Some(p) => p.time(&self.ctx, &self.stream, name, enqueue),
+            None => enqueue(),
+        }
     }
 
     /// Launches kernel `name` of `stem`.cu over a 1D grid of `threads` threads, `block` per block.

@@ -15,6 +15,7 @@ mod graph;
 mod kernels;
 mod launch;
 mod ops;
+mod profile;
 
 pub use kernels::{compile, SOURCES};
 pub use launch::DevBuf;
@@ -44,6 +45,8 @@ pub struct Cuda {
     blas: gemm::Blas,
     scratch: launch::ScratchBufs,
     graphs: graph::Graphs,
+    /// Per-kernel GPU times (`ANYLLAMA_CUDA_PROFILE=1`), else None.
+    profile: Option<profile::Profile>,
     pool: Arc<Pool<Cuda>>,
     name: String,
     arch: String,
@@ -108,9 +111,12 @@ impl Cuda {
         let name = ctx.name().map_err(dev)?;
         let kernels = kernels::Kernels::load(&ctx, &arch)?;
         let blas = gemm::Blas::new(&stream)?;
+        let profile = flag("ANYLLAMA_CUDA_PROFILE").unwrap_or(false);
         Ok(Cuda {
             scratch: launch::ScratchBufs::default(),
-            graphs: graph::Graphs::new(!o.no_graphs),
+            // Profiling times each launch on its own: no graphs then.
+            graphs: graph::Graphs::new(!o.no_graphs && !profile),
+            profile: profile.then(profile::Profile::default),
             pool: Arc::new(Pool::default()),
             ctx,
             stream,
@@ -137,6 +143,10 @@ impl Cuda {
 
 impl Drop for Cuda {
     fn drop(&mut self) {
+        if let Some(p) = &self.profile {
+            let _ = self.stream.synchronize();
+            eprint!("{}", p.report());
+        }
         if flag("ANYLLAMA_CUDA_DEBUG").unwrap_or(false) {
             let [captured, replayed, plain] = *self.graphs.counts.lock().unwrap();
             eprintln!(

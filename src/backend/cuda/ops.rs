@@ -275,7 +275,11 @@ impl Backend for Cuda {
             dev(format!(
                 "CUDA (a kernel failed or the device was lost): {e}"
             ))
-        })
+        })?;
+        if let Some(p) = &self.profile {
+            p.collect();
+        }
+        Ok(())
     }
 
     fn embedding(
