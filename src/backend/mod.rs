@@ -18,6 +18,7 @@ use crate::error::Result;
 use crate::pool::{Buf, Pool};
 use std::sync::Arc;
 
+pub mod checks;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;

@@ -50,21 +50,6 @@ impl Drop for Blas {
     }
 }
 
-macro_rules! widen_kernel {
-    ($d:expr, $out:literal) => {
-        match $d {
-            DType::F32 => concat!("widen_f32_", $out),
-            DType::F16 => concat!("widen_f16_", $out),
-            DType::BF16 => concat!("widen_bf16_", $out),
-            DType::Q8_0 => concat!("widen_q8_0_", $out),
-            DType::Q4_0 => concat!("widen_q4_0_", $out),
-            DType::Q4_1 => concat!("widen_q4_1_", $out),
-            DType::Q4K => concat!("widen_q4k_", $out),
-            DType::Q6K => concat!("widen_q6k_", $out),
-        }
-    };
-}
-
 /// The GEMM's element type.
 #[derive(Clone, Copy, PartialEq)]
 enum Elem {
@@ -139,9 +124,9 @@ impl Cuda {
             let wg = if widen {
                 let buf = self.scratch(Scratch::GemmW, nc * k * esize)?;
                 let name = if elem == Elem::F32 {
-                    widen_kernel!(dtype, "f32")
+                    by_dtype!("widen_", dtype, "_f32")
                 } else {
-                    widen_kernel!(dtype, "f16")
+                    by_dtype!("widen_", dtype, "_f16")
                 };
                 let (nn, kk) = (nc as u32, k as u32);
                 self.launch_1d(

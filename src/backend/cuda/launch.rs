@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Mutex;
 
+/// Most arguments any kernel in shaders/cuda takes.
+const MAX_ARGS: usize = 12;
+
 /// One device allocation.
 pub struct DevBuf {
     pub(super) ptr: sys::CUdeviceptr,
@@ -113,7 +116,18 @@ impl Cuda {
                 .trace_launch(f, grid, block, shared, args.iter().map(|a| a.0));
             return Ok(());
         }
-        let mut ptrs: Vec<*mut c_void> = args.iter().map(|a| a.0.as_ptr() as *mut c_void).collect();
+        // Kernel arguments as cuLaunchKernel wants them, without a per-launch allocation.
+        let mut ptrs = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
+        if args.len() > MAX_ARGS {
+            return Err(Error::Device(format!(
+                "a kernel launch with {} arguments",
+                args.len()
+            )));
+        }
+        for (p, a) in ptrs.iter_mut().zip(args) {
+            *p = a.0.as_ptr() as *mut c_void;
+        }
+        let ptrs = &mut ptrs[..args.len()];
         let go = move || {
             unsafe {
                 result::launch_kernel(
@@ -122,7 +136,7 @@ impl Cuda {
                     (block, 1, 1),
                     shared,
                     self.stream.cu_stream(),
-                    &mut ptrs,
+                    ptrs,
                 )
             }
             .map_err(cuda_err("kernel launch"))

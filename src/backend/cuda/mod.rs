@@ -9,6 +9,26 @@
 //! attention on cuBLAS), graph.rs (decode-step capture and replay), ops.rs (the
 //! `Backend` impl: sizes, checks, launch shapes).
 
+/// Name of the kernel for weight dtype `d` (the `<prefix><dtype><suffix>` names that the .cu
+/// macros stamp out, e.g. `matvec_bf16`, `widen_q4k_f16`).
+macro_rules! by_dtype {
+    ($prefix:literal, $d:expr) => {
+        by_dtype!($prefix, $d, "")
+    };
+    ($prefix:literal, $d:expr, $suffix:literal) => {
+        match $d {
+            DType::F32 => concat!($prefix, "f32", $suffix),
+            DType::F16 => concat!($prefix, "f16", $suffix),
+            DType::BF16 => concat!($prefix, "bf16", $suffix),
+            DType::Q8_0 => concat!($prefix, "q8_0", $suffix),
+            DType::Q4_0 => concat!($prefix, "q4_0", $suffix),
+            DType::Q4_1 => concat!($prefix, "q4_1", $suffix),
+            DType::Q4K => concat!($prefix, "q4k", $suffix),
+            DType::Q6K => concat!($prefix, "q6k", $suffix),
+        }
+    };
+}
+
 mod attention_gemm;
 mod gemm;
 mod graph;

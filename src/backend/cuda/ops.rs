@@ -5,6 +5,7 @@
 use super::graph::POS_BUCKET;
 use super::launch::{arg, cuda_err, DevBuf, Scratch};
 use super::Cuda;
+use crate::backend::checks;
 use crate::backend::params::*;
 use crate::backend::{
     ffn_gate_up_unfused, matmul_residual_unfused, Backend, Heads, KvView, SampleOp, Weight,
@@ -37,56 +38,6 @@ fn dev(msg: String) -> Error {
 
 fn u32_of(v: usize, what: &str, op: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| dev(format!("{op}: {what} {v} does not fit the kernel's u32")))
-}
-
-fn row_bytes(dtype: DType, cols: usize, op: &str) -> Result<usize> {
-    dtype.bytes_for(cols).ok_or_else(|| {
-        dev(format!(
-            "{op}: rows of {cols} values are not a whole number of {dtype} blocks ({} values)",
-            dtype.block_elems()
-        ))
-    })
-}
-
-fn kv_is_f16(dtype: DType, op: &str) -> Result<u32> {
-    match dtype {
-        DType::F16 => Ok(1),
-        DType::F32 => Ok(0),
-        other => Err(dev(format!(
-            "{op}: KV cache dtype {other} (f16 or f32 only)"
-        ))),
-    }
-}
-
-fn check_heads(h: Heads, op: &str) -> Result<()> {
-    if h.n_heads == 0 || h.n_kv_heads == 0 || h.n_heads % h.n_kv_heads != 0 {
-        return Err(dev(format!(
-            "{op}: {} query heads do not split into groups over {} kv heads",
-            h.n_heads, h.n_kv_heads
-        )));
-    }
-    if h.head_dim == 0 || h.head_dim % 2 != 0 || h.head_dim > HEAD_DIM_MAX {
-        return Err(dev(format!(
-            "{op}: head_dim {} (must be even and at most {HEAD_DIM_MAX})",
-            h.head_dim
-        )));
-    }
-    Ok(())
-}
-
-macro_rules! by_dtype {
-    ($prefix:literal, $d:expr) => {
-        match $d {
-            DType::F32 => concat!($prefix, "f32"),
-            DType::F16 => concat!($prefix, "f16"),
-            DType::BF16 => concat!($prefix, "bf16"),
-            DType::Q8_0 => concat!($prefix, "q8_0"),
-            DType::Q4_0 => concat!($prefix, "q4_0"),
-            DType::Q4_1 => concat!($prefix, "q4_1"),
-            DType::Q4K => concat!($prefix, "q4k"),
-            DType::Q6K => concat!($prefix, "q6k"),
-        }
-    };
 }
 
 impl Cuda {
@@ -128,7 +79,7 @@ impl Cuda {
     ) -> Result<()> {
         const OP: &str = "matmul";
         let (n, k, dtype) = (w[0].rows, w[0].cols, w[0].dtype);
-        let rb = row_bytes(dtype, k, OP)?;
+        let rb = checks::row_bytes(dtype, k, OP)?;
         let wp = w
             .iter()
             .map(|w| self.ptr(&w.buf, n * rb, "the weights", OP))
@@ -291,7 +242,7 @@ impl Backend for Cuda {
     ) -> Result<()> {
         const OP: &str = "embedding";
         let dim = table.cols;
-        let rb = row_bytes(table.dtype, dim, OP)?;
+        let rb = checks::row_bytes(table.dtype, dim, OP)?;
         let w = self.ptr(&table.buf, table.rows * rb, "the table", OP)?;
         let o = self.ptr(out, n_tokens * dim * 4, "out", OP)?;
         let t = self.ptr(tokens, n_tokens * 4, "tokens", OP)?;
@@ -357,16 +308,13 @@ impl Backend for Cuda {
     ) -> Result<()> {
         const OP: &str = "matmul";
         let (n, k) = (w.rows, w.cols);
-        let rb = row_bytes(w.dtype, k, OP)?;
-        let wp = self.ptr(&w.buf, n * rb, "the weights", OP)?;
-        let o = self.ptr(out, rows * n * 4, "out", OP)?;
-        let xp = self.ptr(x, rows * k * 4, "x", OP)?;
-        if rows == 0 || n == 0 {
-            return Ok(());
-        }
         // cuBLAS, except for rows the widening kernel cannot take (k not a multiple of 8):
-        // the mat-vec kernel handles any row count, 4 rows per pass.
+        // the mat-vec kernel (which checks its own arguments) takes any row count, 4 per pass.
         if rows > MATVEC_MAX_ROWS && (k % 8 == 0 || w.dtype == DType::F32) {
+            let rb = checks::row_bytes(w.dtype, k, OP)?;
+            let wp = self.ptr(&w.buf, n * rb, "the weights", OP)?;
+            let o = self.ptr(out, rows * n * 4, "out", OP)?;
+            let xp = self.ptr(x, rows * k * 4, "x", OP)?;
             return self.gemm(o, xp, wp, w.dtype, rows, n, k, rb);
         }
         self.matvec(out, &[x], &[w], rows, false)
@@ -434,7 +382,7 @@ impl Backend for Cuda {
         attn_scale: f32,
     ) -> Result<()> {
         const OP: &str = "rope";
-        check_heads(h, OP)?;
+        checks::heads(h, OP, HEAD_DIM_MAX)?;
         let qp = self.ptr(q, rows * h.n_heads * h.head_dim * 4, "q", OP)?;
         let kp = self.ptr(k, rows * h.n_kv_heads * h.head_dim * 4, "k", OP)?;
         let f = self.ptr(inv_freq, h.head_dim / 2 * 4, "inv_freq", OP)?;
@@ -471,8 +419,8 @@ impl Backend for Cuda {
         h: Heads,
     ) -> Result<()> {
         const OP: &str = "kv_append";
-        check_heads(h, OP)?;
-        let f16 = kv_is_f16(kv_dtype, OP)?;
+        checks::heads(h, OP, HEAD_DIM_MAX)?;
+        let f16 = checks::kv_is_f16(kv_dtype, OP)? as u32;
         let width = h.n_kv_heads * h.head_dim;
         let end = pos0 + rows;
         let blocks = end.div_ceil(KV_BLOCK);
@@ -519,8 +467,8 @@ impl Backend for Cuda {
         h: Heads,
     ) -> Result<()> {
         const OP: &str = "attention";
-        check_heads(h, OP)?;
-        let f16 = kv_is_f16(kv.dtype, OP)?;
+        checks::heads(h, OP, HEAD_DIM_MAX)?;
+        let f16 = checks::kv_is_f16(kv.dtype, OP)? as u32;
         let width = h.n_heads * h.head_dim;
         let o = self.ptr(out, rows * width * 4, "out", OP)?;
         let qp = self.ptr(q, rows * width * 4, "q", OP)?;

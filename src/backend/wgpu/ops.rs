@@ -5,6 +5,7 @@
 use super::exec::{Bind, Scratch};
 use super::pipelines::{Float, Kernel, Quant};
 use super::Wgpu;
+use crate::backend::checks;
 use crate::backend::params::*;
 use crate::backend::{Backend, Heads, KvView, SampleOp, Weight};
 use crate::dtype::DType;
@@ -48,26 +49,6 @@ fn storage_of(dtype: DType) -> Storage {
     }
 }
 
-/// Bytes of one weight row of `cols` values, which must be whole blocks.
-fn row_bytes(dtype: DType, cols: usize, op: &str) -> Result<u64> {
-    dtype.bytes_for(cols).map(|b| b as u64).ok_or_else(|| {
-        dev(format!(
-            "{op}: rows of {cols} values are not a whole number of {dtype} blocks ({} values)",
-            dtype.block_elems()
-        ))
-    })
-}
-
-fn kv_is_f16(dtype: DType, op: &str) -> Result<bool> {
-    match dtype {
-        DType::F16 => Ok(true),
-        DType::F32 => Ok(false),
-        other => Err(dev(format!(
-            "{op}: KV cache dtype {other} (f16 or f32 only)"
-        ))),
-    }
-}
-
 /// Query heads per decode workgroup: the largest divisor of the GQA group size <= 8 (mirrors
 /// `heads_per_workgroup` in attention_decode.wgsl).
 fn heads_per_workgroup(group: usize) -> usize {
@@ -75,22 +56,6 @@ fn heads_per_workgroup(group: usize) -> usize {
         .rev()
         .find(|c| group % c == 0)
         .unwrap_or(1)
-}
-
-fn check_heads(h: Heads, op: &str, head_dim_max: usize) -> Result<()> {
-    if h.n_heads == 0 || h.n_kv_heads == 0 || h.n_heads % h.n_kv_heads != 0 {
-        return Err(dev(format!(
-            "{op}: {} query heads do not split into groups over {} kv heads",
-            h.n_heads, h.n_kv_heads
-        )));
-    }
-    if h.head_dim == 0 || h.head_dim % 2 != 0 || h.head_dim > head_dim_max {
-        return Err(dev(format!(
-            "{op}: head_dim {} (must be even and at most {head_dim_max} on this device)",
-            h.head_dim
-        )));
-    }
-    Ok(())
 }
 
 impl Wgpu {
@@ -281,7 +246,7 @@ impl Backend for Wgpu {
     ) -> Result<()> {
         const OP: &str = "embedding";
         let dim = table.cols;
-        let row_bytes = row_bytes(table.dtype, dim, OP)?;
+        let row_bytes = checks::row_bytes(table.dtype, dim, OP)? as u64;
         let (kernel, per_thread) = match storage_of(table.dtype) {
             Storage::Float(d) => (Kernel::Embedding(d), 1),
             // One thread per 8 values (rows are whole 32-value blocks).
@@ -345,7 +310,7 @@ impl Backend for Wgpu {
     ) -> Result<()> {
         const OP: &str = "matmul";
         let (n, k) = (w.rows, w.cols);
-        let row_bytes = row_bytes(w.dtype, k, OP)?;
+        let row_bytes = checks::row_bytes(w.dtype, k, OP)? as u64;
         self.check_len(&w.buf, n * row_bytes as usize, "the weight", OP)?;
         let o = self.bind(out, rows * n * 4, "out", OP)?;
         let xb = self.bind(x, rows * k * 4, "x", OP)?;
@@ -415,7 +380,7 @@ impl Backend for Wgpu {
         attn_scale: f32,
     ) -> Result<()> {
         const OP: &str = "rope";
-        check_heads(h, OP, usize::MAX)?;
+        checks::heads(h, OP, usize::MAX)?;
         let binds = [
             self.bind(q, rows * h.n_heads * h.head_dim * 4, "q", OP)?,
             self.bind(k, rows * h.n_kv_heads * h.head_dim * 4, "k", OP)?,
@@ -447,8 +412,8 @@ impl Backend for Wgpu {
         h: Heads,
     ) -> Result<()> {
         const OP: &str = "kv_append";
-        let f16 = kv_is_f16(kv_dtype, OP)?;
-        check_heads(h, OP, usize::MAX)?;
+        let f16 = checks::kv_is_f16(kv_dtype, OP)?;
+        checks::heads(h, OP, usize::MAX)?;
         let width = h.n_kv_heads * h.head_dim;
         let blocks = (pos0 + rows).div_ceil(KV_BLOCK);
         let binds = [
@@ -480,8 +445,8 @@ impl Backend for Wgpu {
         h: Heads,
     ) -> Result<()> {
         const OP: &str = "attention";
-        let f16 = kv_is_f16(kv.dtype, OP)?;
-        check_heads(h, OP, self.max_head_dim())?;
+        let f16 = checks::kv_is_f16(kv.dtype, OP)?;
+        checks::heads(h, OP, self.max_head_dim())?;
         if rows == 0 {
             return Ok(());
         }
