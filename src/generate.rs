@@ -3,13 +3,12 @@
 //! A `Generator` holds one sequence in the cache and remembers which tokens it holds, so a
 //! chat that re-sends the whole conversation each turn only prefills what is new.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, PendingRead};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, Sequence};
 use crate::loader::human_bytes;
 use crate::model::{Model, Scratch};
-use crate::pool::Buf;
 use crate::sample::{apply_penalties, sample_logits, Sampler, SamplingParams};
 use std::time::{Duration, Instant};
 
@@ -58,14 +57,18 @@ pub struct Generation {
     pub stats: Stats,
 }
 
+/// A picked token: known on the host, or sampled on the device with its read in flight.
+enum Picked {
+    Host(u32),
+    Device(PendingRead),
+}
+
 pub struct Generator<'a, B: Backend> {
     b: &'a B,
     model: &'a mut Model<B>,
     kv: KvCache<B>,
     seq: Sequence<B>,
     scratch: Scratch<B>,
-    /// Sampled token ids written by the device.
-    ids: Buf<B>,
     /// The tokens whose K/V the sequence holds, in order.
     cached: Vec<u32>,
 }
@@ -110,14 +113,12 @@ impl<'a, B: Backend> Generator<'a, B> {
         let kv = KvCache::new(b, &model.cfg, n_blocks, kv_dtype)?;
         let seq = kv.new_sequence(b, ctx_len)?;
         let scratch = Scratch::new(b, &model.cfg, chunk.clamp(1, ctx_len), false)?;
-        let ids = b.alloc(4)?;
         Ok(Generator {
             b,
             model,
             kv,
             seq,
             scratch,
-            ids,
             cached: Vec::new(),
         })
     }
@@ -146,26 +147,35 @@ impl<'a, B: Backend> Generator<'a, B> {
         }
         self.model.prepare_rope(self.b, rope_len)?;
         for chunk in tokens.chunks(self.scratch.rows) {
-            let end = self.seq.len + chunk.len();
-            self.kv.reserve(self.b, &mut self.seq, end)?;
             self.b
                 .upload(&mut self.scratch.tokens, 0, bytemuck::cast_slice(chunk))?;
-            let (model, b, scratch) = (&*self.model, self.b, &mut self.scratch);
-            let (kv, seq) = (&mut self.kv, &self.seq);
-            if chunk.len() == 1 {
-                // One decode step: a backend may record it once and replay it (CUDA graphs).
-                b.decode_step(&mut || model.forward(b, scratch, kv, seq, 1, false))?;
-            } else {
-                model.forward(b, scratch, kv, seq, chunk.len(), false)?;
-            }
-            self.seq.len = end;
+            self.run(chunk.len())?;
             self.cached.extend_from_slice(chunk);
         }
         Ok(())
     }
 
-    /// Picks the next token from the last logits.
-    fn pick(&mut self, sampler: &mut Sampler, history: &[u32]) -> Result<u32> {
+    /// Runs the `n` tokens in scratch.tokens at the end of the sequence.
+    fn run(&mut self, n: usize) -> Result<()> {
+        let end = self.seq.len + n;
+        self.kv.reserve(self.b, &mut self.seq, end)?;
+        let (model, b, scratch) = (&*self.model, self.b, &mut self.scratch);
+        let (kv, seq) = (&mut self.kv, &self.seq);
+        if n == 1 {
+            // One decode step: a backend may record it once and replay it (CUDA graphs).
+            b.decode_step(&mut || model.forward(b, scratch, kv, seq, 1, false))?;
+        } else {
+            model.forward(b, scratch, kv, seq, n, false)?;
+        }
+        self.seq.len = end;
+        Ok(())
+    }
+
+    /// Picks the next token from the last logits. Sampled on the device, the token is written
+    /// where the next step's embedding reads it (scratch.tokens[0]) and its read is only
+    /// started, so that the next step can be enqueued before it is known; with repetition
+    /// penalties the host samples.
+    fn pick(&mut self, sampler: &mut Sampler, history: &[u32]) -> Result<Picked> {
         let op = sampler.next_op();
         let vocab = self.model.cfg.vocab_size;
         if sampler.params.has_penalties() {
@@ -176,14 +186,35 @@ impl<'a, B: Backend> Generator<'a, B> {
                 bytemuck::cast_slice_mut(&mut logits),
             )?;
             apply_penalties(&mut logits, history, &sampler.params);
-            return Ok(sample_logits(&logits, &op));
+            return Ok(Picked::Host(sample_logits(&logits, &op)));
         }
         self.b
-            .sample(&mut self.ids, 0, &self.scratch.logits, vocab, op)?;
-        let mut id = [0u32];
-        self.b
-            .read(&self.ids, 0, bytemuck::cast_slice_mut(&mut id))?;
-        Ok(id[0])
+            .sample(&mut self.scratch.tokens, 0, &self.scratch.logits, vocab, op)?;
+        Ok(Picked::Device(self.b.read_start(
+            &self.scratch.tokens,
+            0,
+            4,
+        )?))
+    }
+
+    /// The token of a pick, waiting for the device if it sampled it.
+    fn token(&self, picked: Picked) -> Result<u32> {
+        let id = match picked {
+            Picked::Host(id) => id,
+            Picked::Device(read) => {
+                let mut id = [0u32];
+                self.b
+                    .read_finish(read, bytemuck::cast_slice_mut(&mut id))?;
+                id[0]
+            }
+        };
+        let vocab = self.model.cfg.vocab_size;
+        if id as usize >= vocab {
+            return Err(Error::Generation(format!(
+                "the device sampled token id {id}, outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(id)
     }
 
     /// Generates after `prompt` (the whole conversation so far: the part already in the cache is
@@ -225,31 +256,64 @@ impl<'a, B: Backend> Generator<'a, B> {
         self.feed(&prompt[common..], prompt.len())?;
         let mut sampler = Sampler::new(opts.sampling.clone());
         let mut history = prompt.to_vec();
-        let mut next = self.pick(&mut sampler, &history)?;
-        stats.prompt_time = t0.elapsed();
-
-        let t1 = Instant::now();
+        let mut picked = self.pick(&mut sampler, &history)?;
+        let mut t1 = None;
         let mut out = Vec::new();
         let reason = loop {
-            if !opts.ignore_eos && opts.eos_ids.contains(&next) {
-                break StopReason::Eos;
+            // While the device computes this token, enqueue the step that feeds it (the token
+            // is already where the embedding reads it), unless a stop other than EOS or the
+            // callback is certain. If the token ends generation, that step is taken back.
+            let ahead = matches!(picked, Picked::Device(_))
+                && out.len() + 1 < opts.max_new_tokens
+                && self.seq.len + 1 < ctx;
+            let after = if ahead {
+                self.model.prepare_rope(self.b, self.seq.len + 1)?;
+                self.run(1)?;
+                Some(self.pick(&mut sampler, &history)?)
+            } else {
+                None
+            };
+            let next = self.token(picked)?;
+            if t1.is_none() {
+                stats.prompt_time = t0.elapsed();
+                t1 = Some(Instant::now());
             }
-            out.push(next);
-            history.push(next);
-            if !on_token(next) {
-                break StopReason::Callback;
+            let stop = if !opts.ignore_eos && opts.eos_ids.contains(&next) {
+                Some(StopReason::Eos)
+            } else {
+                out.push(next);
+                history.push(next);
+                if !on_token(next) {
+                    Some(StopReason::Callback)
+                } else if out.len() >= opts.max_new_tokens {
+                    Some(StopReason::MaxTokens)
+                } else if after.is_none() && self.seq.len + 1 >= ctx {
+                    Some(StopReason::ContextFull)
+                } else {
+                    None
+                }
+            };
+            if let Some(reason) = stop {
+                if let Some(p) = after {
+                    // Take the step ahead back: finish its read, forget its position.
+                    self.token(p)?;
+                    self.seq.truncate(self.seq.len - 1);
+                }
+                break reason;
             }
-            if out.len() >= opts.max_new_tokens {
-                break StopReason::MaxTokens;
-            }
-            if self.seq.len + 1 >= ctx {
-                break StopReason::ContextFull;
-            }
-            let len = self.seq.len + 1;
-            self.feed(&[next], len)?;
-            next = self.pick(&mut sampler, &history)?;
+            picked = match after {
+                Some(p) => {
+                    self.cached.push(next);
+                    p
+                }
+                None => {
+                    let len = self.seq.len + 1;
+                    self.feed(&[next], len)?;
+                    self.pick(&mut sampler, &history)?
+                }
+            };
         };
-        stats.decode_time = t1.elapsed();
+        stats.decode_time = t1.map_or(Duration::ZERO, |t| t.elapsed());
         stats.generated_tokens = out.len();
         Ok(Generation {
             tokens: out,

@@ -166,3 +166,95 @@ fn hf_fixtures_on_cuda() {
         }
     }
 }
+
+/// Generation enqueues the step after each token before the token reaches the host, and takes
+/// that step back when the token ends generation. Stopping early (by EOS or by the callback)
+/// and resuming with the conversation so far must then give what one uninterrupted run gives,
+/// reusing the cache of every token that was fed before the stop.
+fn stop_and_resume<B: Backend>(b: &B) {
+    let dir = fixtures().join("hf").join("default-mha-f32-v4");
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let prompt = ids(&expected["cases"][0]["prompt_ids"]);
+    let mut model = load(b, &dir);
+    let mut gen = Generator::new(b, &mut model, 128, DType::F32, 64).unwrap();
+    let opts = |n: usize, eos: Vec<u32>| GenerateOptions {
+        max_new_tokens: n,
+        sampling: SamplingParams::greedy(),
+        ignore_eos: eos.is_empty(),
+        eos_ids: eos,
+    };
+    let whole = gen
+        .generate(&prompt, &opts(24, vec![]), &mut |_| true)
+        .unwrap();
+    assert_eq!(whole.tokens.len(), 24);
+    let t = &whole.tokens;
+
+    // Stopped by the callback after 10 tokens, then resumed for the rest.
+    gen.reset();
+    let mut seen = 0;
+    let first = gen
+        .generate(&prompt, &opts(24, vec![]), &mut |_| {
+            seen += 1;
+            seen < 10
+        })
+        .unwrap();
+    assert_eq!(
+        first.tokens,
+        t[..10],
+        "{}: stopped by the callback",
+        b.name()
+    );
+    let so_far = [&prompt[..], &first.tokens].concat();
+    let rest = gen
+        .generate(&so_far, &opts(14, vec![]), &mut |_| true)
+        .unwrap();
+    assert_eq!(rest.stats.cached_tokens, so_far.len() - 1, "{}", b.name());
+    assert_eq!(
+        rest.tokens,
+        t[10..],
+        "{}: resumed after the callback",
+        b.name()
+    );
+
+    // Stopped by EOS at token 6 (not emitted, not cached), then resumed from it.
+    let eos = t[6];
+    let stop = t.iter().position(|&x| x == eos).unwrap();
+    gen.reset();
+    let first = gen
+        .generate(&prompt, &opts(24, vec![eos]), &mut |_| true)
+        .unwrap();
+    assert_eq!(first.tokens, t[..stop], "{}: stopped by EOS", b.name());
+    let so_far = [&prompt[..], &t[..=stop]].concat();
+    let rest = gen
+        .generate(&so_far, &opts(23 - stop, vec![]), &mut |_| true)
+        .unwrap();
+    assert_eq!(rest.stats.cached_tokens, so_far.len() - 1, "{}", b.name());
+    assert_eq!(
+        rest.tokens,
+        t[stop + 1..],
+        "{}: resumed after EOS",
+        b.name()
+    );
+}
+
+#[test]
+fn stop_and_resume_on_cpu() {
+    stop_and_resume(&Cpu::new());
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn stop_and_resume_on_wgpu() {
+    if let Some(b) = common::wgpu_backend() {
+        stop_and_resume(&b);
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn stop_and_resume_on_cuda() {
+    if let Some(b) = common::cuda_with(Default::default()) {
+        stop_and_resume(&b);
+    }
+}

@@ -1,8 +1,9 @@
 //! The one seam between the model and the hardware.
 //!
 //! Contract (every implementation keeps it; tests/backend_parity.rs checks it against `cpu`):
-//! - Ops only enqueue work on one in-order queue. `read` and `sync` are the only waits; an op
-//!   sees the results of every op enqueued before it, and `upload` is ordered the same way.
+//! - Ops only enqueue work on one in-order queue. `read`, `read_finish` and `sync` are the only
+//!   waits; an op sees the results of every op enqueued before it, and `upload` is ordered the
+//!   same way.
 //! - Every op writes into caller-owned buffers: the ones it writes are taken `&mut`, inputs `&`.
 //!   No op allocates in the hot path.
 //! - Activations are f32 `[rows, width]`, row-major. Weights (`Weight`) keep their stored dtype
@@ -14,7 +15,7 @@
 //!   raised while executing is returned by the next `read` / `sync`.
 
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
 use std::sync::Arc;
 
@@ -77,6 +78,35 @@ pub struct MemoryLimits {
     pub max_buffer: Option<u64>,
 }
 
+/// A read started by `Backend::read_start`, finished by `read_finish` of the same backend.
+#[derive(Debug)]
+pub enum PendingRead {
+    /// The bytes, already on the host (backends that read at once).
+    Done(Vec<u8>),
+    /// A backend's ticket for a read still in flight, and its length in bytes.
+    InFlight { ticket: u64, bytes: usize },
+}
+
+impl PendingRead {
+    /// Copies the bytes of a `Done` read to `out` (which must have their length).
+    pub fn take_done(self, out: &mut [u8]) -> Result<()> {
+        match self {
+            PendingRead::Done(data) if data.len() == out.len() => {
+                out.copy_from_slice(&data);
+                Ok(())
+            }
+            PendingRead::Done(data) => Err(Error::Device(format!(
+                "a read of {} bytes finished into {} bytes",
+                data.len(),
+                out.len()
+            ))),
+            PendingRead::InFlight { .. } => Err(Error::Device(
+                "a read in flight was finished by a backend that did not start it".into(),
+            )),
+        }
+    }
+}
+
 pub trait Backend: Sized + 'static {
     /// One raw device allocation (wgpu::Buffer, a host Vec, a CUDA slice).
     type Raw: Send + Sync + 'static;
@@ -109,6 +139,19 @@ pub trait Backend: Sized + 'static {
     ) -> Result<()>;
     /// Waits for every enqueued op and reads `out.len()` bytes from byte `offset` of `src`.
     fn read(&self, src: &Buf<Self>, offset: usize, out: &mut [u8]) -> Result<()>;
+    /// Starts reading `bytes` bytes at byte `offset` of `src` as they are once the ops enqueued
+    /// so far have run, without waiting: more ops may be enqueued (and run) before
+    /// `read_finish` hands the bytes over. Generation uses it to enqueue the next decode step
+    /// while the device still computes the current token. The default reads at once.
+    fn read_start(&self, src: &Buf<Self>, offset: usize, bytes: usize) -> Result<PendingRead> {
+        let mut data = vec![0; bytes];
+        self.read(src, offset, &mut data)?;
+        Ok(PendingRead::Done(data))
+    }
+    /// Waits for a read started by `read_start` and copies its bytes to `out`.
+    fn read_finish(&self, read: PendingRead, out: &mut [u8]) -> Result<()> {
+        read.take_done(out)
+    }
     /// Waits for every enqueued op.
     fn sync(&self) -> Result<()>;
     /// Enqueues one decode step: the ops `ops` enqueues. A backend may call `ops` more than once

@@ -6,8 +6,9 @@
 //!
 //! Files: kernels.rs (NVRTC compile + disk cache), launch.rs (device pointers, launches,
 //! scratch buffers), gemm.rs (cuBLAS GEMMs), attention_gemm.rs (long prefills'
-//! attention on cuBLAS), graph.rs (decode-step capture and replay), ops.rs (the
-//! `Backend` impl: sizes, checks, launch shapes).
+//! attention on cuBLAS), graph.rs (decode-step capture and replay), readback.rs (reads that
+//! do not wait), profile.rs (per-kernel GPU times), ops.rs (the `Backend` impl: sizes,
+//! checks, launch shapes).
 
 /// Name of the kernel for weight dtype `d` (the `<prefix><dtype><suffix>` names that the .cu
 /// macros stamp out, e.g. `matvec_bf16`, `widen_q4k_f16`).
@@ -36,6 +37,7 @@ mod kernels;
 mod launch;
 mod ops;
 mod profile;
+mod readback;
 
 pub use kernels::{compile, SOURCES};
 pub use launch::DevBuf;
@@ -65,6 +67,8 @@ pub struct Cuda {
     blas: gemm::Blas,
     scratch: launch::ScratchBufs,
     graphs: graph::Graphs,
+    /// Reads in flight (read_start / read_finish).
+    readbacks: std::sync::Mutex<readback::Readbacks>,
     /// Per-kernel GPU times (`ANYLLAMA_CUDA_PROFILE=1`), else None.
     profile: Option<profile::Profile>,
     pool: Arc<Pool<Cuda>>,
@@ -134,6 +138,7 @@ impl Cuda {
         let profile = flag("ANYLLAMA_CUDA_PROFILE").unwrap_or(false);
         Ok(Cuda {
             scratch: launch::ScratchBufs::default(),
+            readbacks: Default::default(),
             // Profiling times each launch on its own: no graphs then.
             graphs: graph::Graphs::new(!o.no_graphs && !profile),
             profile: profile.then(profile::Profile::default),

@@ -8,7 +8,8 @@ use super::Cuda;
 use crate::backend::checks;
 use crate::backend::params::*;
 use crate::backend::{
-    ffn_gate_up_unfused, matmul_residual_unfused, Backend, Heads, KvView, SampleOp, Weight,
+    ffn_gate_up_unfused, matmul_residual_unfused, Backend, Heads, KvView, PendingRead, SampleOp,
+    Weight,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -216,6 +217,21 @@ impl Backend for Cuda {
                 .map_err(cuda_err("read"))?;
         }
         self.sync()
+    }
+
+    fn read_start(&self, src: &Buf<Self>, offset: usize, bytes: usize) -> Result<PendingRead> {
+        let s = self.ptr(src, offset.saturating_add(bytes), "src", "read")?;
+        if !self.outside_step() || bytes == 0 {
+            return Ok(PendingRead::Done(vec![0; bytes]));
+        }
+        self.read_start_raw(s + offset as u64, bytes)
+    }
+
+    fn read_finish(&self, read: PendingRead, out: &mut [u8]) -> Result<()> {
+        match read {
+            PendingRead::InFlight { ticket, .. } => self.read_finish_raw(ticket, out),
+            done => done.take_done(out),
+        }
     }
 
     fn sync(&self) -> Result<()> {

@@ -54,9 +54,22 @@ struct State {
     params: Vec<u8>,
     used_slots: u64,
     bind_groups: HashMap<BindGroupKey, wgpu::BindGroup>,
-    readback: Option<wgpu::Buffer>,
     scratch: HashMap<Scratch, wgpu::Buffer>,
     last_submit: Option<wgpu::SubmissionIndex>,
+    /// Reads started by `read_start`, by ticket, and idle staging buffers for more.
+    in_flight: HashMap<u64, InFlight>,
+    staging: Vec<wgpu::Buffer>,
+    next_ticket: u64,
+}
+
+/// A staging buffer being mapped after the submission that copies into it.
+struct InFlight {
+    buf: wgpu::Buffer,
+    submission: wgpu::SubmissionIndex,
+    mapped: Arc<Mutex<Option<std::result::Result<(), wgpu::BufferAsyncError>>>>,
+    /// Bytes mapped, and where the requested bytes start in them.
+    size: u64,
+    skip: usize,
 }
 
 pub(super) struct Exec {
@@ -95,9 +108,11 @@ impl Exec {
                 params: vec![0; (slot * RING_SLOTS) as usize],
                 used_slots: 0,
                 bind_groups: HashMap::new(),
-                readback: None,
                 scratch: HashMap::new(),
                 last_submit: None,
+                in_flight: HashMap::new(),
+                staging: Vec::new(),
+                next_ticket: 0,
             }),
             multi: Mutex::new(()),
         }
@@ -326,54 +341,114 @@ impl Exec {
 
     /// Waits for every enqueued op, then reads `out.len()` bytes at `offset` of `src`.
     pub fn read(&self, src: &wgpu::Buffer, offset: u64, out: &mut [u8]) -> Result<()> {
+        if out.is_empty() {
+            self.check_range(src, offset, 0)?;
+            return self.sync();
+        }
+        let ticket = self.read_start(src, offset, out.len() as u64)?;
+        self.read_finish(ticket, out)
+    }
+
+    fn check_range(&self, src: &wgpu::Buffer, offset: u64, len: u64) -> Result<()> {
         self.errors.check()?;
-        let len = out.len() as u64;
-        if offset + len > src.size() {
+        if offset.checked_add(len).is_none_or(|end| end > src.size()) {
             return Err(Error::Device(format!(
                 "read of {len} bytes at offset {offset} past a {}-byte buffer",
                 src.size()
             )));
         }
-        if len == 0 {
-            return self.sync();
-        }
+        Ok(())
+    }
+
+    /// Submits everything enqueued plus a copy of `len` (> 0) bytes at `offset` of `src` to a
+    /// staging buffer, and starts mapping it; returns the read's ticket. No wait.
+    pub fn read_start(&self, src: &wgpu::Buffer, offset: u64, len: u64) -> Result<u64> {
+        self.check_range(src, offset, len)?;
         // Copies move whole words: read the enclosing word-aligned range.
         let start = offset & !3;
-        let end = (offset + len).next_multiple_of(4);
-        let size = end - start;
+        let size = (offset + len).next_multiple_of(4) - start;
         let mut st = self.lock();
-        if st.readback.as_ref().is_none_or(|b| b.size() < size) {
-            st.readback = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+        let buf = match st.staging.iter().position(|b| b.size() >= size) {
+            Some(i) => st.staging.swap_remove(i),
+            None => self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("readback"),
                 size: size.next_power_of_two().max(256),
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
-            }));
-        }
-        let readback = st.readback.clone().expect("just made");
+            }),
+        };
         self.encoder(&mut st)
-            .copy_buffer_to_buffer(src, start, &readback, 0, size);
+            .copy_buffer_to_buffer(src, start, &buf, 0, size);
         self.submit(&mut st);
+        let submission = st.last_submit.clone().expect("just submitted");
         let mapped = Arc::new(Mutex::new(None));
         let slot = mapped.clone();
-        readback.map_async(wgpu::MapMode::Read, 0..size, move |r| {
+        buf.map_async(wgpu::MapMode::Read, 0..size, move |r| {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         });
-        self.wait(&mut st)?;
-        let result = mapped.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let ticket = st.next_ticket;
+        st.next_ticket += 1;
+        let skip = (offset - start) as usize;
+        st.in_flight.insert(
+            ticket,
+            InFlight {
+                buf,
+                submission,
+                mapped,
+                size,
+                skip,
+            },
+        );
+        Ok(ticket)
+    }
+
+    /// Waits for the read `ticket` (only: later submissions may still run) and copies it out.
+    pub fn read_finish(&self, ticket: u64, out: &mut [u8]) -> Result<()> {
+        let r = {
+            let mut st = self.lock();
+            st.in_flight
+                .remove(&ticket)
+                .ok_or_else(|| Error::Device(format!("no read in flight with ticket {ticket}")))?
+        };
+        // Polling without the state lock lets other threads keep recording meanwhile.
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(r.submission.clone()),
+                timeout: Some(WAIT_TIMEOUT),
+            })
+            .map_err(|e| {
+                let msg = format!("waiting for the device: {e}");
+                self.errors.set(msg.clone());
+                Error::Device(msg)
+            })?;
+        self.errors.check()?;
+        let result = r.mapped.lock().unwrap_or_else(|e| e.into_inner()).take();
         match result {
             Some(Ok(())) => {}
             Some(Err(e)) => return Err(Error::Device(format!("mapping the readback buffer: {e}"))),
             None => return Err(Error::Device("the readback buffer was never mapped".into())),
         }
         {
-            let view = readback
-                .get_mapped_range(0..size)
+            let view = r
+                .buf
+                .get_mapped_range(0..r.size)
                 .map_err(|e| Error::Device(format!("reading the readback buffer: {e}")))?;
-            let skip = (offset - start) as usize;
-            out.copy_from_slice(&view[skip..skip + out.len()]);
+            let want = r.skip + out.len();
+            if want as u64 > r.size {
+                return Err(Error::Device(format!(
+                    "a read of {} bytes finished into {} bytes",
+                    r.size as usize - r.skip,
+                    out.len()
+                )));
+            }
+            out.copy_from_slice(&view[r.skip..want]);
         }
-        readback.unmap();
+        r.buf.unmap();
+        let mut st = self.lock();
+        // A few idle staging buffers cover a decode loop; more are dropped.
+        if st.staging.len() < 4 {
+            st.staging.push(r.buf);
+        }
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use super::pipelines::{Float, Kernel, Quant};
 use super::Wgpu;
 use crate::backend::checks;
 use crate::backend::params::*;
-use crate::backend::{Backend, Heads, KvView, SampleOp, Weight};
+use crate::backend::{Backend, Heads, KvView, PendingRead, SampleOp, Weight};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -231,6 +231,27 @@ impl Backend for Wgpu {
 
     fn read(&self, src: &Buf<Self>, offset: usize, out: &mut [u8]) -> Result<()> {
         self.exec.read(src.raw(), offset as u64, out)
+    }
+
+    fn read_start(&self, src: &Buf<Self>, offset: usize, bytes: usize) -> Result<PendingRead> {
+        if bytes == 0 {
+            return Ok(PendingRead::Done(Vec::new()));
+        }
+        let ticket = self
+            .exec
+            .read_start(src.raw(), offset as u64, bytes as u64)?;
+        Ok(PendingRead::InFlight { ticket, bytes })
+    }
+
+    fn read_finish(&self, read: PendingRead, out: &mut [u8]) -> Result<()> {
+        match read {
+            PendingRead::InFlight { ticket, bytes } => {
+                let mut data = vec![0; bytes];
+                self.exec.read_finish(ticket, &mut data)?;
+                PendingRead::Done(data).take_done(out)
+            }
+            done => done.take_done(out),
+        }
     }
 
     fn sync(&self) -> Result<()> {
