@@ -1,6 +1,6 @@
 //! The Llama forward pass: llama2.c's forward() as a list of backend ops with shape comments.
 
-use crate::backend::{Backend, Heads};
+use crate::backend::{Backend, Heads, RmsNormed};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::{KvCache, Sequence};
@@ -104,11 +104,14 @@ impl<B: Backend> Model<B> {
         };
         b.embedding(&mut s.x, &s.tokens, &self.w.tok_embeddings, rows)?; // x [rows, dim]
         for (i, l) in self.w.layers.iter().enumerate() {
-            // attention block
-            b.rms_norm(&mut s.xb, &s.x, &l.attn_norm, rows, dim, c.norm_eps)?; // xb [rows, dim]
-            b.matmul(&mut s.q, &s.xb, &l.wq, rows)?; // q [rows, n_heads*hd]
-            b.matmul(&mut s.k, &s.xb, &l.wk, rows)?; // k [rows, n_kv*hd]
-            b.matmul(&mut s.v, &s.xb, &l.wv, rows)?; // v [rows, n_kv*hd]
+            // attention block: q, k, v = rms_norm(x) . (wq, wk, wv)^T
+            let normed = RmsNormed {
+                x: &s.x,
+                weight: &l.attn_norm,
+                eps: c.norm_eps,
+            };
+            let (qkv, w) = ([&mut s.q, &mut s.k, &mut s.v], [&l.wq, &l.wk, &l.wv]);
+            b.norm_qkv(qkv, &mut s.xb, normed, w, rows)?; // q [rows, n_heads*hd], k/v [rows, n_kv*hd]
             bias(b, &mut s.q, &l.bq, rows, c.q_dim())?;
             bias(b, &mut s.k, &l.bk, rows, c.kv_dim())?;
             bias(b, &mut s.v, &l.bv, rows, c.kv_dim())?;
@@ -125,13 +128,21 @@ impl<B: Backend> Model<B> {
             let (kc, vc, table) = kv.layer_mut(i, seq);
             b.kv_append(kc, vc, kv_dtype, table, &s.k, &s.v, rows, pos0, heads)?;
             b.attention(&mut s.att, &s.q, kv.view(i, seq), rows, pos0, heads)?; // att [rows, n_heads*hd]
-                                                                                // x += att . wo^T (+ bo)                                              x [rows, dim]
+
+            // x += att . wo^T (+ bo)
             b.matmul_residual(&mut s.x, &mut s.xb2, &s.att, &l.wo, l.bo.as_ref(), rows)?;
-            // feed-forward block
-            b.rms_norm(&mut s.xb, &s.x, &l.ffn_norm, rows, dim, c.norm_eps)?;
+
+            // feed-forward block: hb = swiglu(rms_norm(x) . w1^T, rms_norm(x) . w3^T)
+            let normed = RmsNormed {
+                x: &s.x,
+                weight: &l.ffn_norm,
+                eps: c.norm_eps,
+            };
             let (w13, b13) = ((&l.w1, &l.w3), (l.b1.as_ref(), l.b3.as_ref()));
-            b.ffn_gate_up(&mut s.hb, &mut s.gate, &mut s.up, &s.xb, w13, b13, rows)?; // hb [rows, ffn]
-                                                                                      // x += hb . w2^T (+ b2)
+            let scratch = [&mut s.gate, &mut s.up, &mut s.xb];
+            b.ffn_gate_up(&mut s.hb, scratch, normed, w13, b13, rows)?; // hb [rows, ffn]
+
+            // x += hb . w2^T (+ b2)
             b.matmul_residual(&mut s.x, &mut s.xb2, &s.hb, &l.w2, l.b2.as_ref(), rows)?;
         }
         // final norm and classifier, on the last row only unless every row's logits are wanted

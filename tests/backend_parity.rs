@@ -21,7 +21,7 @@ mod common;
 mod parity;
 
 use anyllama::backend::cpu::Cpu;
-use anyllama::backend::Backend;
+use anyllama::backend::{Backend, RmsNormed};
 use anyllama::dtype::DType;
 use parity::*;
 use rand::Rng;
@@ -334,7 +334,7 @@ fn check_fused_projections<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) 
     let cpu = Cpu::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for rows in [1, 3, 9] {
-            for (n, k) in [(576, 1536), (130, 64)] {
+            for (n, k) in [(576, 1536), (130, 64), (100, 40), (50, 36)] {
                 for with_bias in [false, true] {
                     let what =
                         format!("{name} fused {dtype} rows {rows} n {n} k {k} bias {with_bias}");
@@ -344,32 +344,61 @@ fn check_fused_projections<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) 
                         randn(r, n * k, 0.5),
                     );
                     let (resid, bias) = (randn(r, rows * n, 2.0), randn(r, n, 1.0));
+                    let norm: Vec<f32> = randn(r, k, 0.2).iter().map(|v| 1.0 + v).collect();
+                    // A third matrix of another height, for norm_qkv (k and v are narrower).
+                    let wv = randn(r, (n / 3 + 1) * k, 0.5);
                     let mut outs = vec![];
                     macro_rules! go {
                         ($b:expr) => {{
                             let b = $b;
                             let (wa, wb) =
                                 (weight(b, dtype, n, k, &w1), weight(b, dtype, n, k, &w3));
+                            let wc = weight(b, dtype, n / 3 + 1, k, &wv);
                             let xb = f32_buf(b, &x);
                             let bb = f32_buf(b, &bias);
+                            let gb = f32_buf(b, &norm);
                             let bias_ref = with_bias.then_some(&bb);
                             let mut res = f32_buf(b, &resid);
                             let mut tmp = poisoned(b, rows * n);
                             b.matmul_residual(&mut res, &mut tmp, &xb, &wa, bias_ref, rows)
                                 .unwrap();
+                            let normed = RmsNormed {
+                                x: &xb,
+                                weight: &gb,
+                                eps: 1e-5,
+                            };
                             let mut out = poisoned(b, rows * n);
                             let (mut g, mut u) = (poisoned(b, rows * n), poisoned(b, rows * n));
+                            let mut h = poisoned(b, rows * k);
                             b.ffn_gate_up(
                                 &mut out,
-                                &mut g,
-                                &mut u,
-                                &xb,
+                                [&mut g, &mut u, &mut h],
+                                normed,
                                 (&wa, &wb),
                                 (bias_ref, bias_ref),
                                 rows,
                             )
                             .unwrap();
-                            outs.push((read_f32(b, &res, rows * n), read_f32(b, &out, rows * n)));
+                            let (mut q, mut kk) = (poisoned(b, rows * n), poisoned(b, rows * n));
+                            let mut v = poisoned(b, rows * (n / 3 + 1));
+                            b.norm_qkv(
+                                [&mut q, &mut kk, &mut v],
+                                &mut h,
+                                normed,
+                                [&wa, &wb, &wc],
+                                rows,
+                            )
+                            .unwrap();
+                            outs.push([
+                                read_f32(b, &res, rows * n),
+                                read_f32(b, &out, rows * n),
+                                [
+                                    read_f32(b, &q, rows * n),
+                                    read_f32(b, &kk, rows * n),
+                                    read_f32(b, &v, rows * (n / 3 + 1)),
+                                ]
+                                .concat(),
+                            ]);
                         }};
                     }
                     go!(&cpu);
@@ -379,8 +408,12 @@ fn check_fused_projections<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) 
                     } else {
                         TOL_F32
                     };
-                    assert_close(&format!("{what} residual"), &outs[0].0, &outs[1].0, tol);
-                    assert_close(&format!("{what} gate/up"), &outs[0].1, &outs[1].1, tol);
+                    for (i, part) in ["residual", "norm + gate/up", "norm + q/k/v"]
+                        .iter()
+                        .enumerate()
+                    {
+                        assert_close(&format!("{what} {part}"), &outs[0][i], &outs[1][i], tol);
+                    }
                 }
             }
         }

@@ -67,6 +67,7 @@ __device__ __forceinline__ u32 position(const u32* pos_dev, u32 pos0) {
 struct EmbeddingParams { u32 n_tokens, dim, row0, chunk_rows, vocab, _pad[3]; };
 struct RmsNormParams { u32 rows, dim; float eps; u32 _pad; };
 struct MatmulParams { u32 rows, n, k, out_stride, col0, accumulate, _pad[2]; };
+struct NormMatvecParams { u32 rows, k, n0, n1, n2; float eps; u32 _pad[2]; };
 struct AddBiasParams { u32 rows, n, _pad[2]; };
 struct RopeParams { u32 rows, n_heads, n_kv_heads, head_dim, pos0; float attn_scale; u32 _pad[2]; };
 struct KvAppendParams { u32 rows, n_kv_heads, head_dim, pos0, kv_f16, _pad[3]; };

@@ -2,7 +2,9 @@
 // Decode (few rows) runs `matvec_<dtype>`: one warp per output feature walks its weight row
 // two octets per lane at a time (16-byte loads for 16-bit weights, whole quant sub-blocks decoded as
 // src/quant_blocks.rs does), each octet feeding up to 4 input rows (grid y picks which 4); a
-// warp shuffle reduces the lanes. Prefill (many rows) goes to cuBLAS: `widen_<dtype>` writes the
+// warp shuffle reduces the lanes. Fused variants: `matvec_qkv` (rms_norm + q, k, v projections)
+// and `matvec_swiglu` (rms_norm + gate and up projections + swiglu); the norm's sum of squares
+// rides along in the pass that reads x. Prefill (many rows) goes to cuBLAS: `widen_<dtype>` writes the
 // weights as f32 (exact path) or f16/bf16 (tensor-core path, with `round_x` rounding the
 // activations to the same type) into a scratch matrix the GEMM reads.
 #include "common.cuh"
@@ -18,24 +20,35 @@ __device__ __forceinline__ float load1(const u8* row, u32 e) {
 }
 
 // acc[r] += this lane's share of weight row `row` . x row r, for r < nr (lanes of a warp
-// together cover the row).
-template <int DT>
-__device__ __forceinline__ void row_dots(float* acc, const u8* row, const float* xr,
-                                         MatmulParams p, u32 nr, u32 lane) {
-    if ((p.k & 15) == 0) {
+// together cover the row, each element exactly once). NORM: the input is rms_norm(x) with
+// weight g; the lane multiplies x by g and adds the squares of x to ss[r], so that the caller
+// scales the warp's sum by 1 / sqrt(mean(x^2) + eps) — the norm costs no pass of its own.
+template <int DT, bool NORM>
+__device__ __forceinline__ void row_dots(float* acc, float* ss, const u8* row, const float* xr,
+                                         const float* g, u32 k, u32 nr, u32 lane) {
+    if ((k & 15) == 0) {
         // Two octets per lane per pass: both weight loads are in flight before the sums.
-        for (u32 e = 16 * lane; e < p.k; e += 512) {
+        for (u32 e = 16 * lane; e < k; e += 512) {
             float wv[16];
             load8<DT>(row, e, wv);
             load8<DT>(row, e + 8, wv + 8);
+            float4 gq[4];
+            if (NORM) {
+#pragma unroll
+                for (int q = 0; q < 4; q++) gq[q] = ((const float4*)(g + e))[q];
+            }
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 if (r < nr) {
-                    const float4* xp = (const float4*)(xr + (size_t)r * p.k + e);
+                    const float4* xp = (const float4*)(xr + (size_t)r * k + e);
                     float s = 0.0f;
 #pragma unroll
                     for (int q = 0; q < 4; q++) {
-                        const float4 a = xp[q];
+                        float4 a = xp[q];
+                        if (NORM) {
+                            ss[r] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+                            a.x *= gq[q].x, a.y *= gq[q].y, a.z *= gq[q].z, a.w *= gq[q].w;
+                        }
                         s += wv[4 * q] * a.x + wv[4 * q + 1] * a.y + wv[4 * q + 2] * a.z +
                              wv[4 * q + 3] * a.w;
                     }
@@ -43,28 +56,49 @@ __device__ __forceinline__ void row_dots(float* acc, const u8* row, const float*
                 }
             }
         }
-    } else if (DT >= DT_Q8_0 || (p.k & 7) == 0) {
-        for (u32 e = 8 * lane; e < p.k; e += 256) {
+    } else if (DT >= DT_Q8_0 || (k & 7) == 0) {
+        for (u32 e = 8 * lane; e < k; e += 256) {
             float wv[8];
             load8<DT>(row, e, wv);
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 if (r < nr) {
-                    const float4* xp = (const float4*)(xr + (size_t)r * p.k + e);
-                    float4 a = xp[0], b = xp[1];
-                    acc[r] += wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w +
-                              wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+                    const float* xe = xr + (size_t)r * k + e;
+                    float s = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        float a = xe[j];
+                        if (NORM) {
+                            ss[r] += a * a;
+                            a *= g[e + j];
+                        }
+                        s += wv[j] * a;
+                    }
+                    acc[r] += s;
                 }
             }
         }
     } else if (DT < DT_Q8_0) {
-        for (u32 e = lane; e < p.k; e += 32) {
+        for (u32 e = lane; e < k; e += 32) {
             float wv = load1<DT < DT_Q8_0 ? DT : DT_F32>(row, e);
 #pragma unroll
-            for (int r = 0; r < 4; r++)
-                if (r < nr) acc[r] += wv * xr[(size_t)r * p.k + e];
+            for (int r = 0; r < 4; r++) {
+                if (r < nr) {
+                    float a = xr[(size_t)r * k + e];
+                    if (NORM) {
+                        ss[r] += a * a;
+                        a *= g[e];
+                    }
+                    acc[r] += wv * a;
+                }
+            }
         }
     }
+}
+
+// The factor 1 / sqrt(mean(x^2) + eps) of rms_norm, from a lane's share of the squares.
+__device__ __forceinline__ float norm_scale(float ss, u32 k, float eps) {
+    return 1.0f / sqrtf(warp_sum(ss) / (float)k + eps);
 }
 
 // p.accumulate: out += x . w^T (the residual add in the epilogue), else out = x . w^T.
@@ -75,8 +109,9 @@ __device__ void matvec(float* out, const float* x, const u8* w, MatmulParams p) 
     const u32 r0 = blockIdx.y * 4;
     const u32 nr = min(p.rows - r0, 4u);
     if (o >= p.n) return;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    row_dots<DT>(acc, w + (size_t)o * row_bytes<DT>(p.k), x + (size_t)r0 * p.k, p, nr, lane);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, none[4];
+    row_dots<DT, false>(acc, none, w + (size_t)o * row_bytes<DT>(p.k), x + (size_t)r0 * p.k,
+                        nullptr, p.k, nr, lane);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
         float s = warp_sum(acc[r]);
@@ -87,25 +122,56 @@ __device__ void matvec(float* out, const float* x, const u8* w, MatmulParams p) 
     }
 }
 
-// out[r, o] = silu(x[r] . w1[o]) * (x[r] . w3[o]): the feed-forward's gate and up projections
-// and swiglu in one pass (one warp reads both weight rows of feature o).
+// q, k, v = rms_norm(x) . (wq, wk, wv)^T in one launch: warps take features across the three
+// matrices (p.n0 rows of wq, then p.n1 of wk, then p.n2 of wv).
+template <int DT>
+__device__ void matvec_qkv(float* q, float* k, float* v, const float* x, const float* g,
+                           const u8* wq, const u8* wk, const u8* wv, NormMatvecParams p) {
+    const u32 lane = threadIdx.x & 31;
+    u32 o = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
+    const u32 r0 = blockIdx.y * 4;
+    const u32 nr = min(p.rows - r0, 4u);
+    float* out = q;
+    const u8* w = wq;
+    u32 n = p.n0;
+    if (o >= p.n0) {
+        o -= p.n0, out = k, w = wk, n = p.n1;
+        if (o >= p.n1) {
+            o -= p.n1, out = v, w = wv, n = p.n2;
+            if (o >= p.n2) return;
+        }
+    }
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    row_dots<DT, true>(acc, ss, w + (size_t)o * row_bytes<DT>(p.k), x + (size_t)r0 * p.k, g,
+                       p.k, nr, lane);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const float s = warp_sum(acc[r]) * norm_scale(ss[r], p.k, p.eps);
+        if (lane == 0 && r < nr) out[(size_t)(r0 + r) * n + o] = s;
+    }
+}
+
+// out[r, o] = silu(h[r] . w1[o]) * (h[r] . w3[o]), h = rms_norm(x) with weight g: the
+// feed-forward's norm, gate and up projections and swiglu in one pass (one warp reads both
+// weight rows of feature o).
 template <int DT>
 __device__ void matvec_swiglu(float* out, const float* x, const u8* w1, const u8* w3,
-                              MatmulParams p) {
+                              const float* g, NormMatvecParams p) {
     const u32 lane = threadIdx.x & 31;
     const u32 o = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
     const u32 r0 = blockIdx.y * 4;
     const u32 nr = min(p.rows - r0, 4u);
-    if (o >= p.n) return;
+    if (o >= p.n0) return;
     const float* xr = x + (size_t)r0 * p.k;
-    float g[4] = {0.0f, 0.0f, 0.0f, 0.0f}, u[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    row_dots<DT>(g, w1 + (size_t)o * row_bytes<DT>(p.k), xr, p, nr, lane);
-    row_dots<DT>(u, w3 + (size_t)o * row_bytes<DT>(p.k), xr, p, nr, lane);
+    float gs[4] = {0.0f, 0.0f, 0.0f, 0.0f}, us[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f}, none[4];
+    row_dots<DT, true>(gs, ss, w1 + (size_t)o * row_bytes<DT>(p.k), xr, g, p.k, nr, lane);
+    row_dots<DT, true>(us, none, w3 + (size_t)o * row_bytes<DT>(p.k), xr, g, p.k, nr, lane);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-        const float gs = warp_sum(g[r]), us = warp_sum(u[r]);
-        if (lane == 0 && r < nr)
-            out[(size_t)(r0 + r) * p.out_stride + p.col0 + o] = gs / (1.0f + expf(-gs)) * us;
+        const float scale = norm_scale(ss[r], p.k, p.eps);
+        const float a = warp_sum(gs[r]) * scale, b = warp_sum(us[r]) * scale;
+        if (lane == 0 && r < nr) out[(size_t)(r0 + r) * p.n0 + o] = a / (1.0f + expf(-a)) * b;
     }
 }
 
@@ -133,8 +199,14 @@ __device__ void widen(void* dst, const u8* w, u32 n, u32 k) {
         matvec<DT>(out, x, w, p);                                                             \
     }                                                                                         \
     extern "C" __global__ void __launch_bounds__(256) matvec_swiglu_##NAME(                    \
-        float* out, const float* x, const u8* w1, const u8* w3, MatmulParams p) {             \
-        matvec_swiglu<DT>(out, x, w1, w3, p);                                                 \
+        float* out, const float* x, const u8* w1, const u8* w3, const float* g,              \
+        NormMatvecParams p) {                                                                 \
+        matvec_swiglu<DT>(out, x, w1, w3, g, p);                                              \
+    }                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) matvec_qkv_##NAME(                       \
+        float* q, float* k, float* v, const float* x, const float* g, const u8* wq,          \
+        const u8* wk, const u8* wv, NormMatvecParams p) {                                     \
+        matvec_qkv<DT>(q, k, v, x, g, wq, wk, wv, p);                                         \
     }                                                                                         \
     extern "C" __global__ void widen_##NAME##_f32(void* dst, const u8* w, u32 n, u32 k) {     \
         widen<DT, 0>(dst, w, n, k);                                                           \

@@ -36,6 +36,23 @@ pub struct Weight<B: Backend> {
     pub cols: usize,
 }
 
+/// Activations on their way through an RMSNorm into a projection:
+/// rms_norm(x)[r, i] = x[r, i] / sqrt(mean_j(x[r, j]^2) + eps) * weight[i].
+pub struct RmsNormed<'a, B: Backend> {
+    /// [rows, dim] f32, not yet normalized.
+    pub x: &'a Buf<B>,
+    /// [dim] f32.
+    pub weight: &'a Buf<B>,
+    pub eps: f32,
+}
+
+impl<B: Backend> Clone for RmsNormed<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for RmsNormed<'_, B> {}
+
 /// Head layout shared by rope, kv_append and attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Heads {
@@ -246,20 +263,32 @@ pub trait Backend: Sized + 'static {
     ) -> Result<()> {
         matmul_residual_unfused(self, resid, tmp, x, w, bias, rows)
     }
-    /// out[rows, w1.rows] = silu(x . w1^T + b1) * (x . w3^T + b3): the feed-forward's gate and
-    /// up projections and swiglu. `gate` and `up` are scratch of the output's size.
-    #[allow(clippy::too_many_arguments)]
+    /// q, k, v = rms_norm(x) . (wq, wk, wv)^T: the attention block's input norm and
+    /// projections. `xb` is scratch for rms_norm(x) [rows, dim]. Backends may fold the norm
+    /// into the projections (the pass that reads x also sums its squares).
+    fn norm_qkv(
+        &self,
+        qkv: [&mut Buf<Self>; 3],
+        xb: &mut Buf<Self>,
+        x: RmsNormed<'_, Self>,
+        w: [&Weight<Self>; 3],
+        rows: usize,
+    ) -> Result<()> {
+        norm_qkv_unfused(self, qkv, xb, x, w, rows)
+    }
+    /// out[rows, w1.rows] = silu(h . w1^T + b1) * (h . w3^T + b3) with h = rms_norm(x): the
+    /// feed-forward's input norm, gate and up projections and swiglu. `scratch` is (gate, up)
+    /// of the output's size and h [rows, dim].
     fn ffn_gate_up(
         &self,
         out: &mut Buf<Self>,
-        gate: &mut Buf<Self>,
-        up: &mut Buf<Self>,
-        x: &Buf<Self>,
+        scratch: [&mut Buf<Self>; 3],
+        x: RmsNormed<'_, Self>,
         w: (&Weight<Self>, &Weight<Self>),
         bias: (Option<&Buf<Self>>, Option<&Buf<Self>>),
         rows: usize,
     ) -> Result<()> {
-        ffn_gate_up_unfused(self, out, gate, up, x, w, bias, rows)
+        ffn_gate_up_unfused(self, out, scratch, x, w, bias, rows)
     }
     /// Picks a token from logits[vocab] and writes it (u32) to out[out_index].
     fn sample(
@@ -290,21 +319,35 @@ pub fn matmul_residual_unfused<B: Backend>(
     b.add(resid, tmp, rows * w.rows)
 }
 
+/// `norm_qkv` as separate ops (every backend's default; fused backends fall back to it).
+pub fn norm_qkv_unfused<B: Backend>(
+    b: &B,
+    [q, k, v]: [&mut Buf<B>; 3],
+    xb: &mut Buf<B>,
+    x: RmsNormed<'_, B>,
+    [wq, wk, wv]: [&Weight<B>; 3],
+    rows: usize,
+) -> Result<()> {
+    b.rms_norm(xb, x.x, x.weight, rows, wq.cols, x.eps)?;
+    b.matmul(q, xb, wq, rows)?;
+    b.matmul(k, xb, wk, rows)?;
+    b.matmul(v, xb, wv, rows)
+}
+
 /// `ffn_gate_up` as separate ops (every backend's default; fused backends fall back to it).
-#[allow(clippy::too_many_arguments)]
 pub fn ffn_gate_up_unfused<B: Backend>(
     b: &B,
     out: &mut Buf<B>,
-    gate: &mut Buf<B>,
-    up: &mut Buf<B>,
-    x: &Buf<B>,
+    [gate, up, h]: [&mut Buf<B>; 3],
+    x: RmsNormed<'_, B>,
     w: (&Weight<B>, &Weight<B>),
     bias: (Option<&Buf<B>>, Option<&Buf<B>>),
     rows: usize,
 ) -> Result<()> {
     let n = w.0.rows;
-    b.matmul(gate, x, w.0, rows)?;
-    b.matmul(up, x, w.1, rows)?;
+    b.rms_norm(h, x.x, x.weight, rows, w.0.cols, x.eps)?;
+    b.matmul(gate, h, w.0, rows)?;
+    b.matmul(up, h, w.1, rows)?;
     if let Some(b1) = bias.0 {
         b.add_bias(gate, b1, rows, n)?;
     }

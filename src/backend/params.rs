@@ -31,6 +31,20 @@ pub struct RmsNormParams {
     pub _pad: u32,
 }
 
+/// Mat-vecs with the input's RMSNorm folded in (CUDA's norm_qkv and ffn_gate_up): up to three
+/// weight matrices of n0, n1, n2 rows of k, one output each; `rows` input rows of k.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct NormMatvecParams {
+    pub rows: u32,
+    pub k: u32,
+    pub n0: u32,
+    pub n1: u32,
+    pub n2: u32,
+    pub eps: f32,
+    pub _pad: [u32; 2],
+}
+
 /// out[r, col0 + o] = x[r, :] . w[o, :] for o < n (w: n rows of k; out rows are out_stride wide).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]

@@ -5,7 +5,7 @@
 //! are there before touching them (cudarc panics on a missing library) and returns an error.
 //!
 //! Files: kernels.rs (NVRTC compile + disk cache), launch.rs (device pointers, launches,
-//! scratch buffers), gemm.rs (cuBLAS GEMMs), attention_gemm.rs (long prefills'
+//! scratch buffers), fused.rs (mat-vecs with the RMSNorm folded in), gemm.rs (cuBLAS GEMMs), attention_gemm.rs (long prefills'
 //! attention on cuBLAS), graph.rs (decode-step capture and replay), readback.rs (reads that
 //! do not wait), profile.rs (per-kernel GPU times), ops.rs (the `Backend` impl: sizes,
 //! checks, launch shapes).
@@ -31,6 +31,7 @@ macro_rules! by_dtype {
 }
 
 mod attention_gemm;
+mod fused;
 mod gemm;
 mod graph;
 mod kernels;

@@ -8,8 +8,8 @@ use super::Cuda;
 use crate::backend::checks;
 use crate::backend::params::*;
 use crate::backend::{
-    ffn_gate_up_unfused, matmul_residual_unfused, Backend, Heads, KvView, PendingRead, SampleOp,
-    Weight,
+    ffn_gate_up_unfused, matmul_residual_unfused, norm_qkv_unfused, Backend, Heads, KvView,
+    PendingRead, RmsNormed, SampleOp, Weight,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -37,7 +37,7 @@ fn dev(msg: String) -> Error {
     Error::Device(msg)
 }
 
-fn u32_of(v: usize, what: &str, op: &str) -> Result<u32> {
+pub(super) fn u32_of(v: usize, what: &str, op: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| dev(format!("{op}: {what} {v} does not fit the kernel's u32")))
 }
 
@@ -68,25 +68,22 @@ impl Cuda {
 }
 
 impl Cuda {
-    /// The mat-vec kernel: out (+)= x . w^T for one weight, or silu(x . w1^T) * (x . w3^T) for
-    /// two (matvec_swiglu); `accumulate` adds into out (the residual epilogue).
+    /// The mat-vec kernel: out (+)= x . w^T; `accumulate` adds into out (the residual
+    /// epilogue).
     fn matvec(
         &self,
         out: &mut Buf<Self>,
-        x: &[&Buf<Self>],
-        w: &[&Weight<Self>],
+        x: &Buf<Self>,
+        w: &Weight<Self>,
         rows: usize,
         accumulate: bool,
     ) -> Result<()> {
         const OP: &str = "matmul";
-        let (n, k, dtype) = (w[0].rows, w[0].cols, w[0].dtype);
+        let (n, k, dtype) = (w.rows, w.cols, w.dtype);
         let rb = checks::row_bytes(dtype, k, OP)?;
-        let wp = w
-            .iter()
-            .map(|w| self.ptr(&w.buf, n * rb, "the weights", OP))
-            .collect::<Result<Vec<u64>>>()?;
+        let wp = self.ptr(&w.buf, n * rb, "the weights", OP)?;
         let o = self.ptr(out, rows * n * 4, "out", OP)?;
-        let xp = self.ptr(x[0], rows * k * 4, "x", OP)?;
+        let xp = self.ptr(x, rows * k * 4, "x", OP)?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
@@ -104,20 +101,8 @@ impl Cuda {
             u32_of(rows.div_ceil(4), "rows", OP)?,
             1,
         );
-        if let [w1, w3] = wp[..] {
-            let f = self
-                .kernels
-                .get("matmul", by_dtype!("matvec_swiglu_", dtype))?;
-            return self.launch(
-                &f,
-                grid,
-                256,
-                0,
-                &[arg(&o), arg(&xp), arg(&w1), arg(&w3), arg(&p)],
-            );
-        }
         let f = self.kernels.get("matmul", by_dtype!("matvec_", dtype))?;
-        self.launch(&f, grid, 256, 0, &[arg(&o), arg(&xp), arg(&wp[0]), arg(&p)])
+        self.launch(&f, grid, 256, 0, &[arg(&o), arg(&xp), arg(&wp), arg(&p)])
     }
 }
 
@@ -333,7 +318,7 @@ impl Backend for Cuda {
             let xp = self.ptr(x, rows * k * 4, "x", OP)?;
             return self.gemm(o, xp, wp, w.dtype, rows, n, k, rb);
         }
-        self.matvec(out, &[x], &[w], rows, false)
+        self.matvec(out, x, w, rows, false)
     }
 
     fn matmul_residual(
@@ -349,24 +334,40 @@ impl Backend for Cuda {
             return matmul_residual_unfused(self, resid, tmp, x, w, bias, rows);
         }
         // The mat-vec kernel adds into the residual stream itself (p.accumulate).
-        self.matvec(resid, &[x], &[w], rows, true)
+        self.matvec(resid, x, w, rows, true)
+    }
+
+    fn norm_qkv(
+        &self,
+        qkv: [&mut Buf<Self>; 3],
+        xb: &mut Buf<Self>,
+        x: RmsNormed<'_, Self>,
+        w: [&Weight<Self>; 3],
+        rows: usize,
+    ) -> Result<()> {
+        let same = w
+            .iter()
+            .all(|m| m.dtype == w[0].dtype && m.cols == w[0].cols);
+        if rows > MATVEC_MAX_ROWS || !same {
+            return norm_qkv_unfused(self, qkv, xb, x, w, rows);
+        }
+        self.norm_qkv_fused(qkv, x, w, rows)
     }
 
     fn ffn_gate_up(
         &self,
         out: &mut Buf<Self>,
-        gate: &mut Buf<Self>,
-        up: &mut Buf<Self>,
-        x: &Buf<Self>,
+        scratch: [&mut Buf<Self>; 3],
+        x: RmsNormed<'_, Self>,
         w: (&Weight<Self>, &Weight<Self>),
         bias: (Option<&Buf<Self>>, Option<&Buf<Self>>),
         rows: usize,
     ) -> Result<()> {
         let same = w.0.dtype == w.1.dtype && w.0.rows == w.1.rows && w.0.cols == w.1.cols;
         if rows > MATVEC_MAX_ROWS || bias.0.is_some() || bias.1.is_some() || !same {
-            return ffn_gate_up_unfused(self, out, gate, up, x, w, bias, rows);
+            return ffn_gate_up_unfused(self, out, scratch, x, w, bias, rows);
         }
-        self.matvec(out, &[x], &[w.0, w.1], rows, false)
+        self.gate_up_fused(out, x, w, rows)
     }
 
     fn add_bias(&self, x: &mut Buf<Self>, bias: &Buf<Self>, rows: usize, n: usize) -> Result<()> {
