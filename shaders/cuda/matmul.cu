@@ -3,8 +3,9 @@
 // two octets per lane at a time (16-byte loads for 16-bit weights, whole quant sub-blocks decoded as
 // src/quant_blocks.rs does), each octet feeding up to 4 input rows (grid y picks which 4); a
 // warp shuffle reduces the lanes. Fused variants: `matvec_qkv` (rms_norm + q, k, v projections)
-// and `matvec_swiglu` (rms_norm + gate and up projections + swiglu); the norm's sum of squares
-// rides along in the pass that reads x. Prefill (many rows) goes to cuBLAS: `widen_<dtype>` writes the
+// and `matvec_swiglu` (rms_norm + gate and up projections + swiglu): each block stages the
+// normed input in shared memory (one pass over x that also sums its squares), then the warps
+// stream their weight rows against it. Prefill (many rows) goes to cuBLAS: `widen_<dtype>` writes the
 // weights as f32 (exact path) or f16/bf16 (tensor-core path, with `round_x` rounding the
 // activations to the same type) into a scratch matrix the GEMM reads.
 #include "common.cuh"
@@ -20,85 +21,50 @@ __device__ __forceinline__ float load1(const u8* row, u32 e) {
 }
 
 // acc[r] += this lane's share of weight row `row` . x row r, for r < nr (lanes of a warp
-// together cover the row, each element exactly once). NORM: the input is rms_norm(x) with
-// weight g; the lane multiplies x by g and adds the squares of x to ss[r], so that the caller
-// scales the warp's sum by 1 / sqrt(mean(x^2) + eps) — the norm costs no pass of its own.
-template <int DT, bool NORM>
-__device__ __forceinline__ void row_dots(float* acc, float* ss, const u8* row, const float* xr,
-                                         const float* g, u32 k, u32 nr, u32 lane) {
-    if ((k & 15) == 0) {
-        // Two octets per lane per pass: both weight loads are in flight before the sums.
-        for (u32 e = 16 * lane; e < k; e += 512) {
+// together cover the row). Each pass a lane takes the octets at e and e + 256: both weight
+// loads are in flight before the sums, each load instruction reads 512 contiguous bytes of
+// 16-bit weights across the warp, and the lanes' x reads (global or shared memory) are 32
+// bytes apart (2-way bank conflicts at most).
+template <int DT>
+__device__ __forceinline__ void row_dots(float* acc, const u8* row, const float* xr, u32 k,
+                                         u32 nr, u32 lane) {
+    if ((k & 7) == 0) {
+        for (u32 e = 8 * lane; e < k; e += 512) {
+            const bool two = e + 256 < k;
             float wv[16];
             load8<DT>(row, e, wv);
-            load8<DT>(row, e + 8, wv + 8);
-            float4 gq[4];
-            if (NORM) {
+            if (two) {
+                load8<DT>(row, e + 256, wv + 8);
+            } else {
 #pragma unroll
-                for (int q = 0; q < 4; q++) gq[q] = ((const float4*)(g + e))[q];
+                for (int j = 8; j < 16; j++) wv[j] = 0.0f;
             }
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                if (r < nr) {
-                    const float4* xp = (const float4*)(xr + (size_t)r * k + e);
-                    float s = 0.0f;
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        float4 a = xp[q];
-                        if (NORM) {
-                            ss[r] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
-                            a.x *= gq[q].x, a.y *= gq[q].y, a.z *= gq[q].z, a.w *= gq[q].w;
-                        }
-                        s += wv[4 * q] * a.x + wv[4 * q + 1] * a.y + wv[4 * q + 2] * a.z +
-                             wv[4 * q + 3] * a.w;
-                    }
-                    acc[r] += s;
-                }
-            }
-        }
-    } else if (DT >= DT_Q8_0 || (k & 7) == 0) {
-        for (u32 e = 8 * lane; e < k; e += 256) {
-            float wv[8];
-            load8<DT>(row, e, wv);
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 if (r < nr) {
                     const float* xe = xr + (size_t)r * k + e;
-                    float s = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        float a = xe[j];
-                        if (NORM) {
-                            ss[r] += a * a;
-                            a *= g[e + j];
-                        }
-                        s += wv[j] * a;
+                    const float4 a = ((const float4*)xe)[0], b = ((const float4*)xe)[1];
+                    float s = wv[0] * a.x + wv[1] * a.y + wv[2] * a.z + wv[3] * a.w +
+                              wv[4] * b.x + wv[5] * b.y + wv[6] * b.z + wv[7] * b.w;
+                    if (two) {
+                        const float4 c = ((const float4*)(xe + 256))[0];
+                        const float4 d = ((const float4*)(xe + 256))[1];
+                        s += wv[8] * c.x + wv[9] * c.y + wv[10] * c.z + wv[11] * c.w +
+                             wv[12] * d.x + wv[13] * d.y + wv[14] * d.z + wv[15] * d.w;
                     }
                     acc[r] += s;
                 }
             }
         }
     } else if (DT < DT_Q8_0) {
+        // Rows that are not whole octets (quant rows always are: their blocks are 32 wide).
         for (u32 e = lane; e < k; e += 32) {
             float wv = load1<DT < DT_Q8_0 ? DT : DT_F32>(row, e);
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
-                if (r < nr) {
-                    float a = xr[(size_t)r * k + e];
-                    if (NORM) {
-                        ss[r] += a * a;
-                        a *= g[e];
-                    }
-                    acc[r] += wv * a;
-                }
-            }
+            for (int r = 0; r < 4; r++)
+                if (r < nr) acc[r] += wv * xr[(size_t)r * k + e];
         }
     }
-}
-
-// The factor 1 / sqrt(mean(x^2) + eps) of rms_norm, from a lane's share of the squares.
-__device__ __forceinline__ float norm_scale(float ss, u32 k, float eps) {
-    return 1.0f / sqrtf(warp_sum(ss) / (float)k + eps);
 }
 
 // p.accumulate: out += x . w^T (the residual add in the epilogue), else out = x . w^T.
@@ -109,9 +75,8 @@ __device__ void matvec(float* out, const float* x, const u8* w, MatmulParams p) 
     const u32 r0 = blockIdx.y * 4;
     const u32 nr = min(p.rows - r0, 4u);
     if (o >= p.n) return;
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, none[4];
-    row_dots<DT, false>(acc, none, w + (size_t)o * row_bytes<DT>(p.k), x + (size_t)r0 * p.k,
-                        nullptr, p.k, nr, lane);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    row_dots<DT>(acc, w + (size_t)o * row_bytes<DT>(p.k), x + (size_t)r0 * p.k, p.k, nr, lane);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
         float s = warp_sum(acc[r]);
@@ -122,15 +87,52 @@ __device__ void matvec(float* out, const float* x, const u8* w, MatmulParams p) 
     }
 }
 
+// The rms_norm the fused mat-vecs fold in: every block stages h = x * g for its nr (<= 4)
+// rows in shared memory (the weight passes then read h from there) and gets each row's
+// 1 / sqrt(mean(x^2) + eps) in inv[]. The whole block must call it (it synchronizes).
+__device__ __forceinline__ void stage_normed(float* h, float* inv, const float* x, const float* g,
+                                             NormMatvecParams p, u32 r0, u32 nr) {
+    __shared__ float red[4][MATVEC_WARPS];
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const float* xr = x + (size_t)r0 * p.k;
+#pragma unroll
+    for (u32 r = 0; r < 4; r++) {
+        if (r < nr) {
+            for (u32 e = threadIdx.x; e < p.k; e += blockDim.x) {
+                const float v = xr[(size_t)r * p.k + e];
+                ss[r] += v * v;
+                h[r * p.k + e] = v * g[e];
+            }
+        }
+    }
+#pragma unroll
+    for (u32 r = 0; r < 4; r++) {
+        const float t = warp_sum(ss[r]);
+        if (lane == 0) red[r][warp] = t;
+    }
+    __syncthreads();
+#pragma unroll
+    for (u32 r = 0; r < 4; r++) {
+        float t = 0.0f;
+        for (u32 i = 0; i < MATVEC_WARPS; i++) t += red[r][i];
+        inv[r] = 1.0f / sqrtf(t / (float)p.k + p.eps);
+    }
+}
+
 // q, k, v = rms_norm(x) . (wq, wk, wv)^T in one launch: warps take features across the three
-// matrices (p.n0 rows of wq, then p.n1 of wk, then p.n2 of wv).
+// matrices (p.n0 rows of wq, then p.n1 of wk, then p.n2 of wv). Dynamic shared memory: nr * k
+// floats.
 template <int DT>
 __device__ void matvec_qkv(float* q, float* k, float* v, const float* x, const float* g,
                            const u8* wq, const u8* wk, const u8* wv, NormMatvecParams p) {
+    extern __shared__ float h[];
     const u32 lane = threadIdx.x & 31;
     u32 o = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
     const u32 r0 = blockIdx.y * 4;
     const u32 nr = min(p.rows - r0, 4u);
+    float inv[4];
+    stage_normed(h, inv, x, g, p, r0, nr);
     float* out = q;
     const u8* w = wq;
     u32 n = p.n0;
@@ -141,36 +143,35 @@ __device__ void matvec_qkv(float* q, float* k, float* v, const float* x, const f
             if (o >= p.n2) return;
         }
     }
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ss[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    row_dots<DT, true>(acc, ss, w + (size_t)o * row_bytes<DT>(p.k), x + (size_t)r0 * p.k, g,
-                       p.k, nr, lane);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    row_dots<DT>(acc, w + (size_t)o * row_bytes<DT>(p.k), h, p.k, nr, lane);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-        const float s = warp_sum(acc[r]) * norm_scale(ss[r], p.k, p.eps);
+        const float s = warp_sum(acc[r]) * inv[r];
         if (lane == 0 && r < nr) out[(size_t)(r0 + r) * n + o] = s;
     }
 }
 
 // out[r, o] = silu(h[r] . w1[o]) * (h[r] . w3[o]), h = rms_norm(x) with weight g: the
 // feed-forward's norm, gate and up projections and swiglu in one pass (one warp reads both
-// weight rows of feature o).
+// weight rows of feature o). Dynamic shared memory: nr * k floats.
 template <int DT>
 __device__ void matvec_swiglu(float* out, const float* x, const u8* w1, const u8* w3,
                               const float* g, NormMatvecParams p) {
+    extern __shared__ float h[];
     const u32 lane = threadIdx.x & 31;
     const u32 o = blockIdx.x * MATVEC_WARPS + (threadIdx.x >> 5);
     const u32 r0 = blockIdx.y * 4;
     const u32 nr = min(p.rows - r0, 4u);
+    float inv[4];
+    stage_normed(h, inv, x, g, p, r0, nr);
     if (o >= p.n0) return;
-    const float* xr = x + (size_t)r0 * p.k;
     float gs[4] = {0.0f, 0.0f, 0.0f, 0.0f}, us[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    float ss[4] = {0.0f, 0.0f, 0.0f, 0.0f}, none[4];
-    row_dots<DT, true>(gs, ss, w1 + (size_t)o * row_bytes<DT>(p.k), xr, g, p.k, nr, lane);
-    row_dots<DT, true>(us, none, w3 + (size_t)o * row_bytes<DT>(p.k), xr, g, p.k, nr, lane);
+    row_dots<DT>(gs, w1 + (size_t)o * row_bytes<DT>(p.k), h, p.k, nr, lane);
+    row_dots<DT>(us, w3 + (size_t)o * row_bytes<DT>(p.k), h, p.k, nr, lane);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-        const float scale = norm_scale(ss[r], p.k, p.eps);
-        const float a = warp_sum(gs[r]) * scale, b = warp_sum(us[r]) * scale;
+        const float a = warp_sum(gs[r]) * inv[r], b = warp_sum(us[r]) * inv[r];
         if (lane == 0 && r < nr) out[(size_t)(r0 + r) * p.n0 + o] = a / (1.0f + expf(-a)) * b;
     }
 }

@@ -1,6 +1,6 @@
 //! Decode mat-vecs with the input's RMSNorm folded in (shaders/cuda/matmul.cu: `matvec_qkv`,
-//! `matvec_swiglu`): the warp that reads x for a dot product also sums its squares, so the
-//! norm needs no kernel and no pass over memory of its own. `norm_qkv` becomes one launch
+//! `matvec_swiglu`): each block stages the normed rows in shared memory, summing the squares
+//! on the way, so the norm needs no kernel of its own. `norm_qkv` becomes one launch
 //! instead of four, the feed-forward's norm + gate + up + swiglu one instead of five.
 
 use super::launch::arg;
@@ -12,6 +12,19 @@ use crate::backend::{RmsNormed, Weight};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::pool::Buf;
+
+/// Shared memory a fused block may use without opting in to more.
+const MAX_STAGED_BYTES: usize = 48 * 1024;
+
+/// Whether the fused kernels take `rows` input rows of `dim`: each block stages up to 4 normed
+/// rows in shared memory.
+pub(super) fn fusable(rows: usize, dim: usize) -> bool {
+    rows.min(4).saturating_mul(dim).saturating_mul(4) <= MAX_STAGED_BYTES
+}
+
+fn staged_bytes(rows: usize, dim: usize) -> u32 {
+    (rows.min(4) * dim * 4) as u32
+}
 
 impl Cuda {
     /// Pointers of x [rows, k] and the norm weight [k], checked.
@@ -126,7 +139,7 @@ impl Cuda {
             &f,
             grid,
             256,
-            0,
+            staged_bytes(rows, dim),
             &[arg(&o), arg(&xp), arg(&p1), arg(&p3), arg(&gp), arg(&p)],
         )
     }

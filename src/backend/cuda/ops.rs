@@ -4,7 +4,7 @@
 
 use super::graph::POS_BUCKET;
 use super::launch::{arg, cuda_err, DevBuf, Scratch};
-use super::Cuda;
+use super::{fused, Cuda};
 use crate::backend::checks;
 use crate::backend::params::*;
 use crate::backend::{
@@ -348,7 +348,7 @@ impl Backend for Cuda {
         let same = w
             .iter()
             .all(|m| m.dtype == w[0].dtype && m.cols == w[0].cols);
-        if rows > MATVEC_MAX_ROWS || !same {
+        if rows > MATVEC_MAX_ROWS || !same || !fused::fusable(rows, w[0].cols) {
             return norm_qkv_unfused(self, qkv, xb, x, w, rows);
         }
         self.norm_qkv_fused(qkv, x, w, rows)
@@ -364,7 +364,8 @@ impl Backend for Cuda {
         rows: usize,
     ) -> Result<()> {
         let same = w.0.dtype == w.1.dtype && w.0.rows == w.1.rows && w.0.cols == w.1.cols;
-        if rows > MATVEC_MAX_ROWS || bias.0.is_some() || bias.1.is_some() || !same {
+        let plain = bias.0.is_none() && bias.1.is_none() && fused::fusable(rows, w.0.cols);
+        if rows > MATVEC_MAX_ROWS || !plain || !same {
             return ffn_gate_up_unfused(self, out, scratch, x, w, bias, rows);
         }
         self.gate_up_fused(out, x, w, rows)
