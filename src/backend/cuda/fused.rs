@@ -87,7 +87,7 @@ impl Cuda {
             &f,
             grid,
             256,
-            0,
+            staged_bytes(rows, dim),
             &[
                 arg(&outs[0]),
                 arg(&outs[1]),
