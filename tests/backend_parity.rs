@@ -268,6 +268,20 @@ fn attention_matches_for_gqa_ratios_and_schedules() {
 }
 
 #[test]
+fn attention_long_prefill_after_a_prefix() {
+    if !any_gpu() {
+        return;
+    }
+    // Prefills of 32 rows or more (CUDA's cuBLAS attention) at pos0 > 0 with GQA group 4:
+    // 40 rows after 24 positions, then 33 rows (97 positions: a count that is not a multiple of
+    // 8, which the score rows are padded to), then a decode step over them.
+    for (i, h) in [heads(8, 2, 64), heads(16, 4, 128)].into_iter().enumerate() {
+        let reference = AttnReference::new(300 + i as u64, h, &[24, 40, 33, 1]);
+        on_every_gpu!(check_attention, &reference);
+    }
+}
+
+#[test]
 fn attention_long_context_split_kv() {
     if !any_gpu() {
         return;

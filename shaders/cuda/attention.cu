@@ -13,6 +13,14 @@
 // head); four threads per query row share its head_dim (dims sub, sub + 4, ...), K and V tiles
 // of 16 positions are staged in shared memory as f32, and each tile updates the online softmax
 // once (max over the tile, one rescale).
+//
+// Long prefills run on cuBLAS instead (attention_gemm.rs), in one of two precisions. Exact
+// (CudaOptions::exact): attention_gather copies the paged K and V into contiguous f32 matrices,
+// SGEMMs give the scores, attention_softmax turns them into f32 weights in place, and an SGEMM
+// multiplies them with V. Default: attention_gather_f16 copies K and V as f16 (an f16 cache bit
+// for bit) and rounds Q to f16, tensor-core GEMMs (f16 inputs, f32 accumulation) give f32
+// scores, and attention_softmax_f16 writes the weights as f16 over the first half of each f32
+// score row, for the P V GEMM to read.
 #include "common.cuh"
 
 #define KV_BLOCK 16
@@ -298,8 +306,8 @@ PREFILL(16)
 PREFILL(32)
 PREFILL(64)
 
-// Long prefills go through cuBLAS instead (attention_gemm.rs): attention_gather copies positions
-// 0..n_pos of one layer's paged K and V into contiguous f32 [kv head][position][head_dim]
+// Long prefills go through cuBLAS instead (attention_gemm.rs). Exact path: attention_gather copies
+// positions 0..n_pos of one layer's paged K and V into contiguous f32 [kv head][position][head_dim]
 // matrices, the scores S = Q K^T come from a batched GEMM (one batch per kv head, one call per
 // query head of the group), attention_softmax turns each score row into causal softmax weights
 // in place, and a second batched GEMM multiplies them with V.
@@ -344,4 +352,93 @@ extern "C" __global__ void __launch_bounds__(256)
     sum = block_sum(sum, red);
     const float inv = 1.0f / sum;
     for (u32 j = threadIdx.x; j < n_pos; j += blockDim.x) row[j] = j < n ? row[j] * inv : 0.0f;
+}
+
+// ---- Default (tensor-core) path of the cuBLAS prefill attention ----
+
+// K and V of positions 0..n_pos as f16 [kv head][position][head_dim] (an f16 cache copied bit for
+// bit, an f32 one rounded), and q [rows][n_heads][head_dim] rounded to f16 in the same layout.
+// One thread per element of whichever is larger.
+extern "C" __global__ void attention_gather_f16(u16* k_out, u16* v_out, u16* q_out,
+                                                const void* k_cache, const void* v_cache,
+                                                const u32* table, const float* q,
+                                                AttentionParams p, u32 n_pos) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const u32 hd = p.head_dim;
+    if (i < (size_t)p.rows * p.n_heads * hd) q_out[i] = f32_to_f16(q[i]);
+    if (i >= (size_t)p.n_kv_heads * n_pos * hd) return;
+    const u32 d = (u32)(i % hd);
+    const u32 pos = (u32)((i / hd) % n_pos);
+    const u32 kvh = (u32)(i / ((size_t)hd * n_pos));
+    const size_t at = kv_row(table, pos, kvh, p.n_kv_heads, hd) + d;
+    if (p.kv_f16) {
+        k_out[i] = ((const u16*)k_cache)[at];
+        v_out[i] = ((const u16*)v_cache)[at];
+    } else {
+        k_out[i] = f32_to_f16(((const float*)k_cache)[at]);
+        v_out[i] = f32_to_f16(((const float*)v_cache)[at]);
+    }
+}
+
+// Merges (max m, sum l of exp(x - m)) with another pair; m = -inf stands for no values yet.
+// Symmetric bit for bit, so every lane of a butterfly ends with the same pair.
+__device__ __forceinline__ void max_sum_merge(float& m, float& l, float om, float ol) {
+    const float nm = fmaxf(m, om);
+    if (nm == -INFINITY) return;
+    l = (m == -INFINITY ? 0.0f : l * expf(m - nm)) + (om == -INFINITY ? 0.0f : ol * expf(om - nm));
+    m = nm;
+}
+
+// Every thread of the block (a multiple of 32 threads, at most 1024) gets the block's pair.
+__device__ __forceinline__ void block_max_sum(float& m, float& l) {
+    __shared__ float sm[32], sl[32];
+    for (int o = 16; o > 0; o >>= 1)
+        max_sum_merge(m, l, __shfl_xor_sync(0xffffffffu, m, o),
+                      __shfl_xor_sync(0xffffffffu, l, o));
+    const u32 lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    if (lane == 0) {
+        sm[threadIdx.x >> 5] = m;
+        sl[threadIdx.x >> 5] = l;
+    }
+    __syncthreads();
+    m = lane < warps ? sm[lane] : -INFINITY;
+    l = lane < warps ? sl[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1)
+        max_sum_merge(m, l, __shfl_xor_sync(0xffffffffu, m, o),
+                      __shfl_xor_sync(0xffffffffu, l, o));
+}
+
+// One block per score row (kv head blockIdx.y, query row blockIdx.x) of the f32 scores
+// s [kv head][rows][ld]: the weights softmax(s * scale) over positions 0..=pos0 + row, zero
+// after, times p_scale, as f16 over the start of the same row (so P [kv head][rows][2 ld] f16).
+// p_scale (2^15) keeps the weights of long rows in f16's normal range: the largest weight of a
+// row is at least 1 / n_pos, and weights times 2^15 stay below 65504. The P V GEMM's alpha
+// divides it out exactly.
+// One pass for the max and the sum (online, per thread), one to write. Writing f16 value j
+// overwrites f32 values j / 2 .. : chunk c of blockDim.x values lands on f32 values below
+// (c + 1) blockDim.x / 2 <= (c + 1) blockDim.x, all read in chunks 0..=c, before the barrier.
+extern "C" __global__ void __launch_bounds__(256)
+    attention_softmax_f16(float* s, AttentionParams p, u32 n_pos, u32 ld, float p_scale) {
+    const u32 r = blockIdx.x;
+    float* row = s + ((size_t)blockIdx.y * p.rows + r) * ld;
+    const u32 n = min(p.pos0 + r + 1, n_pos);
+    float m = -INFINITY, l = 0.0f;
+    for (u32 j = threadIdx.x; j < n; j += blockDim.x) {
+        const float x = row[j] * p.scale;
+        if (x > m) {
+            l = l * expf(m - x) + 1.0f;
+            m = x;
+        } else {
+            l += expf(x - m);
+        }
+    }
+    block_max_sum(m, l);
+    const float inv = p_scale / l;
+    u16* weights = (u16*)row;
+    for (u32 c0 = 0; c0 < n_pos; c0 += blockDim.x) {
+        const u32 j = c0 + threadIdx.x;
+        const float w = j < n ? expf(row[j] * p.scale - m) * inv : 0.0f;
+        __syncthreads();
+        if (j < n_pos) weights[j] = f32_to_f16(w);
+    }
 }

@@ -26,9 +26,11 @@ pub enum Scratch {
     /// Split-KV partial outputs and (max, sum) pairs of attention_decode.
     AttnParts,
     AttnMl,
-    /// Gathered K and V and the score matrix of the cuBLAS prefill attention.
+    /// Gathered K and V, Q rounded to f16 (tensor-core path), and the score matrix of the
+    /// cuBLAS prefill attention.
     AttnK,
     AttnV,
+    AttnQ,
     AttnScores,
     /// Probabilities of `sample` for `sample_walk`.
     SampleProbs,

@@ -54,8 +54,9 @@ pub struct CudaOptions {
     /// CUDA device ordinal (0 when None).
     pub device: Option<usize>,
     /// Prefill GEMMs in f32 from weights widened exactly (as the CPU reference computes) instead
-    /// of on tensor cores with activations rounded to the weights' f16/bf16. Tests use it for
-    /// exact parity; `ANYLLAMA_CUDA_EXACT=1` sets it for `Cuda::new`.
+    /// of on tensor cores with activations rounded to the weights' f16/bf16, and long-prefill
+    /// attention in f32 instead of on tensor cores with Q, K, V and the softmax weights in f16.
+    /// Tests use it for exact parity; `ANYLLAMA_CUDA_EXACT=1` sets it for `Cuda::new`.
     pub exact: bool,
     /// Never record decode steps as CUDA graphs (`ANYLLAMA_CUDA_GRAPHS=0` for `Cuda::new`).
     pub no_graphs: bool,
