@@ -117,25 +117,11 @@ fn check_float_matmul<B: Backend>(
     check_matmul(name, gpu, r, dtype, shape, &encode(dtype, &w));
 }
 
-/// (n, k) of the float matmul cases: n not a multiple of the mat-vec's features per workgroup,
-/// k not a multiple of 4, 8, 16 or 32, and rows long enough (k >= 1024) for the mat-vec's
-/// four-octet steps as well as shorter ones.
-const FLOAT_SHAPES: [(usize, usize); 7] = [
-    (576, 576),
-    (192, 1536),
-    (49, 50),
-    (33, 7),
-    (130, 68),
-    (37, 1100),
-    (20, 2053),
-];
-
 fn check_float_matmuls<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        // Rows up to 8 take the mat-vec kernel (4 rows per grid row), more the tiled one
-        // (cuBLAS on CUDA).
-        for rows in [1, 2, 3, 4, 5, 8, 9, 17, 70] {
-            for (n, k) in FLOAT_SHAPES {
+        // Rows up to 8 take the mat-vec kernel, more the tiled one (cuBLAS on CUDA).
+        for rows in [1, 3, 5, 8, 9, 17, 70] {
+            for (n, k) in [(576, 576), (192, 1536), (49, 50), (33, 7), (130, 68)] {
                 check_float_matmul(name, gpu, r, dtype, [rows, n, k]);
             }
         }
@@ -150,25 +136,8 @@ fn matmul_matches_for_every_dtype_and_path() {
     #[cfg(feature = "wgpu")]
     if let Some(gpu) = chunked() {
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for (rows, n, k) in [
-                (1, 1000, 12),
-                (3, 1200, 8),
-                (12, 300, 64),
-                (9, 440, 25),
-                (2, 60, 1024),
-            ] {
+            for (rows, n, k) in [(1, 1000, 12), (3, 1200, 8), (12, 300, 64), (9, 440, 25)] {
                 check_float_matmul("chunked", gpu, &mut r, dtype, [rows, n, k]);
-            }
-        }
-    }
-    // The mat-vec with teams narrower than the subgroups (see narrow_teams).
-    #[cfg(feature = "wgpu")]
-    for (name, gpu) in narrow_teams() {
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
-            for rows in [1, 3, 4, 6] {
-                for (n, k) in FLOAT_SHAPES {
-                    check_float_matmul(name, gpu, &mut r, dtype, [rows, n, k]);
-                }
             }
         }
     }
@@ -469,42 +438,4 @@ fn check_fused_projections<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) 
 fn fused_projections_match() {
     let mut r = rng(9);
     on_every_gpu!(check_fused_projections, &mut r);
-}
-
-/// `WgpuOptions::profile` (ANYLLAMA_WGPU_PROFILE): results unchanged, and the report counts every
-/// dispatch under its kernel; on an adapter that cannot write timestamps inside compute passes,
-/// it says so instead of the table.
-#[cfg(feature = "wgpu")]
-#[test]
-fn wgpu_profile_times_every_dispatch() {
-    use anyllama::backend::wgpu::WgpuOptions;
-    let Some(gpu) = open(WgpuOptions {
-        profile: true,
-        ..Default::default()
-    }) else {
-        return;
-    };
-    let mut r = rng(10);
-    // Two mat-vecs and one tiled matmul.
-    for rows in [1, 3, 9] {
-        check_float_matmul("profiled", &gpu, &mut r, DType::BF16, [rows, 40, 64]);
-    }
-    let report = gpu.profile_report().expect("opened with profile");
-    let launches = |kernel: &str| -> Option<u64> {
-        let line = report.lines().find(|l| l.starts_with(kernel))?;
-        line[kernel.len()..].split_whitespace().next()?.parse().ok()
-    };
-    if report.contains("no GPU times") {
-        assert!(report.contains("lacks TIMESTAMP_QUERY"), "{report}");
-    } else {
-        let matvec = if gpu.uses_subgroups() {
-            "matmul:matvec_subgroup bf16 "
-        } else {
-            "matmul:matvec bf16 "
-        };
-        assert_eq!(launches(matvec), Some(2), "{report}");
-        assert_eq!(launches("matmul:tiled bf16 "), Some(1), "{report}");
-        assert!(report.contains("in 3 timed dispatches"), "{report}");
-    }
-    assert!(report.contains("recording 3 dispatches"), "{report}");
 }

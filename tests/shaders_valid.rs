@@ -1,18 +1,11 @@
 //! Every WGSL kernel under shaders/wgsl parses and validates with naga (the compiler wgpu uses),
 //! and the `Params` struct at the top of each one has the size of the Rust block it mirrors
 //! (src/backend/params.rs). The folder is enumerated, so a new shader is covered automatically;
-//! a shader with no entry in the size table fails until one is added. The mat-vec parts, which
-//! the backend appends to the matmul shaders (src/backend/wgpu/pipelines.rs), are validated
-//! appended to each of them.
+//! a shader with no entry in the size table fails until one is added.
 
 use anyllama::backend::params::*;
 use std::mem::size_of;
 use std::path::Path;
-
-/// Files that are not shaders on their own: each is appended, after the ones before it in this
-/// list, to every host shader.
-const APPENDED: [&str; 2] = ["matvec", "matvec_subgroup"];
-const MATVEC_HOSTS: [&str; 3] = ["matmul", "matmul_f16", "matmul_quant"];
 
 /// Rust params block size for each shader stem (longest matching prefix wins).
 fn params_size(stem: &str) -> Option<usize> {
@@ -35,20 +28,16 @@ fn params_size(stem: &str) -> Option<usize> {
         .map(|&(_, size)| size)
 }
 
-fn read(dir: &Path, stem: &str) -> String {
-    let path = dir.join(format!("{stem}.wgsl"));
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 /// Parses and validates one shader; returns the byte size of its `Params` struct.
-fn check(src: &str) -> Result<u32, String> {
-    let module = naga::front::wgsl::parse_str(src).map_err(|e| e.emit_to_string(src))?;
+fn check(path: &Path) -> Result<u32, String> {
+    let src = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let module = naga::front::wgsl::parse_str(&src).map_err(|e| e.emit_to_string(&src))?;
     naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
         naga::valid::Capabilities::all(),
     )
     .validate(&module)
-    .map_err(|e| e.emit_to_string(src))?;
+    .map_err(|e| e.emit_to_string(&src))?;
     let size = module
         .types
         .iter()
@@ -76,11 +65,7 @@ fn every_shader_validates_and_mirrors_its_params_block() {
     let mut failures = Vec::new();
     for path in &paths {
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
-        if APPENDED.contains(&stem.as_str()) {
-            continue;
-        }
-        let src = read(&dir, &stem);
-        match check(&src) {
+        match check(path) {
             Err(e) => failures.push(format!("{}: {e}", path.display())),
             Ok(size) => match params_size(&stem) {
                 None => failures.push(format!("{stem}: no params block in the size table")),
@@ -89,15 +74,6 @@ fn every_shader_validates_and_mirrors_its_params_block() {
                 )),
                 Some(_) => {}
             },
-        }
-        if MATVEC_HOSTS.contains(&stem.as_str()) {
-            let mut combined = src;
-            for part in APPENDED {
-                combined += &read(&dir, part);
-                if let Err(e) = check(&combined) {
-                    failures.push(format!("{stem}.wgsl + {part}.wgsl: {e}"));
-                }
-            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));

@@ -5,9 +5,9 @@
 // Every format is read in octets: values 8p..8p+8 of a 32-value unit u (a whole Q8_0 / Q4_0 /
 // Q4_1 block, or one of the eight 32-value sub-blocks of a Q4_K / Q6_K super-block); decode8
 // returns one octet with its scales applied. The kernels are those of matmul.wgsl:
-//   matvec (decode, few rows): in matvec.wgsl (and matvec_subgroup.wgsl), appended to this
-//     file when the pipelines are built; it reads the weights through w_octet and x through
-//     x_quad below.
+//   matvec (decode, few rows): a team of TEAM threads owns one output feature and walks its row
+//     in octets of 8 weights (16-byte loads for 16-bit weights), each octet feeding up to 4
+//     input rows (grid y picks which 4); the team's sums are reduced in workgroup memory.
 //   tiled (prefill, many rows): one 64 x 128 output tile per workgroup; 16-deep slices of x and
 //     of the weights (widened once, reused by all 64 rows) are staged in workgroup memory; every
 //     thread accumulates 4 x 8 outputs in registers.
@@ -25,6 +25,8 @@ struct Params {
 }
 
 override QTYPE: u32 = 0u;
+override TEAM: u32 = 32u;
+override TEAMS: u32 = 8u;
 override BLOCK_ELEMS: u32 = select(32u, 256u, QTYPE >= 3u);
 override BLOCK_BYTES: u32 = select(select(select(select(34u, 18u, QTYPE == 1u), 20u, QTYPE == 2u), 144u, QTYPE == 3u), 210u, QTYPE == 4u);
 
@@ -115,6 +117,49 @@ fn decode8(rb: u32, u: u32, p: u32) -> array<vec4<f32>, 2> {
 fn w_octet(f: u32, e: u32) -> array<vec4<f32>, 2> {
     let row_bytes = (params.k / BLOCK_ELEMS) * BLOCK_BYTES;
     return decode8(f * row_bytes, e / 32u, (e % 32u) / 8u);
+}
+
+var<workgroup> partial: array<vec4<f32>, TEAM * TEAMS>;
+
+// The octet's dot product with x[r, e..e+8] (zero for rows past the matrix).
+fn xdot(wv: array<vec4<f32>, 2>, r: u32, e: u32) -> f32 {
+    return dot(wv[0], x_quad(r, e)) + dot(wv[1], x_quad(r, e + 4u));
+}
+
+@compute @workgroup_size(TEAM * TEAMS)
+fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let lane = lid % TEAM;
+    let o = wg.x * TEAMS + lid / TEAM;
+    let r0 = wg.y * 4u;
+    let nr = min(params.rows - r0, 4u);
+    var acc = vec4<f32>(0.0);
+    if (o < params.n) {
+        for (var e = 8u * lane; e < params.k; e += 8u * TEAM) {
+            let wv = w_octet(o, e);
+            acc += vec4<f32>(xdot(wv, r0, e), xdot(wv, r0 + 1u, e), xdot(wv, r0 + 2u, e), xdot(wv, r0 + 3u, e));
+        }
+    }
+    partial[lid] = acc;
+    for (var s = TEAM / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lane < s) {
+            partial[lid] += partial[lid + s];
+        }
+    }
+    if (lane == 0u && o < params.n) {
+        let t = partial[lid];
+        let b = r0 * params.out_stride + params.col0 + o;
+        out[b] = t.x;
+        if (nr > 1u) {
+            out[b + params.out_stride] = t.y;
+        }
+        if (nr > 2u) {
+            out[b + 2u * params.out_stride] = t.z;
+        }
+        if (nr > 3u) {
+            out[b + 3u * params.out_stride] = t.w;
+        }
+    }
 }
 
 const BM: u32 = 64u;

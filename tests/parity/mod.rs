@@ -97,31 +97,6 @@ pub fn gpus() -> &'static [(&'static str, Wgpu)] {
     })
 }
 
-/// Variants whose mat-vec teams are 4 and 8 threads instead of 32. On an adapter with subgroups
-/// of 8 or more (lavapipe's are 8) their mat-vec takes the reductions that GPUs take when a
-/// subgroup is as wide as a team or wider (shaders/wgsl/matvec_subgroup.wgsl), which the default
-/// teams of 32 reach only on such GPUs. Empty without subgroups (the portable reduction is the
-/// same code at every team size).
-#[cfg(feature = "wgpu")]
-pub fn narrow_teams() -> &'static [(&'static str, Wgpu)] {
-    static NARROW: OnceLock<Vec<(&'static str, Wgpu)>> = OnceLock::new();
-    NARROW.get_or_init(|| {
-        if !gpus().first().is_some_and(|(_, g)| g.uses_subgroups()) {
-            return vec![];
-        }
-        [("team4", 4), ("team8", 8)]
-            .into_iter()
-            .filter_map(|(name, team)| {
-                let gpu = open(WgpuOptions {
-                    matvec_team: Some(team),
-                    ..Default::default()
-                })?;
-                Some((name, gpu))
-            })
-            .collect()
-    })
-}
-
 /// Bytes bound per storage binding in the `chunked` variant.
 #[cfg(feature = "wgpu")]
 pub const CHUNKED_BINDING: u64 = 16384;
@@ -365,7 +340,7 @@ pub fn quant_widths(dtype: DType) -> &'static [usize] {
     if dtype.block_elems() == 256 {
         &[256, 768, 1536]
     } else {
-        &[32, 96, 576, 1056]
+        &[32, 96, 576]
     }
 }
 

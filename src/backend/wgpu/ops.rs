@@ -358,11 +358,10 @@ impl Backend for Wgpu {
                 _pad: [0; 2],
             };
             let wb = self.bind_rows(&w.buf, n, col0, nc, row_bytes);
-            // matvec: one output feature per team, 4 rows per grid row; tiled: 64 rows x 128
-            // features.
-            let teams = self.pipelines.tuning.matvec_teams as usize;
+            // matvec: 8 output features per workgroup, 4 rows per grid row; tiled: 64 rows x
+            // 128 features.
             let groups = if matvec {
-                [nc.div_ceil(teams) as u32, rows.div_ceil(4) as u32, 1]
+                [nc.div_ceil(8) as u32, rows.div_ceil(4) as u32, 1]
             } else {
                 [nc.div_ceil(128) as u32, rows.div_ceil(64) as u32, 1]
             };

@@ -2,24 +2,18 @@
 //! feature shows at load, never mid-generation). Each kernel gets an explicit bind group layout:
 //! binding 0 is its params block (uniform, dynamic offset into the params ring), bindings 1.. are
 //! storage buffers, outputs first, in the order the shader declares them. Kernels with the same
-//! storage signature share one layout, so they can share bind groups. The decode mat-vec
-//! (matvec.wgsl, and matvec_subgroup.wgsl where the adapter has subgroups) is appended to each
-//! matmul shader, whose weight reader it uses.
+//! storage signature share one layout, so they can share bind groups.
 
 use super::device::Gpu;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::num::NonZeroU64;
-use std::sync::Arc;
 
 /// Bytes bound for a params block; every `Params` struct is at most this big.
 pub(super) const PARAMS_BIND_BYTES: u64 = 64;
 
 /// Head dims the attention kernels are built for (largest that fits workgroup memory).
 pub(super) const HEAD_DIM_CHOICES: [u32; 3] = [256, 128, 64];
-
-/// Threads of a mat-vec workgroup (matvec.wgsl): TEAMS teams of TEAM threads.
-pub(super) const MATVEC_THREADS: u32 = 256;
 
 /// Weight storage handled by the float kernels (DTYPE override of matmul / embedding).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -113,32 +107,7 @@ const SOURCES: &[(&str, &str)] = &[
     shader!("add"),
     shader!("sample"),
     shader!("sample_walk"),
-    shader!("matvec"),
-    shader!("matvec_subgroup"),
 ];
-
-/// Shaders that take the decode mat-vec appended (it reads their weights through w_octet).
-const MATVEC_HOSTS: [&str; 3] = ["matmul", "matmul_f16", "matmul_quant"];
-
-fn source_of(stem: &str) -> Result<&'static str> {
-    SOURCES
-        .iter()
-        .find(|(f, _)| *f == stem)
-        .map(|(_, src)| *src)
-        .ok_or_else(|| Error::Device(format!("no shader source {stem}.wgsl")))
-}
-
-/// The WGSL of one module: the file, plus the mat-vec parts for the matmul shaders.
-fn module_source(file: &str, subgroups: bool) -> Result<String> {
-    let mut src = source_of(file)?.to_string();
-    if MATVEC_HOSTS.contains(&file) {
-        src += source_of("matvec")?;
-        if subgroups {
-            src += source_of("matvec_subgroup")?;
-        }
-    }
-    Ok(src)
-}
 
 /// Sizes chosen from the device limits, shared with the host side of the kernels.
 #[derive(Clone, Copy, Debug)]
@@ -147,22 +116,10 @@ pub(super) struct Tuning {
     pub head_dim_max: u32,
     /// Threads of the one `sample` workgroup.
     pub sample_threads: u32,
-    /// The mat-vec reduces through subgroup operations (matvec_subgroup.wgsl).
-    pub subgroups: bool,
-    /// Threads per output feature of the mat-vec, and features per workgroup.
-    pub matvec_team: u32,
-    pub matvec_teams: u32,
 }
 
 impl Tuning {
-    pub fn new(limits: &wgpu::Limits, subgroups: bool, matvec_team: Option<u32>) -> Result<Tuning> {
-        let matvec_team = matvec_team.unwrap_or(32);
-        if !matvec_team.is_power_of_two() || !(4..=MATVEC_THREADS).contains(&matvec_team) {
-            return Err(Error::Device(format!(
-                "a mat-vec team of {matvec_team} threads: it must be a power of two from 4 to \
-                 {MATVEC_THREADS}"
-            )));
-        }
+    pub fn new(limits: &wgpu::Limits) -> Result<Tuning> {
         let mem = limits.max_compute_workgroup_storage_size as u64;
         // Workgroup floats of attention_prefill (q tile, padded KV block, scores, probs) and
         // attention_decode (8 heads of q, 8 x 128 scores, reduction, stats).
@@ -185,9 +142,6 @@ impl Tuning {
         Ok(Tuning {
             head_dim_max,
             sample_threads,
-            subgroups,
-            matvec_team,
-            matvec_teams: MATVEC_THREADS / matvec_team,
         })
     }
 }
@@ -202,15 +156,6 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
         storage,
     };
     let hd = t.head_dim_max as f64;
-    let matvec = if t.subgroups {
-        "matvec_subgroup"
-    } else {
-        "matvec"
-    };
-    let team = [
-        ("TEAM", t.matvec_team as f64),
-        ("TEAMS", t.matvec_teams as f64),
-    ];
     let kv = |f16: bool| if f16 { 1.0 } else { 0.0 };
     match k {
         Kernel::Embedding(d) => s(
@@ -228,8 +173,8 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
         Kernel::RmsNorm => s("rms_norm", "main", vec![], RW_RO_RO),
         Kernel::MatVec(d) => s(
             "matmul",
-            matvec,
-            vec![("DTYPE", d as u32 as f64), team[0], team[1]],
+            "matvec",
+            vec![("DTYPE", d as u32 as f64)],
             RW_RO_RO,
         ),
         Kernel::MatTiled(d) => s(
@@ -238,12 +183,12 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
             vec![("DTYPE", d as u32 as f64)],
             RW_RO_RO,
         ),
-        Kernel::MatVecF16 => s("matmul_f16", matvec, team.to_vec(), RW_RO_RO),
+        Kernel::MatVecF16 => s("matmul_f16", "matvec", vec![], RW_RO_RO),
         Kernel::MatTiledF16 => s("matmul_f16", "tiled", vec![], RW_RO_RO),
         Kernel::MatVecQ(q) => s(
             "matmul_quant",
-            matvec,
-            vec![("QTYPE", q as u32 as f64), team[0], team[1]],
+            "matvec",
+            vec![("QTYPE", q as u32 as f64)],
             RW_RO_RO,
         ),
         Kernel::MatTiledQ(q) => s(
@@ -290,23 +235,6 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
     }
 }
 
-/// The weight or KV-cache variant of a kernel, for the profile's kernel names.
-fn variant(k: Kernel) -> String {
-    match k {
-        Kernel::Embedding(d) | Kernel::MatVec(d) | Kernel::MatTiled(d) => {
-            format!("{d:?}").to_lowercase()
-        }
-        Kernel::MatVecF16 | Kernel::MatTiledF16 => "f16 native".into(),
-        Kernel::EmbeddingQ(q) | Kernel::MatVecQ(q) | Kernel::MatTiledQ(q) => {
-            format!("{q:?}").to_lowercase()
-        }
-        Kernel::KvAppend { f16 }
-        | Kernel::AttentionPrefill { f16 }
-        | Kernel::AttentionDecode { f16 } => if f16 { "f16 kv" } else { "f32 kv" }.into(),
-        _ => String::new(),
-    }
-}
-
 fn all_kernels(shader_f16: bool) -> Vec<Kernel> {
     let mut v = vec![
         Kernel::RmsNorm,
@@ -348,8 +276,6 @@ pub(super) struct Pipeline {
     pub layout_id: usize,
     /// Storage bindings the kernel takes.
     pub n_storage: usize,
-    /// "file:entry variant", as the profile names it.
-    pub name: Arc<str>,
 }
 
 pub(super) struct Pipelines {
@@ -364,21 +290,23 @@ impl Pipelines {
             .ok_or_else(|| Error::Device(format!("kernel {k:?} is not available on this device")))
     }
 
-    /// Compiles every shader and builds every pipeline. `matvec_team`: threads per mat-vec
-    /// output feature (None: 32).
-    pub fn new(gpu: &Gpu, matvec_team: Option<u32>) -> Result<Pipelines> {
+    /// Compiles every shader and builds every pipeline.
+    pub fn new(gpu: &Gpu) -> Result<Pipelines> {
         let device = &gpu.device;
-        let tuning = Tuning::new(&gpu.limits, gpu.subgroup, matvec_team)?;
+        let tuning = Tuning::new(&gpu.limits)?;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let kernels = all_kernels(gpu.shader_f16);
         let mut modules = HashMap::new();
         for k in &kernels {
             let file = spec(*k, tuning).file;
             if !modules.contains_key(file) {
-                let src = module_source(file, tuning.subgroups)?;
+                let (_, src) = SOURCES
+                    .iter()
+                    .find(|(f, _)| *f == file)
+                    .ok_or_else(|| Error::Device(format!("no shader source {file}.wgsl")))?;
                 let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(file),
-                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                    source: wgpu::ShaderSource::Wgsl((*src).into()),
                 });
                 modules.insert(file, module);
             }
@@ -396,12 +324,8 @@ impl Pipelines {
                     layouts.len() - 1
                 }
             };
-            let name = match variant(k) {
-                v if v.is_empty() => format!("{}:{}", sp.file, sp.entry),
-                v => format!("{}:{} {v}", sp.file, sp.entry),
-            };
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&name),
+                label: Some(&format!("{}:{}", sp.file, sp.entry)),
                 layout: Some(&layouts[layout_id].2),
                 module: &modules[sp.file],
                 entry_point: Some(sp.entry),
@@ -419,7 +343,6 @@ impl Pipelines {
                     layout: layouts[layout_id].1.clone(),
                     layout_id,
                     n_storage: sp.storage.len(),
-                    name: name.into(),
                 },
             );
         }
