@@ -410,23 +410,32 @@ impl Exec {
                 .remove(&ticket)
                 .ok_or_else(|| Error::Device(format!("no read in flight with ticket {ticket}")))?
         };
-        // Polling without the state lock lets other threads keep recording meanwhile.
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(r.submission.clone()),
-                timeout: Some(WAIT_TIMEOUT),
-            })
-            .map_err(|e| {
-                let msg = format!("waiting for the device: {e}");
-                self.errors.set(msg.clone());
-                Error::Device(msg)
-            })?;
-        self.errors.check()?;
-        let result = r.mapped.lock().unwrap_or_else(|e| e.into_inner()).take();
-        match result {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err(Error::Device(format!("mapping the readback buffer: {e}"))),
-            None => return Err(Error::Device("the readback buffer was never mapped".into())),
+        // Polling without the state lock lets other threads keep recording meanwhile. Another
+        // thread's poll may be the one that runs this buffer's map callback, and only after our
+        // poll returned: poll again until the callback has run.
+        let start = std::time::Instant::now();
+        let result = loop {
+            self.device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(r.submission.clone()),
+                    timeout: Some(WAIT_TIMEOUT),
+                })
+                .map_err(|e| {
+                    let msg = format!("waiting for the device: {e}");
+                    self.errors.set(msg.clone());
+                    Error::Device(msg)
+                })?;
+            self.errors.check()?;
+            if let Some(done) = r.mapped.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                break done;
+            }
+            if start.elapsed() > WAIT_TIMEOUT {
+                return Err(Error::Device("the readback buffer was never mapped".into()));
+            }
+            std::thread::yield_now();
+        };
+        if let Err(e) = result {
+            return Err(Error::Device(format!("mapping the readback buffer: {e}")));
         }
         {
             let view = r
