@@ -245,10 +245,15 @@ impl Exec {
     }
 
     fn wait(&self, st: &mut State) -> Result<()> {
-        let idx = st.last_submit.take();
+        self.wait_for(st.last_submit.take())
+    }
+
+    /// Waits for submission `index` (every submission when None); a timeout or a lost device
+    /// becomes the sticky error.
+    fn wait_for(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
         self.device
             .poll(wgpu::PollType::Wait {
-                submission_index: idx,
+                submission_index: index,
                 timeout: Some(WAIT_TIMEOUT),
             })
             .map_err(|e| {
@@ -415,17 +420,7 @@ impl Exec {
         // poll returned: poll again until the callback has run.
         let start = std::time::Instant::now();
         let result = loop {
-            self.device
-                .poll(wgpu::PollType::Wait {
-                    submission_index: Some(r.submission.clone()),
-                    timeout: Some(WAIT_TIMEOUT),
-                })
-                .map_err(|e| {
-                    let msg = format!("waiting for the device: {e}");
-                    self.errors.set(msg.clone());
-                    Error::Device(msg)
-                })?;
-            self.errors.check()?;
+            self.wait_for(Some(r.submission.clone()))?;
             if let Some(done) = r.mapped.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 break done;
             }
