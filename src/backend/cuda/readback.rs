@@ -23,7 +23,8 @@ struct InFlight {
 #[derive(Default)]
 pub(super) struct Readbacks {
     in_flight: HashMap<u64, InFlight>,
-    idle: Vec<PinnedHostSlice<u8>>,
+    /// Page-locked buffers with the event that marks their copy done, reused read after read.
+    idle: Vec<(PinnedHostSlice<u8>, CudaEvent)>,
     next_ticket: u64,
 }
 
@@ -39,24 +40,26 @@ impl Cuda {
     /// Enqueues a copy of `bytes` (> 0) bytes at device address `src` to page-locked memory.
     pub(super) fn read_start_raw(&self, src: u64, bytes: usize) -> Result<PendingRead> {
         let mut rb = self.readbacks.lock().unwrap_or_else(|e| e.into_inner());
-        let mut host = match rb.idle.iter().position(|h| h.len() >= bytes) {
+        let (mut host, done) = match rb.idle.iter().position(|(h, _)| h.len() >= bytes) {
             Some(i) => rb.idle.swap_remove(i),
-            // Plain page-locked memory: write-combined memory is slow for the host to read.
-            None => unsafe {
-                self.ctx
-                    .alloc_pinned_with_flags::<u8>(bytes.max(MIN_STAGING), 0)
-            }
-            .map_err(cuda_err("page-locked allocation"))?,
+            None => (
+                // Plain page-locked memory: write-combined memory is slow for the host to read.
+                unsafe {
+                    self.ctx
+                        .alloc_pinned_with_flags::<u8>(bytes.max(MIN_STAGING), 0)
+                }
+                .map_err(cuda_err("page-locked allocation"))?,
+                self.ctx.new_event(None).map_err(cuda_err("event"))?,
+            ),
         };
         let dst = host.as_mut_slice().map_err(cuda_err("readback"))?;
-        let done = {
+        {
             let _exclusive = self.graphs.exclusive();
             unsafe { result::memcpy_dtoh_async(&mut dst[..bytes], src, self.stream.cu_stream()) }
                 .map_err(cuda_err("read"))?;
-            self.stream
-                .record_event(None)
-                .map_err(cuda_err("event record"))?
-        };
+            done.record(&self.stream)
+                .map_err(cuda_err("event record"))?;
+        }
         let ticket = rb.next_ticket;
         rb.next_ticket += 1;
         rb.in_flight.insert(ticket, InFlight { host, done, bytes });
@@ -83,7 +86,7 @@ impl Cuda {
         out.copy_from_slice(&r.host.as_slice().map_err(cuda_err("readback"))?[..r.bytes]);
         let mut rb = self.readbacks.lock().unwrap_or_else(|e| e.into_inner());
         if rb.idle.len() < KEEP_IDLE {
-            rb.idle.push(r.host);
+            rb.idle.push((r.host, r.done));
         }
         Ok(())
     }
