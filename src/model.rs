@@ -1,6 +1,6 @@
 //! The Llama forward pass: llama2.c's forward() as a list of backend ops with shape comments.
 
-use crate::backend::{Backend, Heads, RmsNormed};
+use crate::backend::{Backend, Heads, KvSlot, RmsNormed, RopeArgs};
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::{KvCache, Sequence};
@@ -115,18 +115,15 @@ impl<B: Backend> Model<B> {
             bias(b, &mut s.q, &l.bq, rows, c.q_dim())?;
             bias(b, &mut s.k, &l.bk, rows, c.kv_dim())?;
             bias(b, &mut s.v, &l.bv, rows, c.kv_dim())?;
-            b.rope(
-                &mut s.q,
-                &mut s.k,
-                &self.inv_freq,
-                rows,
-                pos0,
-                heads,
-                self.rope.attention_scaling,
-            )?;
-            let kv_dtype = kv.dtype;
-            let (kc, vc, table) = kv.layer_mut(i, seq);
-            b.kv_append(kc, vc, kv_dtype, table, &s.k, &s.v, rows, pos0, heads)?;
+            // rotate q and k at positions pos0..; store k and v in the cache
+            let dtype = kv.dtype;
+            let (k, v, table) = kv.layer_mut(i, seq);
+            let cache = KvSlot { k, v, table, dtype };
+            let rope = RopeArgs {
+                inv_freq: &self.inv_freq,
+                attn_scale: self.rope.attention_scaling,
+            };
+            b.rope_kv_append(&mut s.q, &mut s.k, &s.v, cache, rope, rows, pos0, heads)?;
             b.attention(&mut s.att, &s.q, kv.view(i, seq), rows, pos0, heads)?; // att [rows, n_heads*hd]
 
             // x += att . wo^T (+ bo)

@@ -71,6 +71,24 @@ pub struct KvView<'a, B: Backend> {
     pub dtype: DType,
 }
 
+/// One layer's paged KV storage plus the sequence's block table, as new rows are stored in it.
+pub struct KvSlot<'a, B: Backend> {
+    pub k: &'a mut Buf<B>,
+    pub v: &'a mut Buf<B>,
+    /// u32 block ids of the sequence.
+    pub table: &'a Buf<B>,
+    /// F16 or F32.
+    pub dtype: DType,
+}
+
+/// RoPE settings of one forward call: inverse frequencies [head_dim / 2] f32 and the scale of
+/// cos and sin (1 except for yarn / longrope).
+#[derive(Clone, Copy)]
+pub struct RopeArgs<'a, B: Backend> {
+    pub inv_freq: &'a Buf<B>,
+    pub attn_scale: f32,
+}
+
 /// Sampling settings the `sample` op applies on the device (penalties are applied by the host
 /// to logits beforehand; see sample.rs for the exact semantics every backend follows).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -290,6 +308,22 @@ pub trait Backend: Sized + 'static {
     ) -> Result<()> {
         ffn_gate_up_unfused(self, out, scratch, x, w, bias, rows)
     }
+    /// rope(q, k) then kv_append(k, v): rows at positions pos0.. are rotated (q and k in place)
+    /// and k, v stored in the cache. Backends may rotate k on its way into the cache in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_kv_append(
+        &self,
+        q: &mut Buf<Self>,
+        k: &mut Buf<Self>,
+        v: &Buf<Self>,
+        cache: KvSlot<'_, Self>,
+        rope: RopeArgs<'_, Self>,
+        rows: usize,
+        pos0: usize,
+        heads: Heads,
+    ) -> Result<()> {
+        rope_kv_append_unfused(self, q, k, v, cache, rope, rows, pos0, heads)
+    }
     /// Picks a token from logits[vocab] and writes it (u32) to out[out_index].
     fn sample(
         &self,
@@ -317,6 +351,29 @@ pub fn matmul_residual_unfused<B: Backend>(
         b.add_bias(tmp, bias, rows, w.rows)?;
     }
     b.add(resid, tmp, rows * w.rows)
+}
+
+/// `rope_kv_append` as two ops (every backend's default; fused backends fall back to it).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_kv_append_unfused<B: Backend>(
+    b: &B,
+    q: &mut Buf<B>,
+    k: &mut Buf<B>,
+    v: &Buf<B>,
+    cache: KvSlot<'_, B>,
+    rope: RopeArgs<'_, B>,
+    rows: usize,
+    pos0: usize,
+    heads: Heads,
+) -> Result<()> {
+    b.rope(q, k, rope.inv_freq, rows, pos0, heads, rope.attn_scale)?;
+    let KvSlot {
+        k: kc,
+        v: vc,
+        table,
+        dtype,
+    } = cache;
+    b.kv_append(kc, vc, dtype, table, k, v, rows, pos0, heads)
 }
 
 /// `norm_qkv` as separate ops (every backend's default; fused backends fall back to it).
