@@ -200,8 +200,8 @@ pub fn matmul_tolerance(name: &str, dtype: DType, rows: usize, n: usize) -> f64 
 /// src/backend/cuda/ops.rs).
 pub const CUDA_GEMM_ATTENTION_MIN_ROWS: usize = 32;
 
-/// Normalised MSE bound for the `cuda` variant's GEMM attention, which rounds Q and the softmax
-/// weights P to f16 (and K and V too when the cache is f32; an f16 cache is used as stored)
+/// Normalised MSE bound for the `cuda` variant's long-prefill attention (the flash kernel for head
+/// sizes 64 and 128, GEMMs otherwise), which rounds Q and the softmax weights P to f16 (and K and V too when the cache is f32; an f16 cache is used as stored)
 /// before f32-accumulated products. With u = 2^-11 (f16 keeps 11 significant bits) each rounding
 /// errs by a relative delta with E[delta^2] <= u^2 / 3 ~ 8e-8 (u^2 / 6 for evenly spread
 /// mantissas). A rounded P (or V) carries its delta straight into the output: normalised MSE

@@ -44,9 +44,43 @@ impl Cuda {
         }
         if self.exact {
             self.attention_gemm_f32(out, q, cache, p)
+        } else if hd == 64 || hd == 128 {
+            self.attention_flash(out, q, cache, p)
         } else {
             self.attention_gemm_f16(out, q, cache, p)
         }
+    }
+
+    /// The default path for head sizes 64 and 128: shaders/cuda/attention_flash.cu, reading q
+    /// and the paged cache as they are (no gather, no score matrix).
+    fn attention_flash(
+        &self,
+        out: u64,
+        q: u64,
+        (k_cache, v_cache, table): (u64, u64, u64),
+        p: AttentionParams,
+    ) -> Result<()> {
+        let name = if p.head_dim == 64 {
+            "attention_flash_64"
+        } else {
+            "attention_flash_128"
+        };
+        let f = self.kernels.get("attention_flash", name)?;
+        let grid = (p.rows.div_ceil(64), p.n_heads, 1);
+        self.launch(
+            &f,
+            grid,
+            128,
+            0,
+            &[
+                arg(&out),
+                arg(&q),
+                arg(&k_cache),
+                arg(&v_cache),
+                arg(&table),
+                arg(&p),
+            ],
+        )
     }
 
     fn attention_gemm_f32(

@@ -25,6 +25,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../shaders/cuda/attention.cu"),
     ),
     (
+        "attention_flash",
+        include_str!("../../../shaders/cuda/attention_flash.cu"),
+    ),
+    (
         "embedding",
         include_str!("../../../shaders/cuda/embedding.cu"),
     ),
