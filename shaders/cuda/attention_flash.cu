@@ -9,6 +9,8 @@
 // the score registers (the accumulator layout of S is the operand layout of P) and V read
 // transposed by ldmatrix. Blocks run from
 // the last rows first (the longest causal rows) so that the tail of the grid is short.
+// Tiles are double-buffered: tile i + 1 is on its way (cp.async for an f16 cache) while the
+// warps work on tile i. Shared memory (dynamic): 2 stages x (K, V) x 64 x (head_dim + 8) f16.
 // Precision: Q, K, V and the weights exp(s - max) <= 1 are f16 (relative error 2^-11 each);
 // scores, max, sums and the output accumulate in f32.
 #include "common.cuh"
@@ -49,9 +51,21 @@ __device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const u16* row) {
                  : "r"(shared_addr(row)));
 }
 
-// Eight values of a cache row as f16 (an f16 cache as stored, an f32 one rounded).
-__device__ __forceinline__ uint4 cache_octet(const void* cache, size_t at, u32 f16) {
-    if (f16) return *(const uint4*)((const u16*)cache + at);
+// 16 bytes global -> shared without passing through registers; zeros when !valid.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(shared_addr(dst)),
+                 "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Eight values of an f32 cache row rounded to f16.
+__device__ __forceinline__ uint4 f32_octet(const void* cache, size_t at) {
     const float4 a = *(const float4*)((const float*)cache + at);
     const float4 b = *(const float4*)((const float*)cache + at + 4);
     return make_uint4(pack_f16x2(a.x, a.y), pack_f16x2(a.z, a.w), pack_f16x2(b.x, b.y),
@@ -61,8 +75,9 @@ __device__ __forceinline__ uint4 cache_octet(const void* cache, size_t at, u32 f
 template <int HD>
 __device__ __forceinline__ void flash(float* out, const float* q, const void* k_cache,
                                       const void* v_cache, const u32* table, AttentionParams p) {
-    __shared__ __align__(16) u16 ks[FLASH_KEYS][HD + FLASH_PAD];
-    __shared__ __align__(16) u16 vs[FLASH_KEYS][HD + FLASH_PAD];
+    extern __shared__ __align__(16) u16 smem[];
+    typedef u16 Tile[FLASH_KEYS][HD + FLASH_PAD];
+    Tile* tiles = (Tile*)smem;  // stage s: K tiles[2 s], V tiles[2 s + 1]
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const u32 g = lane >> 2, t = lane & 3;
     const u32 head = blockIdx.y, kvh = head / (p.n_heads / p.n_kv_heads);
@@ -99,22 +114,40 @@ __device__ __forceinline__ void flash(float* out, const float* q, const void* k_
     float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
     const u32 lim_a = p.pos0 + wrow0 + g, lim_b = lim_a + 8;
 
-    for (u32 t0 = 0; t0 < n_keys; t0 += FLASH_KEYS) {
-        // Stage K and V of positions t0.. (zero past n_pos): 16 bytes per thread per step.
+    // Stage K and V of positions t0.. (zero past n_pos) into stage st: 16 bytes per thread per
+    // step, a key row's octets on consecutive threads.
+    auto load_tile = [&](u32 t0, u32 st) {
+        Tile& ks = tiles[2 * st];
+        Tile& vs = tiles[2 * st + 1];
         for (u32 c = tid; c < FLASH_KEYS * HD / 8; c += blockDim.x) {
             const u32 key = c / (HD / 8), d8 = (c % (HD / 8)) * 8, pos = t0 + key;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
-            if (pos < n_pos) {
-                const size_t at =
-                    (((size_t)table[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK) * p.n_kv_heads +
-                     kvh) * HD + d8;
-                kv = cache_octet(k_cache, at, p.kv_f16);
-                vv = cache_octet(v_cache, at, p.kv_f16);
+            const bool valid = pos < n_pos;
+            const size_t at =
+                valid ? (((size_t)table[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK) * p.n_kv_heads +
+                         kvh) * HD + d8
+                      : 0;
+            if (p.kv_f16) {
+                cp_async16(&ks[key][d8], (const u16*)k_cache + at, valid);
+                cp_async16(&vs[key][d8], (const u16*)v_cache + at, valid);
+            } else {
+                const uint4 zero = make_uint4(0, 0, 0, 0);
+                *(uint4*)&ks[key][d8] = valid ? f32_octet(k_cache, at) : zero;
+                *(uint4*)&vs[key][d8] = valid ? f32_octet(v_cache, at) : zero;
             }
-            *(uint4*)&ks[key][d8] = kv;
-            *(uint4*)&vs[key][d8] = vv;
+        }
+        cp_async_commit();
+    };
+    load_tile(0, 0);
+    for (u32 t0 = 0, st = 0; t0 < n_keys; t0 += FLASH_KEYS, st ^= 1) {
+        if (t0 + FLASH_KEYS < n_keys) {
+            load_tile(t0 + FLASH_KEYS, st ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
         __syncthreads();
+        Tile& ks = tiles[2 * st];
+        Tile& vs = tiles[2 * st + 1];
         if (warp_live && t0 <= warp_last_key) {
             // S (16 x 64) = Q K^T: n-tile j holds keys t0 + 8j + 2t + {0, 1} of rows g, g + 8.
             float s[FLASH_KEYS / 8][4];
@@ -212,7 +245,7 @@ __device__ __forceinline__ void flash(float* out, const float* q, const void* k_
 }
 
 // out [rows][n_heads][hd] f32, q [rows][n_heads][hd] f32, the paged cache as kv_append writes
-// it. Grid (ceil(rows / 64), n_heads), 128 threads.
+// it. Grid (ceil(rows / 64), n_heads), 128 threads, 4 (head_dim + 8) 128 bytes of shared memory.
 extern "C" __global__ void __launch_bounds__(128)
     attention_flash_64(float* out, const float* q, const void* k_cache, const void* v_cache,
                        const u32* table, AttentionParams p) {

@@ -89,7 +89,7 @@ impl Default for BenchOptions {
             prefill: vec![512, 2048],
             long_ctx: 8192,
             long_ctx_gen: 32,
-            chunk: 512,
+            chunk: 2048,
             kv_dtype: DType::F16,
             bandwidth_gbps: None,
             copy_bytes: 1 << 30,

@@ -20,6 +20,7 @@ use super::Cuda;
 use crate::backend::params::AttentionParams;
 use crate::error::{Error, Result};
 use cudarc::cublas::{result as blas, sys as bsys};
+use cudarc::driver::sys::CUfunction_attribute;
 use std::ffi::c_void;
 
 /// The f16 weights are softmax * P_SCALE (attention_softmax_f16 says why); the P V GEMM's alpha
@@ -66,12 +67,21 @@ impl Cuda {
             "attention_flash_128"
         };
         let f = self.kernels.get("attention_flash", name)?;
+        // Two stages of K and V tiles, 64 positions of head_dim + 8 f16 each; past 48 KiB a
+        // kernel must opt in (once per function would do; the call costs far less than the
+        // kernel).
+        let shared = 4 * 64 * (p.head_dim + 8) * 2;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shared as i32,
+        )
+        .map_err(|e| Error::Device(format!("attention: shared memory of {shared} bytes: {e}")))?;
         let grid = (p.rows.div_ceil(64), p.n_heads, 1);
         self.launch(
             &f,
             grid,
             128,
-            0,
+            shared,
             &[
                 arg(&out),
                 arg(&q),

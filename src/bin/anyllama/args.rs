@@ -190,8 +190,8 @@ pub struct BenchArgs {
     /// Tokens decoded after the long prompt.
     #[arg(long, default_value_t = 32)]
     pub long_ctx_gen: usize,
-    /// Tokens per prefill forward call.
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per prefill forward call (the default is `run`'s and `chat`'s).
+    #[arg(long, default_value_t = 2048)]
     pub chunk: usize,
     /// KV cache storage type.
     #[arg(long, value_enum, default_value_t = KvDtypeArg::F16)]
