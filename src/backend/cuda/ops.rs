@@ -70,7 +70,7 @@ impl Cuda {
 /// Whether matmul runs `rows` rows through `w` on cuBLAS: all but decode row counts, except
 /// rows the widening kernel cannot take (k not a multiple of 8), which the mat-vec kernel
 /// takes (it checks its own arguments and runs any row count, 4 per pass).
-pub(super) fn takes_gemm(rows: usize, w: &Weight<Cuda>) -> bool {
+fn takes_gemm(rows: usize, w: &Weight<Cuda>) -> bool {
     rows > MATVEC_MAX_ROWS && (w.cols % 8 == 0 || w.dtype == DType::F32)
 }
 
