@@ -213,26 +213,16 @@ impl Cuda {
         )
     }
 
-    /// Checked GEMM operands of weights `w` (all `dim` wide).
-    fn gemm_weights<const N: usize>(
-        &self,
-        w: [&Weight<Cuda>; N],
-        op: &str,
-    ) -> Result<[(GemmW, usize); N]> {
-        let mut out = w.map(|m| {
-            let operand = GemmW {
-                ptr: 0,
-                dtype: m.dtype,
-                n: m.rows,
-                k: m.cols,
-            };
-            (operand, 0)
-        });
-        for ((g, rb), m) in out.iter_mut().zip(w) {
-            *rb = checks::row_bytes(m.dtype, m.cols, op)?;
-            g.ptr = self.ptr(&m.buf, m.rows * *rb, "the weights", op)?;
-        }
-        Ok(out)
+    /// The GEMM operand of weights `w`, checked.
+    fn gemm_operand(&self, w: &Weight<Cuda>, op: &str) -> Result<GemmW> {
+        let row_bytes = checks::row_bytes(w.dtype, w.cols, op)?;
+        Ok(GemmW {
+            ptr: self.ptr(&w.buf, w.rows * row_bytes, "the weights", op)?,
+            dtype: w.dtype,
+            n: w.rows,
+            k: w.cols,
+            row_bytes,
+        })
     }
 
     /// Prefill q, k, v = rms_norm(x) . (wq, wk, wv)^T: the norm rounded to `elem` once
@@ -252,15 +242,19 @@ impl Cuda {
             self.ptr(k, rows * w[1].rows * 4, "k", OP)?,
             self.ptr(v, rows * w[2].rows * 4, "v", OP)?,
         ];
-        let ws = self.gemm_weights(w, OP)?;
+        let ws = [
+            self.gemm_operand(w[0], OP)?,
+            self.gemm_operand(w[1], OP)?,
+            self.gemm_operand(w[2], OP)?,
+        ];
         let (xp, gp) = self.normed_ptrs(x, rows, dim, OP)?;
         if self.graphs.recording() {
             self.graphs.not_graphable();
             return Ok(());
         }
         let xg = self.norm_for_gemm((xp, gp, x.eps), rows, dim, elem, OP)?;
-        for (o, (m, rb)) in outs.into_iter().zip(&ws) {
-            self.gemm_input(o, xg, m, rows, *rb, false)?;
+        for (o, m) in outs.into_iter().zip(&ws) {
+            self.gemm_input(o, xg, m, rows, false)?;
         }
         Ok(())
     }
@@ -283,15 +277,15 @@ impl Cuda {
         self.ptr(out, rows * n * 4, "out", OP)?;
         let gp = self.ptr(gate, rows * n * 4, "gate", OP)?;
         let up_p = self.ptr(up, rows * n * 4, "up", OP)?;
-        let [(m1, rb1), (m3, rb3)] = self.gemm_weights([w1, w3], OP)?;
+        let (m1, m3) = (self.gemm_operand(w1, OP)?, self.gemm_operand(w3, OP)?);
         let (xp, np) = self.normed_ptrs(x, rows, dim, OP)?;
         if self.graphs.recording() {
             self.graphs.not_graphable();
             return Ok(());
         }
         let xg = self.norm_for_gemm((xp, np, x.eps), rows, dim, elem, OP)?;
-        self.gemm_input(gp, xg, &m1, rows, rb1, false)?;
-        self.gemm_input(up_p, xg, &m3, rows, rb3, false)?;
+        self.gemm_input(gp, xg, &m1, rows, false)?;
+        self.gemm_input(up_p, xg, &m3, rows, false)?;
         if let Some(b1) = bias.0 {
             self.add_bias(gate, b1, rows, n)?;
         }

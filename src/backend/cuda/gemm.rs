@@ -64,12 +64,13 @@ pub(super) enum Elem {
     BF16,
 }
 
-/// Weights a GEMM reads: device address, stored dtype, rows (n) and columns (k).
+/// Weights a GEMM reads: device address, stored dtype, rows (n) and columns (k), bytes per row.
 pub(super) struct GemmW {
     pub ptr: u64,
     pub dtype: DType,
     pub n: usize,
     pub k: usize,
+    pub row_bytes: usize,
 }
 
 impl Cuda {
@@ -181,8 +182,9 @@ impl Cuda {
             dtype,
             n,
             k,
+            row_bytes,
         };
-        self.gemm_input(out, xg, &w, rows, row_bytes, accumulate)
+        self.gemm_input(out, xg, &w, rows, accumulate)
     }
 
     /// As `gemm`, with the activations `xg` already in the GEMM's element type
@@ -193,14 +195,13 @@ impl Cuda {
         xg: u64,
         w: &GemmW,
         rows: usize,
-        row_bytes: usize,
         accumulate: bool,
     ) -> Result<()> {
         if self.graphs.recording() {
             self.graphs.not_graphable();
             return Ok(());
         }
-        let (dtype, n, k) = (w.dtype, w.n, w.k);
+        let (dtype, n, k, row_bytes) = (w.dtype, w.n, w.k, w.row_bytes);
         let elem = self.gemm_elem(dtype);
         let widen = dtype != DType::F32
             && !(elem == Elem::F16 && dtype == DType::F16)
@@ -211,9 +212,12 @@ impl Cuda {
                 "matmul: rows of {k} values cannot be widened in octets"
             )));
         }
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
         let w = w.ptr;
         let chunk = if widen {
-            (GEMM_SCRATCH / (k * esize)).clamp(1, n)
+            (GEMM_SCRATCH / (k * esize).max(1)).clamp(1, n)
         } else {
             n
         };
