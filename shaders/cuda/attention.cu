@@ -7,7 +7,10 @@
 // the chunk against every head (q in shared memory, K read 4 values at a time), one warp per head
 // turns the scores into online-softmax weights, then each warp accumulates every fourth
 // position's V row (lanes split head_dim) and the warps' sums meet in shared memory at the end.
-// The block writes its unnormalised output, running max and sum; attention_combine merges splits.
+// With one split the block writes the normalised output itself. With several it writes its
+// unnormalised output, running max and sum, and the last block of its (kv head, row) to finish
+// (a counter per pair, taken with an atomic after a memory fence, reset by that block) merges
+// every split of the group's heads into the output: no second kernel.
 //
 // attention_prefill (many query rows; flash-attention style): grid (query tile of 32 rows,
 // head); four threads per query row share its head_dim (dims sub, sub + 4, ...), K and V tiles
@@ -74,12 +77,49 @@ __device__ __forceinline__ void score_row(float* dot, const float* qs, const voi
     }
 }
 
+// Merges the n_splits partial results of the group's heads (row r, kv head kvh) into out:
+// rescale each split's output by exp(m_split - m), divide by the rescaled sum of l; empty
+// splits have m = -inf, l = 0. The partials were written by other blocks: read them past L1
+// (volatile), after the fence and counter that ordered their writes before this block.
+// hm, hl: shared [group] floats. The whole block calls it.
+__device__ void combine_splits(float* out, const volatile float* part_o,
+                               const volatile float* part_ml, float* hm, float* hl,
+                               const AttentionParams& p, u32 n_splits, u32 r, u32 kvh) {
+    const u32 hd = p.head_dim, group = p.n_heads / p.n_kv_heads, t = threadIdx.x;
+    const size_t head0 = (size_t)r * p.n_heads + kvh * group;
+    if (t < group) {
+        const volatile float* ml = part_ml + 2 * (head0 + t) * n_splits;
+        float mx = -INFINITY;
+        for (u32 s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);
+        float total = 0.0f;
+        for (u32 s = 0; s < n_splits; s++) {
+            const float l = ml[2 * s + 1];
+            if (l > 0.0f) total += l * expf(ml[2 * s] - mx);
+        }
+        hm[t] = mx;
+        hl[t] = total;
+    }
+    __syncthreads();
+    for (u32 i = t; i < group * hd; i += blockDim.x) {
+        const u32 h = i / hd, d = i % hd;
+        const size_t row = head0 + h;
+        const volatile float* ml = part_ml + 2 * row * n_splits;
+        float o = 0.0f;
+        for (u32 s = 0; s < n_splits; s++) {
+            const float l = ml[2 * s + 1];
+            if (l > 0.0f) o += part_o[(row * n_splits + s) * hd + d] * expf(ml[2 * s] - hm[h]);
+        }
+        out[row * hd + d] = o / hl[h];
+    }
+}
+
 // Shared memory: max(q [group][hd] + scores [group][128] + max/sum/correction [group] x 3,
-// the four warps' partial outputs [4][group][hd]).
+// the four warps' partial outputs [4][group][hd]). counters: [rows][n_kv_heads] u32, zero
+// between launches (used only when n_splits > 1).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-    attention_decode(float* part_o, float* part_ml, const float* q, const void* k_cache,
-                     const void* v_cache, const u32* table, AttentionParams p, u32 n_splits,
-                     const u32* pos_dev) {
+    attention_decode(float* out, float* part_o, float* part_ml, u32* counters, const float* q,
+                     const void* k_cache, const void* v_cache, const u32* table,
+                     AttentionParams p, u32 n_splits, const u32* pos_dev) {
     extern __shared__ float sh_decode[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, t = threadIdx.x;
     const u32 warp = t >> 5, lane = t & 31;
@@ -186,6 +226,12 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
         const u32 h = i / hd, d = i % hd;
         float o = 0.0f;
         for (u32 w = 0; w < DEC_THREADS / 32; w++) o += red[(w * group + h) * hd + d];
+        if (n_splits == 1) {
+            // The whole context in this block: the output as the merge of one split gives it
+            // (its l > 0: the split holds position 0).
+            out[((size_t)r * p.n_heads + kvh * group + h) * hd + d] = o / ml[2 * h + 1];
+            continue;
+        }
         const size_t row = ((size_t)r * p.n_heads + kvh * group + h) * n_splits + split;
         part_o[row * hd + d] = o;
         if (d == 0) {
@@ -193,28 +239,25 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
             part_ml[2 * row + 1] = ml[2 * h + 1];
         }
     }
-}
-
-// Merges the splits of (row, head) = (blockIdx.y, blockIdx.x): rescale each split's output by
-// exp(m_split - m), divide by the rescaled sum of l. Empty splits have m = -inf, l = 0.
-extern "C" __global__ void attention_combine(float* out, const float* part_o,
-                                             const float* part_ml, AttentionParams p,
-                                             u32 n_splits) {
-    const u32 head = blockIdx.x, r = blockIdx.y, hd = p.head_dim;
-    const size_t row = (size_t)r * p.n_heads + head;
-    const float* ml = part_ml + 2 * row * n_splits;
-    float mx = -INFINITY;
-    for (u32 s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);
-    float total = 0.0f;
-    for (u32 s = 0; s < n_splits; s++)
-        if (ml[2 * s + 1] > 0.0f) total += ml[2 * s + 1] * expf(ml[2 * s] - mx);
-    for (u32 d = threadIdx.x; d < hd; d += blockDim.x) {
-        float o = 0.0f;
-        for (u32 s = 0; s < n_splits; s++)
-            if (ml[2 * s + 1] > 0.0f)
-                o += part_o[(row * n_splits + s) * hd + d] * expf(ml[2 * s] - mx);
-        out[row * hd + d] = o / total;
+    if (n_splits == 1) return;
+    // Publish this split's partials, then count the pair's finished splits: the block that
+    // brings the count to n_splits merges them and leaves the counter at zero for the next
+    // launch.
+    __shared__ u32 last;
+    __threadfence();
+    __syncthreads();
+    if (t == 0) {
+        u32* counter = counters + (size_t)r * p.n_kv_heads + kvh;
+        last = atomicAdd(counter, 1u) == n_splits - 1;
+        if (last) {
+            *counter = 0;
+            __threadfence();
+        }
     }
+    __syncthreads();
+    if (!last) return;
+    // red (the warps' sums) has been read by every thread before the barrier above: reuse it.
+    combine_splits(out, part_o, part_ml, sh_decode, sh_decode + group, p, n_splits, r, kvh);
 }
 
 // HPT: dims per thread (head_dim <= 4 * HPT). Shared memory: K and V tiles [16][head_dim] f32.

@@ -4,9 +4,15 @@
 //! CPU reference to f32 rounding. Tensor-core path: f16/bf16 weights as they are (quantized ones
 //! widened to f16), activations rounded to the same type, f32 accumulate and output.
 //! Widened weights go through a scratch matrix in row chunks of at most GEMM_SCRATCH bytes.
+//! Projections that share an input (q/k/v, gate/up) round it once (`norm_for_gemm`: the
+//! rms_norm kernel writes the rounded copy itself), and a projection into the residual stream
+//! adds into it through the GEMM's beta = 1 (`accumulate`) instead of a temporary and an add.
 
 use super::launch::{arg, Scratch};
+use super::ops::u32_of;
 use super::Cuda;
+use crate::backend::params::RmsNormParams;
+use crate::backend::Weight;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use cudarc::cublas::{result as blas, sys as bsys};
@@ -51,15 +57,86 @@ impl Drop for Blas {
 }
 
 /// The GEMM's element type.
-#[derive(Clone, Copy, PartialEq)]
-enum Elem {
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub(super) enum Elem {
     F32,
     F16,
     BF16,
 }
 
+/// Weights a GEMM reads: device address, stored dtype, rows (n) and columns (k), bytes per row.
+pub(super) struct GemmW {
+    pub ptr: u64,
+    pub dtype: DType,
+    pub n: usize,
+    pub k: usize,
+    pub row_bytes: usize,
+}
+
 impl Cuda {
+    /// The element type of the GEMM of weights in `dtype`: f32 for f32 weights and in exact
+    /// mode, else the weights' half type (f16 for block formats, widened to it).
+    pub(super) fn gemm_elem(&self, dtype: DType) -> Elem {
+        match dtype {
+            DType::F32 => Elem::F32,
+            _ if self.exact => Elem::F32,
+            DType::BF16 => Elem::BF16,
+            _ => Elem::F16,
+        }
+    }
+
+    /// The half type (f16 / bf16) that the prefill GEMMs of every matrix in `ws` round their
+    /// input to, when they share one and all take the cuBLAS path with it (same k, a multiple
+    /// of 8); None when any would run in f32 (exact mode, f32 weights) or on the mat-vec.
+    pub(super) fn shared_half_input(&self, ws: &[&Weight<Cuda>]) -> Option<Elem> {
+        let (elem, k) = (self.gemm_elem(ws[0].dtype), ws[0].cols);
+        let shared = ws
+            .iter()
+            .all(|w| w.cols == k && self.gemm_elem(w.dtype) == elem);
+        (elem != Elem::F32 && k % 8 == 0 && shared).then_some(elem)
+    }
+
+    /// rms_norm of x [rows, k] (x and the norm weight g are checked device addresses) rounded
+    /// to `elem` (f16 or bf16) into the GemmX scratch, which it returns: the input of GEMMs
+    /// that share it (gemm_input). The same values round_x gives for rms_norm's f32 output.
+    pub(super) fn norm_for_gemm(
+        &self,
+        (x, g, eps): (u64, u64, f32),
+        rows: usize,
+        k: usize,
+        elem: Elem,
+        op: &str,
+    ) -> Result<u64> {
+        let name = match elem {
+            Elem::F16 => "rms_norm_f16",
+            Elem::BF16 => "rms_norm_bf16",
+            Elem::F32 => {
+                return Err(Error::Device(format!(
+                    "{op}: the norm is rounded only for half GEMMs"
+                )))
+            }
+        };
+        let p = RmsNormParams {
+            rows: u32_of(rows, "rows", op)?,
+            dim: u32_of(k, "k", op)?,
+            eps,
+            _pad: 0,
+        };
+        let buf = self.scratch(Scratch::GemmX, rows * k * 2)?;
+        let block = (k / 4).next_power_of_two().clamp(32, 1024) as u32;
+        let f = self.kernels.get("rms_norm", name)?;
+        self.launch(
+            &f,
+            (p.rows, 1, 1),
+            block,
+            0,
+            &[arg(&buf), arg(&x), arg(&g), arg(&p)],
+        )?;
+        Ok(buf)
+    }
+
     /// out[rows, n] = x[rows, k] . w^T on cuBLAS; `w` is `row_bytes` per row in `dtype`.
+    /// `accumulate`: out += instead (beta = 1).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,
@@ -71,27 +148,14 @@ impl Cuda {
         n: usize,
         k: usize,
         row_bytes: usize,
+        accumulate: bool,
     ) -> Result<()> {
         if self.graphs.recording() {
             self.graphs.not_graphable();
             return Ok(());
         }
-        let elem = match dtype {
-            DType::F32 => Elem::F32,
-            _ if self.exact => Elem::F32,
-            DType::BF16 => Elem::BF16,
-            _ => Elem::F16,
-        };
-        let widen = dtype != DType::F32
-            && !(elem == Elem::F16 && dtype == DType::F16)
-            && !(elem == Elem::BF16 && dtype == DType::BF16);
-        let esize = if elem == Elem::F32 { 4 } else { 2 };
-        if widen && k % 8 != 0 {
-            return Err(Error::Device(format!(
-                "matmul: rows of {k} values cannot be widened in octets"
-            )));
-        }
         // Activations in the GEMM's type.
+        let elem = self.gemm_elem(dtype);
         let xg = match elem {
             Elem::F32 => x,
             _ => {
@@ -101,7 +165,8 @@ impl Cuda {
                 } else {
                     "round_x_bf16"
                 };
-                let count = (rows * k) as u32;
+                let count = u32::try_from(rows * k)
+                    .map_err(|_| Error::Device(format!("matmul: {rows} x {k} activations")))?;
                 self.launch_1d(
                     "matmul",
                     name,
@@ -112,8 +177,47 @@ impl Cuda {
                 buf
             }
         };
+        let w = GemmW {
+            ptr: w,
+            dtype,
+            n,
+            k,
+            row_bytes,
+        };
+        self.gemm_input(out, xg, &w, rows, accumulate)
+    }
+
+    /// As `gemm`, with the activations `xg` already in the GEMM's element type
+    /// (`gemm_elem(w.dtype)`: f32, or rounded by round_x / norm_for_gemm).
+    pub(super) fn gemm_input(
+        &self,
+        out: u64,
+        xg: u64,
+        w: &GemmW,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        if self.graphs.recording() {
+            self.graphs.not_graphable();
+            return Ok(());
+        }
+        let (dtype, n, k, row_bytes) = (w.dtype, w.n, w.k, w.row_bytes);
+        let elem = self.gemm_elem(dtype);
+        let widen = dtype != DType::F32
+            && !(elem == Elem::F16 && dtype == DType::F16)
+            && !(elem == Elem::BF16 && dtype == DType::BF16);
+        let esize = if elem == Elem::F32 { 4 } else { 2 };
+        if widen && k % 8 != 0 {
+            return Err(Error::Device(format!(
+                "matmul: rows of {k} values cannot be widened in octets"
+            )));
+        }
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let w = w.ptr;
         let chunk = if widen {
-            (GEMM_SCRATCH / (k * esize)).clamp(1, n)
+            (GEMM_SCRATCH / (k * esize).max(1)).clamp(1, n)
         } else {
             n
         };
@@ -140,13 +244,15 @@ impl Cuda {
             } else {
                 wc
             };
-            self.blas_gemm(out + (n0 * 4) as u64, xg, wg, elem, rows, nc, k, n)?;
+            let c = out + (n0 * 4) as u64;
+            self.blas_gemm(c, xg, wg, elem, rows, nc, k, n, accumulate)?;
             n0 += nc;
         }
         Ok(())
     }
 
-    /// C[rows, ldc] (columns 0..n) = X[rows, k] . W[n, k]^T, raw cuBLAS call.
+    /// C[rows, ldc] (columns 0..n) (+)= X[rows, k] . W[n, k]^T, raw cuBLAS call (beta 1 when
+    /// `accumulate`, else 0).
     #[allow(clippy::too_many_arguments)]
     fn blas_gemm(
         &self,
@@ -158,8 +264,10 @@ impl Cuda {
         n: usize,
         k: usize,
         ldc: usize,
+        accumulate: bool,
     ) -> Result<()> {
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0 };
         let too_big = |v: usize| i32::try_from(v).is_err();
         if too_big(rows) || too_big(n) || too_big(k) || too_big(ldc) {
             return Err(Error::Device("matmul: GEMM dimensions past i32".into()));

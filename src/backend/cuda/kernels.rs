@@ -42,6 +42,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../shaders/cuda/rms_norm.cu"),
     ),
     ("rope", include_str!("../../../shaders/cuda/rope.cu")),
+    (
+        "rope_kv_append",
+        include_str!("../../../shaders/cuda/rope_kv_append.cu"),
+    ),
     ("sample", include_str!("../../../shaders/cuda/sample.cu")),
     (
         "sample_walk",

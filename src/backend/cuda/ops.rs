@@ -8,8 +8,8 @@ use super::{fused, Cuda};
 use crate::backend::checks;
 use crate::backend::params::*;
 use crate::backend::{
-    ffn_gate_up_unfused, matmul_residual_unfused, norm_qkv_unfused, Backend, Heads, KvView,
-    PendingRead, RmsNormed, SampleOp, Weight,
+    ffn_gate_up_unfused, matmul_residual_unfused, norm_qkv_unfused, Backend, Heads, KvSlot, KvView,
+    PendingRead, RmsNormed, RopeArgs, SampleOp, Weight,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -25,7 +25,7 @@ const MATVEC_MAX_ROWS: usize = 8;
 const DECODE_MAX_ROWS: usize = 4;
 /// attention.cu limits: query heads per kv head in the decode kernel, head_dim overall.
 const DECODE_MAX_GROUP: usize = 16;
-const HEAD_DIM_MAX: usize = 256;
+pub(super) const HEAD_DIM_MAX: usize = 256;
 /// attention.cu's decode kernel: lanes hold 4 dims each (DEC_DIMS).
 const DECODE_MAX_HEAD_DIM: usize = 128;
 /// From this many query rows on, attention runs as cuBLAS GEMMs (attention_gemm.rs).
@@ -67,7 +67,32 @@ impl Cuda {
     }
 }
 
+/// Whether matmul runs `rows` rows through `w` on cuBLAS: all but decode row counts, except
+/// rows the widening kernel cannot take (k not a multiple of 8), which the mat-vec kernel
+/// takes (it checks its own arguments and runs any row count, 4 per pass).
+fn takes_gemm(rows: usize, w: &Weight<Cuda>) -> bool {
+    rows > MATVEC_MAX_ROWS && (w.cols % 8 == 0 || w.dtype == DType::F32)
+}
+
 impl Cuda {
+    /// out (+)= x . w^T on cuBLAS (gemm.rs); `accumulate` adds into out (beta = 1).
+    fn matmul_gemm(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        const OP: &str = "matmul";
+        let (n, k) = (w.rows, w.cols);
+        let rb = checks::row_bytes(w.dtype, k, OP)?;
+        let wp = self.ptr(&w.buf, n * rb, "the weights", OP)?;
+        let o = self.ptr(out, rows * n * 4, "out", OP)?;
+        let xp = self.ptr(x, rows * k * 4, "x", OP)?;
+        self.gemm(o, xp, wp, w.dtype, rows, n, k, rb, accumulate)
+    }
+
     /// The mat-vec kernel: out (+)= x . w^T; `accumulate` adds into out (the residual
     /// epilogue).
     fn matvec(
@@ -307,20 +332,14 @@ impl Backend for Cuda {
         w: &Weight<Self>,
         rows: usize,
     ) -> Result<()> {
-        const OP: &str = "matmul";
-        let (n, k) = (w.rows, w.cols);
-        // cuBLAS, except for rows the widening kernel cannot take (k not a multiple of 8):
-        // the mat-vec kernel (which checks its own arguments) takes any row count, 4 per pass.
-        if rows > MATVEC_MAX_ROWS && (k % 8 == 0 || w.dtype == DType::F32) {
-            let rb = checks::row_bytes(w.dtype, k, OP)?;
-            let wp = self.ptr(&w.buf, n * rb, "the weights", OP)?;
-            let o = self.ptr(out, rows * n * 4, "out", OP)?;
-            let xp = self.ptr(x, rows * k * 4, "x", OP)?;
-            return self.gemm(o, xp, wp, w.dtype, rows, n, k, rb);
+        if takes_gemm(rows, w) {
+            return self.matmul_gemm(out, x, w, rows, false);
         }
         self.matvec(out, x, w, rows, false)
     }
 
+    /// Without a bias: the mat-vec's epilogue (decode) or the GEMM's beta = 1 (prefill) adds
+    /// into the residual stream, with no temporary. With one: the unfused ops.
     fn matmul_residual(
         &self,
         resid: &mut Buf<Self>,
@@ -330,13 +349,17 @@ impl Backend for Cuda {
         bias: Option<&Buf<Self>>,
         rows: usize,
     ) -> Result<()> {
-        if rows > MATVEC_MAX_ROWS || bias.is_some() {
+        if bias.is_some() {
             return matmul_residual_unfused(self, resid, tmp, x, w, bias, rows);
         }
-        // The mat-vec kernel adds into the residual stream itself (p.accumulate).
+        if takes_gemm(rows, w) {
+            return self.matmul_gemm(resid, x, w, rows, true);
+        }
         self.matvec(resid, x, w, rows, true)
     }
 
+    /// Decode: one fused mat-vec (fused.rs). Prefill: the norm writes its output rounded for
+    /// the GEMMs, once for all three, when they share the rounding (fused.rs).
     fn norm_qkv(
         &self,
         qkv: [&mut Buf<Self>; 3],
@@ -348,12 +371,19 @@ impl Backend for Cuda {
         let same = w
             .iter()
             .all(|m| m.dtype == w[0].dtype && m.cols == w[0].cols);
-        if rows > MATVEC_MAX_ROWS || !same || !fused::fusable(rows, w[0].cols) {
-            return norm_qkv_unfused(self, qkv, xb, x, w, rows);
+        if rows <= MATVEC_MAX_ROWS && same && fused::fusable(rows, w[0].cols) {
+            return self.norm_qkv_fused(qkv, x, w, rows);
         }
-        self.norm_qkv_fused(qkv, x, w, rows)
+        if rows > MATVEC_MAX_ROWS {
+            if let Some(elem) = self.shared_half_input(&w) {
+                return self.norm_qkv_gemm(qkv, x, w, rows, elem);
+            }
+        }
+        norm_qkv_unfused(self, qkv, xb, x, w, rows)
     }
 
+    /// As norm_qkv: one fused mat-vec for decode, one rounded norm output for both GEMMs of a
+    /// prefill.
     fn ffn_gate_up(
         &self,
         out: &mut Buf<Self>,
@@ -365,10 +395,30 @@ impl Backend for Cuda {
     ) -> Result<()> {
         let same = w.0.dtype == w.1.dtype && w.0.rows == w.1.rows && w.0.cols == w.1.cols;
         let plain = bias.0.is_none() && bias.1.is_none() && fused::fusable(rows, w.0.cols);
-        if rows > MATVEC_MAX_ROWS || !plain || !same {
-            return ffn_gate_up_unfused(self, out, scratch, x, w, bias, rows);
+        if rows <= MATVEC_MAX_ROWS && plain && same {
+            return self.gate_up_fused(out, x, w, rows);
         }
-        self.gate_up_fused(out, x, w, rows)
+        if rows > MATVEC_MAX_ROWS && w.0.rows == w.1.rows {
+            if let Some(elem) = self.shared_half_input(&[w.0, w.1]) {
+                return self.gate_up_gemm(out, scratch, x, w, bias, rows, elem);
+            }
+        }
+        ffn_gate_up_unfused(self, out, scratch, x, w, bias, rows)
+    }
+
+    /// One launch (fused.rs) instead of rope + kv_append.
+    fn rope_kv_append(
+        &self,
+        q: &mut Buf<Self>,
+        k: &mut Buf<Self>,
+        v: &Buf<Self>,
+        cache: KvSlot<'_, Self>,
+        rope: RopeArgs<'_, Self>,
+        rows: usize,
+        pos0: usize,
+        heads: Heads,
+    ) -> Result<()> {
+        self.rope_kv_append_fused(q, k, v, cache, rope, rows, pos0, heads)
     }
 
     fn add_bias(&self, x: &mut Buf<Self>, bias: &Buf<Self>, rows: usize, n: usize) -> Result<()> {
@@ -524,20 +574,31 @@ impl Backend for Cuda {
             let (splits, split_len) = self.decode_splits(n_ref, h.n_kv_heads * rows);
             p.split_len = split_len as u32;
             let n_splits = splits as u32;
-            let parts = rows * h.n_heads * splits;
-            let po = self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?;
-            let pml = self.scratch(Scratch::AttnMl, parts * 2 * 4)?;
+            // One split writes the output itself; several leave partials that the last
+            // block of each (row, kv head) merges (attention.cu).
+            let (po, pml, counters) = if splits > 1 {
+                let parts = rows * h.n_heads * splits;
+                (
+                    self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?,
+                    self.scratch(Scratch::AttnMl, parts * 2 * 4)?,
+                    self.scratch_zeroed(Scratch::AttnCounters, rows * h.n_kv_heads * 4)?,
+                )
+            } else {
+                (0, 0, 0)
+            };
             let scores = group * h.head_dim + group * 128 + 3 * group;
             let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
             let f = self.kernels.get("attention", "attention_decode")?;
-            self.launch(
+            return self.launch(
                 &f,
                 (n_splits, h.n_kv_heads as u32, rows as u32),
                 128,
                 shared,
                 &[
+                    arg(&o),
                     arg(&po),
                     arg(&pml),
+                    arg(&counters),
                     arg(&qp),
                     arg(&kc),
                     arg(&vc),
@@ -546,14 +607,6 @@ impl Backend for Cuda {
                     arg(&n_splits),
                     arg(&pos_dev),
                 ],
-            )?;
-            let f = self.kernels.get("attention", "attention_combine")?;
-            return self.launch(
-                &f,
-                (h.n_heads as u32, rows as u32, 1),
-                128,
-                0,
-                &[arg(&o), arg(&po), arg(&pml), arg(&p), arg(&n_splits)],
             );
         }
         if rows >= GEMM_ATTENTION_MIN_ROWS && !self.graphs.recording() {
