@@ -324,7 +324,10 @@ fn check_rope_kv_append_rejects(name: &str, gpu: &Cuda) {
     let table = u32_buf(gpu, &[0, 1, 2]);
     let short_table = u32_buf(gpu, &[0]);
     let inv_freq = f32_buf(gpu, &[1.0; 8]);
-    let mut go = |table: &Buf<Cuda>, dtype: DType, rows: usize, h: Heads| {
+    // Buffers are rounded up to the pool's size classes (at least 64 u32 entries), so the
+    // short table is short only for a position past 64 blocks.
+    let far = 100 * 16;
+    let mut go = |table: &Buf<Cuda>, dtype: DType, rows: usize, pos0: usize, h: Heads| {
         let cache = KvSlot {
             k: &mut kc,
             v: &mut vc,
@@ -337,18 +340,21 @@ fn check_rope_kv_append_rejects(name: &str, gpu: &Cuda) {
         };
         gpu.rope_kv_append(&mut q, &mut k, &v, cache, rope, rows, pos0, h)
     };
-    go(&table, DType::F32, rows, h).unwrap_or_else(|e| panic!("{name}: valid call: {e}"));
+    go(&table, DType::F32, rows, pos0, h).unwrap_or_else(|e| panic!("{name}: valid call: {e}"));
     for (what, result) in [
-        ("a table too short", go(&short_table, DType::F32, rows, h)),
-        ("a bf16 cache", go(&table, DType::BF16, rows, h)),
-        ("q too short", go(&table, DType::F32, rows + 1, h)),
+        (
+            "a table too short",
+            go(&short_table, DType::F32, rows, far, h),
+        ),
+        ("a bf16 cache", go(&table, DType::BF16, rows, pos0, h)),
+        ("q too short", go(&table, DType::F32, rows + 1, pos0, h)),
         (
             "an odd head_dim",
-            go(&table, DType::F32, 1, heads(4, 2, 15)),
+            go(&table, DType::F32, 1, pos0, heads(4, 2, 15)),
         ),
         (
             "heads that do not group",
-            go(&table, DType::F32, 1, heads(3, 2, 16)),
+            go(&table, DType::F32, 1, pos0, heads(3, 2, 16)),
         ),
     ] {
         let e = result.expect_err(&format!("{name}: rope_kv_append with {what}"));

@@ -28,7 +28,7 @@
 
 #define KV_BLOCK 16
 #define DEC_THREADS 128
-#define DEC_MAX_GROUP 16
+#define DEC_MAX_GROUP 16 /* the largest attention_decode_<G> instance */
 #define DEC_DIMS 4 /* head_dim <= 32 * DEC_DIMS in the decode kernel */
 #define PRE_ROWS 32
 #define PRE_TILE 16
@@ -43,6 +43,7 @@ __device__ __forceinline__ float kv_get(const void* cache, size_t i, u32 f16) {
 
 // K row of position pos dotted with every head's q (q in shared memory), f16 or f32 cache,
 // loaded 4 values at a time when head_dim allows (rows are then 8- or 16-byte aligned).
+template <int G>
 __device__ __forceinline__ void score_row(float* dot, const float* qs, const void* k_cache,
                                           size_t base, u32 hd, u32 group, u32 f16) {
     if ((hd & 3) == 0) {
@@ -61,7 +62,7 @@ __device__ __forceinline__ void score_row(float* dot, const float* qs, const voi
                 k[0] = w.x; k[1] = w.y; k[2] = w.z; k[3] = w.w;
             }
 #pragma unroll
-            for (int h = 0; h < DEC_MAX_GROUP; h++)
+            for (int h = 0; h < G; h++)
                 if (h < group) {
                     const float* qh = qs + h * hd + d;
                     dot[h] += qh[0] * k[0] + qh[1] * k[1] + qh[2] * k[2] + qh[3] * k[3];
@@ -71,7 +72,7 @@ __device__ __forceinline__ void score_row(float* dot, const float* qs, const voi
         for (u32 d = 0; d < hd; d++) {
             const float k = kv_get(k_cache, base + d, f16);
 #pragma unroll
-            for (int h = 0; h < DEC_MAX_GROUP; h++)
+            for (int h = 0; h < G; h++)
                 if (h < group) dot[h] += qs[h * hd + d] * k;
         }
     }
@@ -79,22 +80,24 @@ __device__ __forceinline__ void score_row(float* dot, const float* qs, const voi
 
 // Merges the n_splits partial results of the group's heads (row r, kv head kvh) into out:
 // rescale each split's output by exp(m_split - m), divide by the rescaled sum of l; empty
-// splits have m = -inf, l = 0. The partials were written by other blocks: read them past L1
-// (volatile), after the fence and counter that ordered their writes before this block.
+// splits have m = -inf, l = 0. The partials were written by other blocks: read them from L2
+// (ld.global.cg: this SM's L1 may hold nothing of them, but must not serve stale lines), after
+// the fence and counter that ordered their writes before this block. Loads are independent so
+// that they overlap (volatile reads would serialize them: one L2 round trip each).
 // hm, hl: shared [group] floats. The whole block calls it.
-__device__ void combine_splits(float* out, const volatile float* part_o,
-                               const volatile float* part_ml, float* hm, float* hl,
-                               const AttentionParams& p, u32 n_splits, u32 r, u32 kvh) {
+__device__ void combine_splits(float* out, const float* part_o, const float* part_ml, float* hm,
+                               float* hl, const AttentionParams& p, u32 n_splits, u32 r,
+                               u32 kvh) {
     const u32 hd = p.head_dim, group = p.n_heads / p.n_kv_heads, t = threadIdx.x;
     const size_t head0 = (size_t)r * p.n_heads + kvh * group;
     if (t < group) {
-        const volatile float* ml = part_ml + 2 * (head0 + t) * n_splits;
+        const float* ml = part_ml + 2 * (head0 + t) * n_splits;
         float mx = -INFINITY;
-        for (u32 s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);
+        for (u32 s = 0; s < n_splits; s++) mx = fmaxf(mx, __ldcg(ml + 2 * s));
         float total = 0.0f;
         for (u32 s = 0; s < n_splits; s++) {
-            const float l = ml[2 * s + 1];
-            if (l > 0.0f) total += l * expf(ml[2 * s] - mx);
+            const float l = __ldcg(ml + 2 * s + 1);
+            if (l > 0.0f) total += l * expf(__ldcg(ml + 2 * s) - mx);
         }
         hm[t] = mx;
         hl[t] = total;
@@ -103,11 +106,12 @@ __device__ void combine_splits(float* out, const volatile float* part_o,
     for (u32 i = t; i < group * hd; i += blockDim.x) {
         const u32 h = i / hd, d = i % hd;
         const size_t row = head0 + h;
-        const volatile float* ml = part_ml + 2 * row * n_splits;
+        const float* ml = part_ml + 2 * row * n_splits;
         float o = 0.0f;
         for (u32 s = 0; s < n_splits; s++) {
-            const float l = ml[2 * s + 1];
-            if (l > 0.0f) o += part_o[(row * n_splits + s) * hd + d] * expf(ml[2 * s] - hm[h]);
+            const float l = __ldcg(ml + 2 * s + 1);
+            const float po = __ldcg(part_o + (row * n_splits + s) * hd + d);
+            o += l > 0.0f ? po * expf(__ldcg(ml + 2 * s) - hm[h]) : 0.0f;
         }
         out[row * hd + d] = o / hl[h];
     }
@@ -116,10 +120,12 @@ __device__ void combine_splits(float* out, const volatile float* part_o,
 // Shared memory: max(q [group][hd] + scores [group][128] + max/sum/correction [group] x 3,
 // the four warps' partial outputs [4][group][hd]). counters: [rows][n_kv_heads] u32, zero
 // between launches (used only when n_splits > 1).
-extern "C" __global__ void __launch_bounds__(DEC_THREADS)
-    attention_decode(float* out, float* part_o, float* part_ml, u32* counters, const float* q,
-                     const void* k_cache, const void* v_cache, const u32* table,
-                     AttentionParams p, u32 n_splits, const u32* pos_dev) {
+// G: the largest group the instance serves (its per-head arrays stay in registers).
+template <int G>
+__device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml, u32* counters,
+                                       const float* q, const void* k_cache, const void* v_cache,
+                                       const u32* table, AttentionParams p, u32 n_splits,
+                                       const u32* pos_dev) {
     extern __shared__ float sh_decode[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, t = threadIdx.x;
     const u32 warp = t >> 5, lane = t & 31;
@@ -138,23 +144,23 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
         l[t] = 0.0f;
     }
     // acc[h][i]: this warp's share (positions j = warp mod 4) of head h, dim lane + 32 i.
-    float acc[DEC_MAX_GROUP][DEC_DIMS];
+    float acc[G][DEC_DIMS];
 #pragma unroll
-    for (int h = 0; h < DEC_MAX_GROUP; h++)
+    for (int h = 0; h < G; h++)
 #pragma unroll
         for (int i = 0; i < DEC_DIMS; i++) acc[h][i] = 0.0f;
     __syncthreads();
     for (u32 c0 = s0; c0 < s1; c0 += DEC_THREADS) {
         const u32 n = min(s1 - c0, (u32)DEC_THREADS);
         // 1. scores of position c0 + t against every head of the group
-        float dot[DEC_MAX_GROUP];
+        float dot[G];
 #pragma unroll
-        for (int h = 0; h < DEC_MAX_GROUP; h++) dot[h] = 0.0f;
+        for (int h = 0; h < G; h++) dot[h] = 0.0f;
         if (t < n)
-            score_row(dot, qs, k_cache, kv_row(table, c0 + t, kvh, p.n_kv_heads, hd), hd, group,
+            score_row<G>(dot, qs, k_cache, kv_row(table, c0 + t, kvh, p.n_kv_heads, hd), hd, group,
                       p.kv_f16);
 #pragma unroll
-        for (int h = 0; h < DEC_MAX_GROUP; h++)
+        for (int h = 0; h < G; h++)
             if (h < group) sc[h * DEC_THREADS + t] = t < n ? dot[h] * p.scale : -INFINITY;
         __syncthreads();
         // 2. online softmax, one warp per head
@@ -182,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
         // 3. weighted sum of V: warp w takes positions w, w + 4, ...; lanes split the dims, so
         //    every load of a V row is coalesced and the four warps' loads are independent.
 #pragma unroll
-        for (int h = 0; h < DEC_MAX_GROUP; h++)
+        for (int h = 0; h < G; h++)
             if (h < group)
 #pragma unroll
                 for (int i = 0; i < DEC_DIMS; i++) acc[h][i] *= corr[h];
@@ -196,7 +202,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
                 v[i] = d < hd ? kv_get(v_cache, base + d, p.kv_f16) : 0.0f;
             }
 #pragma unroll
-            for (int h = 0; h < DEC_MAX_GROUP; h++)
+            for (int h = 0; h < G; h++)
                 if (h < group) {
                     const float w = sc[h * DEC_THREADS + j];
 #pragma unroll
@@ -206,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
         __syncthreads();
     }
     // The four warps' partial sums, added through shared memory (reusing q and scores).
-    float ml[2 * DEC_MAX_GROUP];
+    float ml[2 * G];
     for (u32 h = 0; h < group; h++) {
         ml[2 * h] = m[h];
         ml[2 * h + 1] = l[h];
@@ -214,7 +220,7 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     __syncthreads();
     float* red = sh_decode;
 #pragma unroll
-    for (int h = 0; h < DEC_MAX_GROUP; h++)
+    for (int h = 0; h < G; h++)
         if (h < group)
 #pragma unroll
             for (int i = 0; i < DEC_DIMS; i++) {
@@ -259,6 +265,19 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     // red (the warps' sums) has been read by every thread before the barrier above: reuse it.
     combine_splits(out, part_o, part_ml, sh_decode, sh_decode + group, p, n_splits, r, kvh);
 }
+
+// One instance per bound on the group size (ops.rs picks the smallest that holds the group).
+#define DECODE_INSTANCE(G)                                                                   \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS) attention_decode_##G(           \
+        float* out, float* part_o, float* part_ml, u32* counters, const float* q,            \
+        const void* k_cache, const void* v_cache, const u32* table, AttentionParams p,       \
+        u32 n_splits, const u32* pos_dev) {                                                  \
+        decode<G>(out, part_o, part_ml, counters, q, k_cache, v_cache, table, p, n_splits,   \
+                  pos_dev);                                                                  \
+    }
+DECODE_INSTANCE(4)
+DECODE_INSTANCE(8)
+DECODE_INSTANCE(16)
 
 // HPT: dims per thread (head_dim <= 4 * HPT). Shared memory: K and V tiles [16][head_dim] f32.
 template <int HPT>

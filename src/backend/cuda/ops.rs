@@ -588,7 +588,12 @@ impl Backend for Cuda {
             };
             let scores = group * h.head_dim + group * 128 + 3 * group;
             let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
-            let f = self.kernels.get("attention", "attention_decode")?;
+            let name = match group {
+                0..=4 => "attention_decode_4",
+                5..=8 => "attention_decode_8",
+                _ => "attention_decode_16",
+            };
+            let f = self.kernels.get("attention", name)?;
             return self.launch(
                 &f,
                 (n_splits, h.n_kv_heads as u32, rows as u32),
