@@ -3,8 +3,9 @@
 //
 // attention_decode (few query rows; flash-decoding): grid (split, kv head, row). A block owns one
 // split of split_len positions and every query head of its kv head's group, so each K and V row
-// is read once for the whole group. Positions go in chunks of 128: thread t scores position t of
-// the chunk against every head (q in shared memory, K read 4 values at a time), one warp per head
+// is read once for the whole group. Positions go in chunks of 128 / tp: tp threads (1, 2 or 4;
+// more for short splits) score a position of the chunk against every head (q in shared memory,
+// K read 4 values at a time, the partial dots added by shuffles), one warp per head
 // turns the scores into online-softmax weights, then each warp accumulates every fourth
 // position's V row (lanes split head_dim) and the warps' sums meet in shared memory at the end.
 // With one split the block writes the normalised output itself. With several it writes its
@@ -43,13 +44,16 @@ __device__ __forceinline__ float kv_get(const void* cache, size_t i, u32 f16) {
 
 // K row of position pos dotted with every head's q (q in shared memory), f16 or f32 cache,
 // loaded 4 values at a time when head_dim allows (rows are then 8- or 16-byte aligned).
+// tp threads share the row: thread `part` takes the dims 4 part, 4 (part + tp), ... (one
+// dim at a time when head_dim is not a multiple of 4); the caller adds the tp partial dots.
 template <int G>
 __device__ __forceinline__ void score_row(float* dot, const float* qs, const void* k_cache,
-                                          size_t base, u32 hd, u32 group, u32 f16) {
+                                          size_t base, u32 hd, u32 group, u32 f16, u32 part,
+                                          u32 tp) {
     if ((hd & 3) == 0) {
         // Unrolled so that several K loads are in flight: the loop is latency-bound otherwise.
 #pragma unroll 8
-        for (u32 d = 0; d < hd; d += 4) {
+        for (u32 d = 4 * part; d < hd; d += 4 * tp) {
             float k[4];
             if (f16) {
                 const uint2 w = *(const uint2*)((const u16*)k_cache + base + d);
@@ -69,7 +73,7 @@ __device__ __forceinline__ void score_row(float* dot, const float* qs, const voi
                 }
         }
     } else {
-        for (u32 d = 0; d < hd; d++) {
+        for (u32 d = part; d < hd; d += tp) {
             const float k = kv_get(k_cache, base + d, f16);
 #pragma unroll
             for (int h = 0; h < G; h++)
@@ -125,7 +129,7 @@ template <int G>
 __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml, u32* counters,
                                        const float* q, const void* k_cache, const void* v_cache,
                                        const u32* table, AttentionParams p, u32 n_splits,
-                                       const u32* pos_dev) {
+                                       u32 tp, const u32* pos_dev) {
     extern __shared__ float sh_decode[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, t = threadIdx.x;
     const u32 warp = t >> 5, lane = t & 31;
@@ -150,28 +154,36 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
 #pragma unroll
         for (int i = 0; i < DEC_DIMS; i++) acc[h][i] = 0.0f;
     __syncthreads();
-    for (u32 c0 = s0; c0 < s1; c0 += DEC_THREADS) {
-        const u32 n = min(s1 - c0, (u32)DEC_THREADS);
-        // 1. scores of position c0 + t against every head of the group
+    // Positions per chunk: tp threads (consecutive lanes) per position, so that a short split
+    // (32 positions) still keeps every thread of the block on its scores.
+    const u32 chunk = DEC_THREADS / tp, part = t % tp, jt = t / tp;
+    for (u32 c0 = s0; c0 < s1; c0 += chunk) {
+        const u32 n = min(s1 - c0, chunk);
+        // 1. scores of position c0 + jt against every head of the group
         float dot[G];
 #pragma unroll
         for (int h = 0; h < G; h++) dot[h] = 0.0f;
-        if (t < n)
-            score_row<G>(dot, qs, k_cache, kv_row(table, c0 + t, kvh, p.n_kv_heads, hd), hd, group,
-                      p.kv_f16);
+        if (jt < n)
+            score_row<G>(dot, qs, k_cache, kv_row(table, c0 + jt, kvh, p.n_kv_heads, hd), hd,
+                         group, p.kv_f16, part, tp);
 #pragma unroll
         for (int h = 0; h < G; h++)
-            if (h < group) sc[h * DEC_THREADS + t] = t < n ? dot[h] * p.scale : -INFINITY;
+            for (u32 o = 1; o < tp; o <<= 1) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], o);
+        if (part == 0) {
+#pragma unroll
+            for (int h = 0; h < G; h++)
+                if (h < group) sc[h * DEC_THREADS + jt] = jt < n ? dot[h] * p.scale : -INFINITY;
+        }
         __syncthreads();
         // 2. online softmax, one warp per head
         for (u32 h = warp; h < group; h += DEC_THREADS / 32) {
             float* s = sc + h * DEC_THREADS;
             float cm = -INFINITY;
-            for (u32 j = lane; j < DEC_THREADS; j += 32) cm = fmaxf(cm, s[j]);
+            for (u32 j = lane; j < chunk; j += 32) cm = fmaxf(cm, s[j]);
             cm = warp_max(cm);
             const float m_new = fmaxf(m[h], cm);
             float sum = 0.0f;
-            for (u32 j = lane; j < DEC_THREADS; j += 32) {
+            for (u32 j = lane; j < chunk; j += 32) {
                 const float e = expf(s[j] - m_new);
                 s[j] = e;
                 sum += e;
@@ -271,9 +283,9 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
     extern "C" __global__ void __launch_bounds__(DEC_THREADS) attention_decode_##G(           \
         float* out, float* part_o, float* part_ml, u32* counters, const float* q,            \
         const void* k_cache, const void* v_cache, const u32* table, AttentionParams p,       \
-        u32 n_splits, const u32* pos_dev) {                                                  \
+        u32 n_splits, u32 tp, const u32* pos_dev) {                                          \
         decode<G>(out, part_o, part_ml, counters, q, k_cache, v_cache, table, p, n_splits,   \
-                  pos_dev);                                                                  \
+                  tp, pos_dev);                                                              \
     }
 DECODE_INSTANCE(4)
 DECODE_INSTANCE(8)

@@ -594,6 +594,12 @@ impl Backend for Cuda {
                 _ => "attention_decode_16",
             };
             let f = self.kernels.get("attention", name)?;
+            // Threads per position: short splits spread each K row over 2 or 4 threads.
+            let tp: u32 = match split_len {
+                0..=32 => 4,
+                33..=64 => 2,
+                _ => 1,
+            };
             return self.launch(
                 &f,
                 (n_splits, h.n_kv_heads as u32, rows as u32),
@@ -610,6 +616,7 @@ impl Backend for Cuda {
                     arg(&t),
                     arg(&p),
                     arg(&n_splits),
+                    arg(&tp),
                     arg(&pos_dev),
                 ],
             );
