@@ -8,6 +8,7 @@ use super::device::Gpu;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::num::NonZeroU64;
+use std::sync::Arc;
 
 /// Bytes bound for a params block; every `Params` struct is at most this big.
 pub(super) const PARAMS_BIND_BYTES: u64 = 64;
@@ -235,6 +236,23 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
     }
 }
 
+/// The weight or KV-cache variant of a kernel, for the profile's kernel names.
+fn variant(k: Kernel) -> String {
+    match k {
+        Kernel::Embedding(d) | Kernel::MatVec(d) | Kernel::MatTiled(d) => {
+            format!("{d:?}").to_lowercase()
+        }
+        Kernel::MatVecF16 | Kernel::MatTiledF16 => "f16 native".into(),
+        Kernel::EmbeddingQ(q) | Kernel::MatVecQ(q) | Kernel::MatTiledQ(q) => {
+            format!("{q:?}").to_lowercase()
+        }
+        Kernel::KvAppend { f16 }
+        | Kernel::AttentionPrefill { f16 }
+        | Kernel::AttentionDecode { f16 } => if f16 { "f16 kv" } else { "f32 kv" }.into(),
+        _ => String::new(),
+    }
+}
+
 fn all_kernels(shader_f16: bool) -> Vec<Kernel> {
     let mut v = vec![
         Kernel::RmsNorm,
@@ -276,6 +294,8 @@ pub(super) struct Pipeline {
     pub layout_id: usize,
     /// Storage bindings the kernel takes.
     pub n_storage: usize,
+    /// "file:entry variant", as the profile names it.
+    pub name: Arc<str>,
 }
 
 pub(super) struct Pipelines {
@@ -324,8 +344,12 @@ impl Pipelines {
                     layouts.len() - 1
                 }
             };
+            let name = match variant(k) {
+                v if v.is_empty() => format!("{}:{}", sp.file, sp.entry),
+                v => format!("{}:{} {v}", sp.file, sp.entry),
+            };
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&format!("{}:{}", sp.file, sp.entry)),
+                label: Some(&name),
                 layout: Some(&layouts[layout_id].2),
                 module: &modules[sp.file],
                 entry_point: Some(sp.entry),
@@ -343,6 +367,7 @@ impl Pipelines {
                     layout: layouts[layout_id].1.clone(),
                     layout_id,
                     n_storage: sp.storage.len(),
+                    name: name.into(),
                 },
             );
         }
