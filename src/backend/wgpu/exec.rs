@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Most storage bindings of any kernel.
-const MAX_STORAGE: usize = 6;
+const MAX_STORAGE: usize = 8;
 /// Dispatches per submission before the params ring wraps (a decode step needs a few hundred).
 const RING_SLOTS: u64 = 4096;
 /// Past this many cached bind groups the cache starts over (it also keeps dropped buffers alive).
@@ -145,7 +145,14 @@ impl Exec {
         groups: [u32; 3],
     ) -> Result<()> {
         self.errors.check()?;
-        debug_assert_eq!(binds.len(), p.n_storage);
+        if binds.len() != p.bindings.len() || binds.len() > MAX_STORAGE {
+            return Err(Error::Device(format!(
+                "{}: {} buffers bound, the kernel takes {}",
+                p.name,
+                binds.len(),
+                p.bindings.len()
+            )));
+        }
         debug_assert!(params.len() as u64 <= PARAMS_BIND_BYTES);
         if groups.contains(&0) {
             return Ok(());
@@ -211,9 +218,9 @@ impl Exec {
                 size: wgpu::BufferSize::new(PARAMS_BIND_BYTES),
             }),
         });
-        for (i, b) in binds.iter().enumerate() {
+        for (&binding, b) in p.bindings.iter().zip(binds) {
             entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
+                binding,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b.buf,
                     offset: b.offset,

@@ -4,11 +4,13 @@
 //!
 //! Files: device.rs (adapter choice, limits, error routing), pipelines.rs (shaders and
 //! pipelines, all built at load), exec.rs (encoder / pass / params ring / bind group cache),
-//! ops.rs (the `Backend` impl: sizes, checks, dispatch shapes), profile.rs (per-kernel GPU
-//! times, `ANYLLAMA_WGPU_PROFILE=1`).
+//! ops.rs (the `Backend` impl: sizes, checks, dispatch shapes), fused.rs (the fused decode ops:
+//! norm + q/k/v, norm + gate/up + swiglu, rope + KV append), profile.rs (per-kernel GPU times,
+//! `ANYLLAMA_WGPU_PROFILE=1`).
 
 mod device;
 mod exec;
+mod fused;
 mod ops;
 mod pipelines;
 mod profile;
@@ -99,6 +101,18 @@ impl Wgpu {
     /// the backend was opened with `profile`.
     pub fn profile_report(&self) -> Option<String> {
         self.exec.profile_report()
+    }
+
+    /// Splits of the decode attention kernel for `rows` query rows at positions pos0..; 1
+    /// means the kernel writes the output itself (no combine pass); None when `rows` take the
+    /// prefill kernel instead.
+    pub fn attention_decode_splits(
+        &self,
+        rows: usize,
+        pos0: usize,
+        heads: crate::backend::Heads,
+    ) -> Option<usize> {
+        (rows <= ops::DECODE_MAX_ROWS).then(|| ops::decode_plan(rows, pos0 + rows, heads).1)
     }
 
     /// Largest head_dim the attention kernels take on this device.
