@@ -7,7 +7,8 @@
 // rows, team sums reduced in workgroup memory) and scales the sums by inv in the epilogue.
 //   matvec_qkv: q, k, v = rms_norm(x) . (wq, wk, wv)^T. Workgroups cover the features of wq,
 //     then of wk, then of wv (TEAMS per workgroup, each matrix starting a new workgroup), so a
-//     workgroup reads one matrix: w_word reads the one w_mat names.
+//     workgroup reads one matrix: w_word reads the one w_mat names (WGSL cannot pass a buffer
+//     to a function, so the storage file's reader reaches the three bindings through it).
 //   matvec_gate_up (_bias): out = silu(h . w1^T + b1) * (h . w3^T + b3): each team reads the
 //     gate and up rows of its feature in the same pass.
 // STAGE floats of workgroup memory hold the staged rows, each padded with zeros to a multiple
@@ -157,11 +158,21 @@ fn matvec_qkv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         n = params.n1;
         first = g0;
     }
-    w_mat = m;
     let o = (wg.x - first) * TEAMS + lid / TEAM;
+    // One loop per matrix, each with a constant w_mat, so that w_word's choice can be resolved
+    // outside the loop.
     var acc = vec4<f32>(0.0);
     if (o < n) {
-        acc = lane_dots(o, lane, nr);
+        if (m == 0u) {
+            w_mat = 0u;
+            acc = lane_dots(o, lane, nr);
+        } else if (m == 1u) {
+            w_mat = 1u;
+            acc = lane_dots(o, lane, nr);
+        } else {
+            w_mat = 2u;
+            acc = lane_dots(o, lane, nr);
+        }
     }
     let t = team_sum(lid, lane, acc) * inv;
     if (lane == 0u && o < n) {

@@ -13,6 +13,7 @@
 
 use super::device::Gpu;
 use crate::error::{Error, Result};
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU64;
 use std::sync::{Arc, RwLock};
@@ -499,13 +500,11 @@ impl Pipelines {
         let mut modules = HashMap::new();
         for k in &kernels {
             let sp = spec(*k, tuning);
-            let key = (sp.file, sp.part);
-            if !modules.contains_key(&key) {
-                let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            if let Entry::Vacant(slot) = modules.entry((sp.file, sp.part)) {
+                slot.insert(device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(sp.part.unwrap_or(sp.file)),
                     source: wgpu::ShaderSource::Wgsl(module_source(sp.file, sp.part)?.into()),
-                });
-                modules.insert(key, module);
+                }));
             }
         }
         let pipelines = Pipelines {
