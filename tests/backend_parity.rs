@@ -21,8 +21,11 @@ mod common;
 mod parity;
 
 use anyllama::backend::cpu::Cpu;
-use anyllama::backend::{Backend, RmsNormed};
+use anyllama::backend::params::KV_BLOCK;
+use anyllama::backend::{Backend, Heads, KvSlot, RopeArgs};
 use anyllama::dtype::DType;
+use anyllama::pool::Buf;
+use parity::fused::FusedCase;
 use parity::*;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -263,7 +266,28 @@ fn attention_matches_for_gqa_ratios_and_schedules() {
         for (j, steps) in schedules.iter().enumerate() {
             let reference = AttnReference::new(100 + (i * 10 + j) as u64, h, steps);
             on_every_gpu!(check_attention, &reference);
+            // These short contexts take wgpu's one-split decode (no combine pass).
+            #[cfg(feature = "wgpu")]
+            assert_wgpu_decode_splits(h, steps, |n| n == 1);
         }
+    }
+}
+
+/// Asserts that wgpu runs some decode step (<= 4 rows) of the schedule `steps` in a number of
+/// splits that `want` accepts, so that a test is known to cover that decode path.
+#[cfg(feature = "wgpu")]
+fn assert_wgpu_decode_splits(h: Heads, steps: &[usize], want: impl Fn(usize) -> bool) {
+    for (name, gpu) in gpus() {
+        let mut pos0 = 0;
+        let mut seen = vec![];
+        for &rows in steps {
+            seen.extend(gpu.attention_decode_splits(rows, pos0, h));
+            pos0 += rows;
+        }
+        assert!(
+            seen.iter().any(|&n| want(n)),
+            "{name}: schedule {steps:?} decodes in {seen:?} splits"
+        );
     }
 }
 
@@ -287,10 +311,16 @@ fn attention_long_context_split_kv() {
         return;
     }
     // ~1000 positions: a long prefill, then decode steps of one and three rows over it.
-    let reference = AttnReference::new(7, heads(9, 3, 64), &[997, 1, 3]);
-    on_every_gpu!(check_attention, &reference);
-    let reference = AttnReference::new(8, heads(8, 2, 128), &[1000, 1]);
-    on_every_gpu!(check_attention, &reference);
+    for (seed, h, steps) in [
+        (7, heads(9, 3, 64), &[997, 1, 3][..]),
+        (8, heads(8, 2, 128), &[1000, 1][..]),
+    ] {
+        let reference = AttnReference::new(seed, h, steps);
+        on_every_gpu!(check_attention, &reference);
+        // On wgpu: split-KV with a combine pass.
+        #[cfg(feature = "wgpu")]
+        assert_wgpu_decode_splits(h, steps, |n| n > 1);
+    }
 }
 
 fn check_queue_order<B: Backend>(name: &str, gpu: &B) {
@@ -341,93 +371,18 @@ fn upload_copy_and_read_keep_queue_order() {
     on_every_gpu!(check_queue_order);
 }
 
-/// The fused projections (matmul_residual: x += h . w^T; ffn_gate_up: silu(x . w1^T) * (x . w3^T))
-/// against the CPU's unfused ops, on the decode (fused on CUDA) and prefill row counts, with and
-/// without biases (which CUDA leaves unfused).
+/// The fused projections (parity/fused.rs) on float weights: the decode row counts (fused on
+/// the GPUs) and a prefill one, k a multiple of 8, of 4 only, and neither (the float kernels'
+/// loop paths), with and without biases, and an 8192-wide input (staged in one row per
+/// workgroup where the device has the workgroup memory, else unfused).
 fn check_fused_projections<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
-    let cpu = Cpu::new();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        for rows in [1, 3, 9] {
-            for (n, k) in [(576, 1536), (130, 64), (100, 40), (50, 36)] {
+        for rows in [1, 3, 5, 9] {
+            for (n, k) in [(576, 1536), (130, 64), (100, 40), (50, 36), (24, 8192)] {
                 for with_bias in [false, true] {
-                    let what =
-                        format!("{name} fused {dtype} rows {rows} n {n} k {k} bias {with_bias}");
-                    let (x, w1, w3) = (
-                        randn(r, rows * k, 1.0),
-                        randn(r, n * k, 0.5),
-                        randn(r, n * k, 0.5),
-                    );
-                    let (resid, bias) = (randn(r, rows * n, 2.0), randn(r, n, 1.0));
-                    let norm: Vec<f32> = randn(r, k, 0.2).iter().map(|v| 1.0 + v).collect();
-                    // A third matrix of another height, for norm_qkv (k and v are narrower).
-                    let wv = randn(r, (n / 3 + 1) * k, 0.5);
-                    let mut outs = vec![];
-                    macro_rules! go {
-                        ($b:expr) => {{
-                            let b = $b;
-                            let (wa, wb) =
-                                (weight(b, dtype, n, k, &w1), weight(b, dtype, n, k, &w3));
-                            let wc = weight(b, dtype, n / 3 + 1, k, &wv);
-                            let xb = f32_buf(b, &x);
-                            let bb = f32_buf(b, &bias);
-                            let gb = f32_buf(b, &norm);
-                            let bias_ref = with_bias.then_some(&bb);
-                            let mut res = f32_buf(b, &resid);
-                            let mut tmp = poisoned(b, rows * n);
-                            b.matmul_residual(&mut res, &mut tmp, &xb, &wa, bias_ref, rows)
-                                .unwrap();
-                            let normed = RmsNormed {
-                                x: &xb,
-                                weight: &gb,
-                                eps: 1e-5,
-                            };
-                            let mut out = poisoned(b, rows * n);
-                            let (mut g, mut u) = (poisoned(b, rows * n), poisoned(b, rows * n));
-                            let mut h = poisoned(b, rows * k);
-                            b.ffn_gate_up(
-                                &mut out,
-                                [&mut g, &mut u, &mut h],
-                                normed,
-                                (&wa, &wb),
-                                (bias_ref, bias_ref),
-                                rows,
-                            )
-                            .unwrap();
-                            let (mut q, mut kk) = (poisoned(b, rows * n), poisoned(b, rows * n));
-                            let mut v = poisoned(b, rows * (n / 3 + 1));
-                            b.norm_qkv(
-                                [&mut q, &mut kk, &mut v],
-                                &mut h,
-                                normed,
-                                [&wa, &wb, &wc],
-                                rows,
-                            )
-                            .unwrap();
-                            outs.push([
-                                read_f32(b, &res, rows * n),
-                                read_f32(b, &out, rows * n),
-                                [
-                                    read_f32(b, &q, rows * n),
-                                    read_f32(b, &kk, rows * n),
-                                    read_f32(b, &v, rows * (n / 3 + 1)),
-                                ]
-                                .concat(),
-                            ]);
-                        }};
-                    }
-                    go!(&cpu);
-                    go!(gpu);
-                    let tol = if name == "cuda" && rows > 8 && dtype != DType::F32 {
-                        1e-4
-                    } else {
-                        TOL_F32
-                    };
-                    for (i, part) in ["residual", "norm + gate/up", "norm + q/k/v"]
-                        .iter()
-                        .enumerate()
-                    {
-                        assert_close(&format!("{what} {part}"), &outs[0][i], &outs[1][i], tol);
-                    }
+                    let weights = |r: &mut ChaCha8Rng, n| encode(dtype, &randn(r, n * k, 0.5));
+                    let case = FusedCase::new(r, dtype, [rows, n, k], with_bias, weights);
+                    case.check(name, gpu);
                 }
             }
         }
@@ -438,4 +393,149 @@ fn check_fused_projections<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) 
 fn fused_projections_match() {
     let mut r = rng(9);
     on_every_gpu!(check_fused_projections, &mut r);
+    // Weights over the storage binding limit: the residual mat-vec adds chunk by chunk, the
+    // norm-folded ones fall back to the separate ops.
+    #[cfg(feature = "wgpu")]
+    if let Some(gpu) = chunked() {
+        for (rows, n, k) in [(1, 1000, 12), (3, 300, 64)] {
+            let weights = |r: &mut ChaCha8Rng, n| encode(DType::BF16, &randn(r, n * k, 0.5));
+            FusedCase::new(&mut r, DType::BF16, [rows, n, k], true, weights).check("chunked", gpu);
+        }
+    }
+}
+
+/// One rope_kv_append schedule: a sequence fed in steps of `steps` rows.
+struct RopeKvCase<'a> {
+    h: Heads,
+    kv: DType,
+    scale: f32,
+    steps: &'a [usize],
+    table: &'a [u32],
+    pool_blocks: usize,
+    inv_freq: &'a [f32],
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+}
+
+/// q and k (rotated in place) after every step, and the K and V cache bytes at the end.
+type RopeKvRun = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<u8>, Vec<u8>);
+
+fn run_rope_kv<B: Backend>(b: &B, c: &RopeKvCase) -> RopeKvRun {
+    let (qw, kw) = (c.h.n_heads * c.h.head_dim, c.h.n_kv_heads * c.h.head_dim);
+    let cache_bytes = c.pool_blocks * KV_BLOCK * kw * if c.kv == DType::F16 { 2 } else { 4 };
+    // NaN in every slot: unwritten ones stay NaN.
+    let nan_word = if c.kv == DType::F16 {
+        0x7e00_7e00u32
+    } else {
+        f32::NAN.to_bits()
+    };
+    let poison = vec![nan_word; cache_bytes / 4];
+    let mut kc = Buf::exact(b, cache_bytes).unwrap();
+    let mut vc = Buf::exact(b, cache_bytes).unwrap();
+    b.upload(&mut kc, 0, bytemuck::cast_slice(&poison)).unwrap();
+    b.upload(&mut vc, 0, bytemuck::cast_slice(&poison)).unwrap();
+    let table = u32_buf(b, c.table);
+    let inv_freq = f32_buf(b, c.inv_freq);
+    let (mut qs, mut ks) = (vec![], vec![]);
+    let mut pos0 = 0;
+    for &rows in c.steps {
+        let mut q = f32_buf(b, &c.q[pos0 * qw..(pos0 + rows) * qw]);
+        let mut k = f32_buf(b, &c.k[pos0 * kw..(pos0 + rows) * kw]);
+        let v = f32_buf(b, &c.v[pos0 * kw..(pos0 + rows) * kw]);
+        let cache = KvSlot {
+            k: &mut kc,
+            v: &mut vc,
+            table: &table,
+            dtype: c.kv,
+        };
+        let rope = RopeArgs {
+            inv_freq: &inv_freq,
+            attn_scale: c.scale,
+        };
+        b.rope_kv_append(&mut q, &mut k, &v, cache, rope, rows, pos0, c.h)
+            .unwrap();
+        qs.push(read_f32(b, &q, rows * qw));
+        ks.push(read_f32(b, &k, rows * kw));
+        pos0 += rows;
+    }
+    let mut kbytes = vec![0u8; cache_bytes];
+    let mut vbytes = vec![0u8; cache_bytes];
+    b.read(&kc, 0, &mut kbytes).unwrap();
+    b.read(&vc, 0, &mut vbytes).unwrap();
+    (qs, ks, kbytes, vbytes)
+}
+
+/// rope_kv_append (one pass on the GPUs) against the CPU's rope then kv_append: a sequence fed
+/// in steps of one and several rows through a paged cache whose block table is out of order
+/// and whose unwritten slots hold NaN, crossing block boundaries at pos0 > 0, for both cache
+/// dtypes; q and k (rotated in place) after every step and the cache contents at the end.
+fn check_rope_kv_append<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
+    let cpu = Cpu::new();
+    // GQA 4 and 3, MHA; head_dim 6 is not a multiple of 4 (the unfused path on wgpu).
+    for (h, scale) in [
+        (heads(8, 2, 64), 1.0),
+        (heads(9, 3, 32), 1.3),
+        (heads(4, 4, 128), 1.0),
+        (heads(4, 2, 6), 1.0),
+    ] {
+        // Positions 0..13, then one at a time across the block boundary at 16, then 6 and 3.
+        let steps = [13, 1, 1, 1, 1, 6, 3];
+        let total: usize = steps.iter().sum();
+        let blocks = total.div_ceil(KV_BLOCK);
+        let pool_blocks = blocks + 2;
+        // Blocks in reverse order, skipping block 0 (never written: NaN).
+        let table: Vec<u32> = (0..blocks as u32)
+            .map(|b| pool_blocks as u32 - 1 - b)
+            .collect();
+        let f = inv_freq(h.head_dim, 10000.0);
+        let (qw, kw) = (h.n_heads * h.head_dim, h.n_kv_heads * h.head_dim);
+        let (q, k, v) = (
+            randn(r, total * qw, 1.0),
+            randn(r, total * kw, 1.0),
+            randn(r, total * kw, 1.0),
+        );
+        for kv in [DType::F32, DType::F16] {
+            let case = RopeKvCase {
+                h,
+                kv,
+                scale,
+                steps: &steps,
+                table: &table,
+                pool_blocks,
+                inv_freq: &f,
+                q: &q,
+                k: &k,
+                v: &v,
+            };
+            let what = format!("{name} rope_kv_append {h:?} {kv}");
+            let (cq, ck, ckc, cvc) = run_rope_kv(&cpu, &case);
+            let (gq, gk, gkc, gvc) = run_rope_kv(gpu, &case);
+            // As in check_rope: a few ulps of sin / cos.
+            let tol = 1e-9;
+            for (i, (rows, (a, b))) in steps.iter().zip(cq.iter().zip(&gq)).enumerate() {
+                assert_close(&format!("{what} step {i} ({rows} rows) q"), a, b, tol);
+                assert_close(&format!("{what} step {i} k"), &ck[i], &gk[i], tol);
+            }
+            let written = |bytes: &[u8]| -> Vec<f32> {
+                cache_values(kv, bytes)
+                    .into_iter()
+                    .filter(|x| !x.is_nan())
+                    .collect()
+            };
+            let (kg, vg) = (written(&gkc), written(&gvc));
+            assert_eq!(kg.len(), total * kw, "{what}: K values written");
+            assert_eq!(vg.len(), total * kw, "{what}: V values written");
+            // The rotated k stored in the cache is the k returned (up to the f16 rounding).
+            let tol = if kv == DType::F16 { TOL_F16_KV } else { tol };
+            assert_close(&format!("{what} K cache"), &written(&ckc), &kg, tol);
+            assert_close(&format!("{what} V cache"), &written(&cvc), &vg, tol);
+        }
+    }
+}
+
+#[test]
+fn rope_kv_append_matches_rope_then_kv_append() {
+    let mut r = rng(10);
+    on_every_gpu!(check_rope_kv_append, &mut r);
 }

@@ -1,7 +1,7 @@
 //! Matmul and embedding on GGUF block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K), every GPU variant
 //! against the CPU backend's reference decoding (src/quant_blocks.rs): every format, rows whose
-//! byte length is not a multiple of 4, the mat-vec and tiled (cuBLAS) paths, and weights bound in
-//! row chunks (wgpu). Conventions as in backend_parity.rs (poisoned outputs, normalised MSE, when
+//! byte length is not a multiple of 4, the mat-vec and tiled (cuBLAS) paths, weights bound in
+//! row chunks (wgpu), and the fused projections (residual, norm + q/k/v, norm + gate/up). Conventions as in backend_parity.rs (poisoned outputs, normalised MSE, when
 //! a missing device is a failure rather than a skip).
 
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
@@ -13,6 +13,7 @@ mod parity;
 use anyllama::backend::cpu::Cpu;
 use anyllama::backend::Backend;
 use anyllama::dtype::DType;
+use parity::fused::FusedCase;
 use parity::*;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -103,4 +104,26 @@ fn matmul_decodes_every_block_format() {
             }
         }
     }
+}
+
+/// The fused projections (parity/fused.rs) on block-format weights: decode row counts (fused)
+/// and a prefill one, every format and row width, with and without biases.
+fn check_quant_fused<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
+    for dtype in QUANTS {
+        for rows in [1, 3, 5, 9] {
+            for &k in quant_widths(dtype) {
+                for with_bias in [false, true] {
+                    let weights = |r: &mut ChaCha8Rng, n| quant_bytes(r, dtype, n, k);
+                    let case = FusedCase::new(r, dtype, [rows, 49, k], with_bias, weights);
+                    case.check(name, gpu);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_projections_decode_every_block_format() {
+    let mut r = rng(13);
+    on_every_gpu!(check_quant_fused, &mut r);
 }

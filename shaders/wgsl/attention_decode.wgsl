@@ -3,12 +3,15 @@
 // positions (a multiple of 16, at most SPLIT_MAX); a workgroup owns one (split, group of gc
 // query heads sharing a kv head, row) and writes an unnormalised partial result: its max score
 // m, sum of exp(score - m) l, and the weighted sum of V rows. attention_combine.wgsl merges the
-// splits. Many workgroups per head keep the GPU busy on long contexts with one query row.
+// splits. Many workgroups per head keep the GPU busy on long contexts with one query row. When
+// the whole context fits one split (override DIRECT), the first binding is the output instead
+// and each workgroup writes its heads' final o / l: no combine pass.
 // Inside: one thread per position scores it against the gc heads (K read once for all of
 // them), 16 threads per head reduce max and sum, then each thread accumulates P . V for its
 // head dims (V read once for all heads). Per-head values travel as two vec4 (heads 0-3, 4-7 of
 // the workgroup, zero past gc) so that no private array is indexed at run time. Cache layout [block][16][kv_head][head_dim], f16 (two
-// per u32) or f32 (override KV_F16). Partials: [row][head][split][head_dim + 2] (o..., m, l).
+// per u32) or f32 (override KV_F16). Partials: [row][head][split][head_dim + 2] (o..., m, l);
+// DIRECT output: [row][head][head_dim].
 
 struct Params {
     rows: u32,
@@ -29,8 +32,10 @@ const GC_MAX: u32 = 8u;
 const MASKED: f32 = -1e30;
 override KV_F16: bool = true;
 override HD_MAX: u32 = 256u;
+override DIRECT: bool = false;
 
 @group(0) @binding(0) var<uniform> params: Params;
+// The partials, or with DIRECT the output.
 @group(0) @binding(1) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 @group(0) @binding(3) var<storage, read> k_cache: array<u32>;
@@ -178,6 +183,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             b_lo += w_lo * v;
             b_hi += w_hi * v;
         }
+    }
+    if (DIRECT) {
+        for (var gg = 0u; gg < gc; gg++) {
+            let base = (r * params.n_heads + h0 + gg) * hd;
+            let l = stats[2u * gg + 1u];
+            if (lid < hd) { partials[base + lid] = head(a_lo, a_hi, gg) / l; }
+            if (lid + WG < hd) { partials[base + lid + WG] = head(b_lo, b_hi, gg) / l; }
+        }
+        return;
     }
     let n_splits = (params.pos0 + params.rows + params.split_len - 1u) / params.split_len;
     let stride = hd + 2u;

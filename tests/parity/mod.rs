@@ -12,7 +12,7 @@
 
 use anyllama::backend::cpu::Cpu;
 use anyllama::backend::params::KV_BLOCK;
-use anyllama::backend::{Backend, Heads, KvView, SampleOp, Weight};
+use anyllama::backend::{Backend, Heads, KvView, RmsNormed, SampleOp, Weight};
 use anyllama::dtype::DType;
 use anyllama::pool::Buf;
 use half::{bf16, f16};
@@ -20,6 +20,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::OnceLock;
+
+pub mod fused;
 
 #[cfg(feature = "cuda")]
 use anyllama::backend::cuda::{Cuda, CudaOptions};

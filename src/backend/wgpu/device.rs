@@ -1,7 +1,8 @@
 //! Adapter choice and device creation: ranks the adapters wgpu finds (discrete > integrated >
 //! virtual > CPU, native APIs before GL), opens the chosen one with its real limits and the
-//! optional features the kernels use (SHADER_F16, SUBGROUP), and routes every asynchronous
-//! device error (validation, out of memory, device lost) into one sticky error slot.
+//! optional features the kernels use (SHADER_F16, SUBGROUP; timestamp queries when profiling),
+//! and routes every asynchronous device error (validation, out of memory, device lost) into one
+//! sticky error slot.
 
 use crate::error::{Error, Result};
 use std::fmt;
@@ -154,12 +155,16 @@ pub(super) struct Gpu {
     pub limits: wgpu::Limits,
     /// SHADER_F16 is enabled (and not disabled by the portable option).
     pub shader_f16: bool,
+    /// Timestamps can be written inside compute passes (asked for only when profiling), or
+    /// why not.
+    pub timestamps: std::result::Result<(), String>,
     pub errors: ErrorSlot,
 }
 
 /// Opens adapter `adapter_index` of `list_adapters()` (the best one when None). `portable`
-/// requests no optional feature, so that the portable kernels run even where better ones exist.
-pub(super) fn open(adapter_index: Option<usize>, portable: bool) -> Result<Gpu> {
+/// requests no optional kernel feature, so that the portable kernels run even where better ones
+/// exist. `profile` asks for the timestamp queries of the profile (profile.rs).
+pub(super) fn open(adapter_index: Option<usize>, portable: bool, profile: bool) -> Result<Gpu> {
     let instance = instance();
     let mut adapters = ranked_adapters(&instance);
     if adapters.is_empty() {
@@ -178,12 +183,41 @@ pub(super) fn open(adapter_index: Option<usize>, portable: bool) -> Result<Gpu> 
     }
     let adapter = adapters.swap_remove(index);
     let summary = summary(index, &adapter);
-    let wanted = if portable {
+    let mut wanted = if portable {
         wgpu::Features::empty()
     } else {
         wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP
     };
+    // Both: TIMESTAMP_QUERY_INSIDE_PASSES is what lets every dispatch of the one long compute
+    // pass be timed, and it is usable only together with TIMESTAMP_QUERY.
+    let stamps = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+    if profile {
+        wanted |= stamps;
+    }
     let features = adapter.features() & wanted;
+    let timestamps = if !profile {
+        Err("not asked for".to_string())
+    } else if features.contains(stamps) {
+        Ok(())
+    } else {
+        let missing: Vec<_> = [
+            (wgpu::Features::TIMESTAMP_QUERY, "TIMESTAMP_QUERY"),
+            (
+                wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES,
+                "TIMESTAMP_QUERY_INSIDE_PASSES",
+            ),
+        ]
+        .into_iter()
+        .filter(|(f, _)| !features.contains(*f))
+        .map(|(_, name)| name)
+        .collect();
+        Err(format!(
+            "{} ({}) lacks {}",
+            summary.name,
+            summary.backend,
+            missing.join(" and ")
+        ))
+    };
     let limits = adapter.limits();
     let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
         label: Some("anyllama"),
@@ -215,6 +249,7 @@ pub(super) fn open(adapter_index: Option<usize>, portable: bool) -> Result<Gpu> 
         queue,
         limits,
         shader_f16: features.contains(wgpu::Features::SHADER_F16),
+        timestamps,
         summary,
         errors,
     })

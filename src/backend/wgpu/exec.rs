@@ -8,17 +8,19 @@
 //! so a decode step that reuses its buffers creates none after the first token. Scratch buffers
 //! (attention partials, sampling probabilities) grow rarely and are reused; an op that passes
 //! data between its dispatches through one holds `exclusive()`, so that threads sharing the
-//! backend cannot interleave there.
+//! backend cannot interleave there. With ANYLLAMA_WGPU_PROFILE set, dispatches, submits and
+//! waits also report to the profiler (profile.rs).
 
 use super::device::{ErrorSlot, Gpu};
 use super::pipelines::{Pipeline, PARAMS_BIND_BYTES};
+use super::profile::Profiler;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Most storage bindings of any kernel.
-const MAX_STORAGE: usize = 6;
+const MAX_STORAGE: usize = 8;
 /// Dispatches per submission before the params ring wraps (a decode step needs a few hundred).
 const RING_SLOTS: u64 = 4096;
 /// Past this many cached bind groups the cache starts over (it also keeps dropped buffers alive).
@@ -60,6 +62,7 @@ struct State {
     in_flight: HashMap<u64, InFlight>,
     staging: Vec<wgpu::Buffer>,
     next_ticket: u64,
+    profile: Option<Profiler>,
 }
 
 /// A staging buffer being mapped after the submission that copies into it.
@@ -83,10 +86,13 @@ pub(super) struct Exec {
     /// Held by an op that records several dispatches through a scratch buffer, so that another
     /// thread's op cannot slip in between and overwrite the scratch.
     multi: Mutex<()>,
+    /// `State::profile` is set (known without taking the lock).
+    profiling: bool,
 }
 
 impl Exec {
-    pub fn new(gpu: &Gpu) -> Exec {
+    /// `profile`: time every dispatch and the host's work (profile.rs).
+    pub fn new(gpu: &Gpu, profile: bool) -> Exec {
         let slot = PARAMS_BIND_BYTES
             .next_multiple_of(gpu.limits.min_uniform_buffer_offset_alignment as u64);
         let ring = gpu.device.create_buffer(&wgpu::BufferDescriptor {
@@ -113,8 +119,11 @@ impl Exec {
                 in_flight: HashMap::new(),
                 staging: Vec::new(),
                 next_ticket: 0,
+                profile: profile
+                    .then(|| Profiler::new(&gpu.device, &gpu.queue, gpu.timestamps.clone())),
             }),
             multi: Mutex::new(()),
+            profiling: profile,
         }
     }
 
@@ -136,7 +145,14 @@ impl Exec {
         groups: [u32; 3],
     ) -> Result<()> {
         self.errors.check()?;
-        debug_assert_eq!(binds.len(), p.n_storage);
+        if binds.len() != p.bindings.len() || binds.len() > MAX_STORAGE {
+            return Err(Error::Device(format!(
+                "{}: {} buffers bound, the kernel takes {}",
+                p.name,
+                binds.len(),
+                p.bindings.len()
+            )));
+        }
         debug_assert!(params.len() as u64 <= PARAMS_BIND_BYTES);
         if groups.contains(&0) {
             return Ok(());
@@ -147,8 +163,9 @@ impl Exec {
                 "dispatch of {groups:?} workgroups exceeds the device limit of {max} per dimension"
             )));
         }
+        let started = self.profiling.then(Instant::now);
         let mut st = self.lock();
-        if st.used_slots == RING_SLOTS {
+        if st.used_slots == RING_SLOTS || st.profile.as_ref().is_some_and(Profiler::full) {
             self.submit(&mut st);
         }
         let offset = st.used_slots * self.slot;
@@ -167,7 +184,10 @@ impl Exec {
         }
         self.ensure_pass(&mut st);
         let State {
-            pass, bind_groups, ..
+            pass,
+            bind_groups,
+            profile,
+            ..
         } = &mut *st;
         let bind_group = bind_groups
             .entry(key)
@@ -175,7 +195,16 @@ impl Exec {
         let pass = pass.as_mut().expect("pass just opened");
         pass.set_pipeline(&p.pipeline);
         pass.set_bind_group(0, &*bind_group, &[offset as u32]);
-        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        let [x, y, z] = groups;
+        match profile {
+            None => pass.dispatch_workgroups(x, y, z),
+            Some(prof) => {
+                prof.timed(pass, &p.name, |pass| pass.dispatch_workgroups(x, y, z));
+                if let Some(t0) = started {
+                    prof.recorded(t0.elapsed());
+                }
+            }
+        }
         Ok(())
     }
 
@@ -189,9 +218,9 @@ impl Exec {
                 size: wgpu::BufferSize::new(PARAMS_BIND_BYTES),
             }),
         });
-        for (i, b) in binds.iter().enumerate() {
+        for (&binding, b) in p.bindings.iter().zip(binds) {
             entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
+                binding,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b.buf,
                     offset: b.offset,
@@ -233,19 +262,31 @@ impl Exec {
     /// Submits the pending encoder with its params (no wait).
     fn submit(&self, st: &mut State) {
         st.pass = None;
-        let Some(encoder) = st.encoder.take() else {
+        let Some(mut encoder) = st.encoder.take() else {
             return;
         };
+        let started = self.profiling.then(Instant::now);
+        if let Some(prof) = &mut st.profile {
+            prof.resolve(&mut encoder);
+        }
         if st.used_slots > 0 {
             let used = (st.used_slots * self.slot) as usize;
             self.queue.write_buffer(&self.ring, 0, &st.params[..used]);
             st.used_slots = 0;
         }
         st.last_submit = Some(self.queue.submit([encoder.finish()]));
+        if let (Some(prof), Some(t0)) = (&mut st.profile, started) {
+            prof.submitted(t0.elapsed());
+        }
     }
 
     fn wait(&self, st: &mut State) -> Result<()> {
-        self.wait_for(st.last_submit.take())
+        let started = self.profiling.then(Instant::now);
+        let waited = self.wait_for(st.last_submit.take());
+        if let (Some(prof), Some(t0)) = (&mut st.profile, started) {
+            prof.waited(t0.elapsed());
+        }
+        waited
     }
 
     /// Waits for submission `index` (every submission when None); a timeout or a lost device
@@ -418,7 +459,7 @@ impl Exec {
         // Polling without the state lock lets other threads keep recording meanwhile. Another
         // thread's poll may be the one that runs this buffer's map callback, and only after our
         // poll returned: poll again until the callback has run.
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let result = loop {
             self.wait_for(Some(r.submission.clone()))?;
             if let Some(done) = r.mapped.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -429,6 +470,12 @@ impl Exec {
             }
             std::thread::yield_now();
         };
+        if self.profiling {
+            // The profile batches of the submissions waited for are mapped by now: count them.
+            if let Some(prof) = &mut self.lock().profile {
+                prof.waited(start.elapsed());
+            }
+        }
         if let Err(e) = result {
             return Err(Error::Device(format!("mapping the readback buffer: {e}")));
         }
@@ -494,6 +541,16 @@ impl Exec {
             None => Ok(buf),
             Some(e) => Err(Error::Device(format!("allocating {bytes} bytes: {e}"))),
         }
+    }
+
+    /// The profile so far (after waiting for every enqueued op); None when not profiling.
+    pub fn profile_report(&self) -> Option<String> {
+        if !self.profiling {
+            return None;
+        }
+        // A failed device still reports what was timed before it failed.
+        let _ = self.sync();
+        self.lock().profile.as_ref().map(Profiler::report)
     }
 
     /// Forgets cached bind groups (they keep their buffers alive).

@@ -4,12 +4,16 @@
 //!
 //! Files: device.rs (adapter choice, limits, error routing), pipelines.rs (shaders and
 //! pipelines, all built at load), exec.rs (encoder / pass / params ring / bind group cache),
-//! ops.rs (the `Backend` impl: sizes, checks, dispatch shapes).
+//! ops.rs (the `Backend` impl: sizes, checks, dispatch shapes), fused.rs (the fused decode ops:
+//! norm + q/k/v, norm + gate/up + swiglu, rope + KV append), profile.rs (per-kernel GPU times,
+//! `ANYLLAMA_WGPU_PROFILE=1`).
 
 mod device;
 mod exec;
+mod fused;
 mod ops;
 mod pipelines;
+mod profile;
 
 pub use device::{list_adapters, AdapterSummary};
 
@@ -31,6 +35,10 @@ pub struct WgpuOptions {
     /// Caps the bytes bound to one storage binding below the device limit, so that tests can
     /// exercise the row-chunked weight path with small tensors. None: the device limit.
     pub max_storage_binding: Option<u64>,
+    /// Time every dispatch on the GPU (where the adapter can write timestamps inside compute
+    /// passes) and the host's recording and waiting; the table goes to stderr when the backend
+    /// is dropped. `ANYLLAMA_WGPU_PROFILE=1` sets it for `Wgpu::new`.
+    pub profile: bool,
 }
 
 pub struct Wgpu {
@@ -47,20 +55,20 @@ impl Wgpu {
     /// Opens adapter `adapter_index` of `list_adapters()` (the best one when None) and builds
     /// every pipeline.
     pub fn new(adapter_index: Option<usize>) -> Result<Wgpu> {
-        let portable =
-            std::env::var("ANYLLAMA_WGPU_PORTABLE").is_ok_and(|v| v != "0" && !v.is_empty());
+        let flag = |name| std::env::var(name).is_ok_and(|v| v != "0" && !v.is_empty());
         Wgpu::with_options(WgpuOptions {
             adapter_index,
-            portable,
+            portable: flag("ANYLLAMA_WGPU_PORTABLE"),
             max_storage_binding: None,
+            profile: flag("ANYLLAMA_WGPU_PROFILE"),
         })
     }
 
     pub fn with_options(options: WgpuOptions) -> Result<Wgpu> {
-        let gpu = device::open(options.adapter_index, options.portable)?;
+        let gpu = device::open(options.adapter_index, options.portable, options.profile)?;
         let pipelines = Pipelines::new(&gpu)?;
         Ok(Wgpu {
-            exec: Exec::new(&gpu),
+            exec: Exec::new(&gpu, options.profile),
             pipelines,
             pool: Arc::new(Pool::default()),
             native_f16: gpu.shader_f16,
@@ -89,6 +97,24 @@ impl Wgpu {
         self.native_f16
     }
 
+    /// The profile so far, as printed on drop (waits for the enqueued work first); None unless
+    /// the backend was opened with `profile`.
+    pub fn profile_report(&self) -> Option<String> {
+        self.exec.profile_report()
+    }
+
+    /// Splits of the decode attention kernel for `rows` query rows at positions pos0..; 1
+    /// means the kernel writes the output itself (no combine pass); None when `rows` take the
+    /// prefill kernel instead.
+    pub fn attention_decode_splits(
+        &self,
+        rows: usize,
+        pos0: usize,
+        heads: crate::backend::Heads,
+    ) -> Option<usize> {
+        (rows <= ops::DECODE_MAX_ROWS).then(|| ops::decode_plan(rows, pos0 + rows, heads).1)
+    }
+
     /// Largest head_dim the attention kernels take on this device.
     pub fn max_head_dim(&self) -> usize {
         self.pipelines.tuning.head_dim_max as usize
@@ -99,5 +125,13 @@ impl Wgpu {
     pub fn trim(&self) {
         self.exec.clear_bind_groups();
         self.pool.trim();
+    }
+}
+
+impl Drop for Wgpu {
+    fn drop(&mut self) {
+        if let Some(report) = self.exec.profile_report() {
+            eprint!("{report}");
+        }
     }
 }

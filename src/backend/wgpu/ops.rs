@@ -3,29 +3,38 @@
 //! dispatch shape. The kernels themselves are in shaders/wgsl/.
 
 use super::exec::{Bind, Scratch};
-use super::pipelines::{Float, Kernel, Quant};
+use super::pipelines::{Float, Kernel, Quant, Store};
 use super::Wgpu;
 use crate::backend::checks;
 use crate::backend::params::*;
-use crate::backend::{Backend, Heads, KvView, PendingRead, SampleOp, Weight};
+use crate::backend::{
+    ffn_gate_up_unfused, matmul_residual_unfused, norm_qkv_unfused, rope_kv_append_unfused,
+    Backend, Heads, KvSlot, KvView, PendingRead, RmsNormed, RopeArgs, SampleOp, Weight,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
 use std::sync::Arc;
 
 /// Threads per workgroup of the one-thread-per-element kernels.
-const WG: u64 = 256;
-/// Up to this many rows, matmul runs the mat-vec kernel (4 rows per pass over the weights).
-const MATVEC_MAX_ROWS: usize = 8;
+pub(super) const WG: u64 = 256;
+/// Up to this many rows, matmul runs the mat-vec kernel (4 rows per pass over the weights);
+/// the fused projections (matmul_residual, norm_qkv, ffn_gate_up) are fused on these rows.
+pub(super) const MATVEC_MAX_ROWS: usize = 8;
+/// Output features per mat-vec workgroup (TEAMS of matmul_plain.wgsl / matmul_norm.wgsl).
+pub(super) const MATVEC_FEATURES: usize = 8;
 /// Up to this many query rows, attention runs the split-KV decode kernel.
-const DECODE_MAX_ROWS: usize = 4;
+pub(super) const DECODE_MAX_ROWS: usize = 4;
 /// attention_decode.wgsl: most positions per split, most query heads per workgroup.
 const SPLIT_MAX: usize = 128;
 const HEADS_PER_WG_MAX: usize = 8;
 /// Workgroups the split-KV kernel aims for, so that one query row still fills a big GPU.
 const DECODE_TARGET_WORKGROUPS: usize = 256;
+/// Contexts up to this long are attended in one split, whose workgroups write the output
+/// directly: the combine pass would cost more than the parallelism it buys.
+const DECODE_ONE_SPLIT_MAX: usize = 64;
 
-fn dev(msg: String) -> Error {
+pub(super) fn dev(msg: String) -> Error {
     Error::Device(msg)
 }
 
@@ -49,6 +58,15 @@ fn storage_of(dtype: DType) -> Storage {
     }
 }
 
+/// What a matmul's epilogue does with the sums.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    /// out = x . w^T
+    Write,
+    /// out += x . w^T (+ bias)
+    Add(Option<&'a Buf<Wgpu>>),
+}
+
 /// Query heads per decode workgroup: the largest divisor of the GQA group size <= 8 (mirrors
 /// `heads_per_workgroup` in attention_decode.wgsl).
 fn heads_per_workgroup(group: usize) -> usize {
@@ -59,8 +77,17 @@ fn heads_per_workgroup(group: usize) -> usize {
 }
 
 impl Wgpu {
+    /// How the matmul kernels read weights of `dtype`.
+    pub(super) fn store(&self, dtype: DType) -> Store {
+        match storage_of(dtype) {
+            Storage::Float(Float::F16) if self.native_f16 => Store::NativeF16,
+            Storage::Float(d) => Store::Float(d),
+            Storage::Quant(q) => Store::Quant(q),
+        }
+    }
+
     /// Checks that `b` holds `need` bytes.
-    fn check_len(&self, b: &Buf<Wgpu>, need: usize, what: &str, op: &str) -> Result<()> {
+    pub(super) fn check_len(&self, b: &Buf<Wgpu>, need: usize, what: &str, op: &str) -> Result<()> {
         let cap = b.raw().size();
         if need as u64 > cap {
             return Err(dev(format!(
@@ -71,7 +98,13 @@ impl Wgpu {
     }
 
     /// Binds all of `b` (up to the storage binding limit), checking that `need` bytes are there.
-    fn bind<'a>(&self, b: &'a Buf<Wgpu>, need: usize, what: &str, op: &str) -> Result<Bind<'a>> {
+    pub(super) fn bind<'a>(
+        &self,
+        b: &'a Buf<Wgpu>,
+        need: usize,
+        what: &str,
+        op: &str,
+    ) -> Result<Bind<'a>> {
         self.check_len(b, need, what, op)?;
         let buf = b.raw();
         let cap = buf.size();
@@ -95,7 +128,7 @@ impl Wgpu {
     }
 
     /// Workgroups for `threads` threads of `wg` each, as a 2D grid when one dimension is short.
-    fn grid(&self, threads: u64, wg: u64) -> [u32; 3] {
+    pub(super) fn grid(&self, threads: u64, wg: u64) -> [u32; 3] {
         let groups = threads.div_ceil(wg);
         let max = self.exec.limits.max_compute_workgroups_per_dimension as u64;
         let x = groups.min(max);
@@ -106,7 +139,7 @@ impl Wgpu {
     /// Rows of a `[rows, row_bytes]` weight bound per dispatch: all of them when the tensor
     /// fits one storage binding, else the most whose bytes fit with every chunk starting on
     /// the storage offset alignment.
-    fn rows_per_chunk(&self, rows: usize, row_bytes: u64, op: &str) -> Result<usize> {
+    pub(super) fn rows_per_chunk(&self, rows: usize, row_bytes: u64, op: &str) -> Result<usize> {
         let max = self.max_binding();
         if rows as u64 * row_bytes <= max {
             return Ok(rows.max(1));
@@ -146,7 +179,73 @@ impl Wgpu {
         Bind { buf, offset, size }
     }
 
-    fn run<P: bytemuck::Pod>(
+    /// out (+)= x . w^T: the mat-vec kernel for up to MATVEC_MAX_ROWS rows (the only one with
+    /// an adding epilogue), else the tiled one; weights over the binding limit in row chunks.
+    fn matmul_with(
+        &self,
+        out: &mut Buf<Wgpu>,
+        x: &Buf<Wgpu>,
+        w: &Weight<Wgpu>,
+        rows: usize,
+        epilogue: Epilogue,
+    ) -> Result<()> {
+        const OP: &str = "matmul";
+        let (n, k) = (w.rows, w.cols);
+        let row_bytes = checks::row_bytes(w.dtype, k, OP)? as u64;
+        self.check_len(&w.buf, n * row_bytes as usize, "the weight", OP)?;
+        let o = self.bind(out, rows * n * 4, "out", OP)?;
+        let xb = self.bind(x, rows * k * 4, "x", OP)?;
+        let matvec = rows <= MATVEC_MAX_ROWS;
+        let store = self.store(w.dtype);
+        let (kernel, bias) = match (epilogue, matvec) {
+            (Epilogue::Write, true) => (Kernel::MatVec(store), None),
+            (Epilogue::Write, false) => (Kernel::MatTiled(store), None),
+            (Epilogue::Add(bias), true) => {
+                let b = bias.map(|b| self.bind(b, n * 4, "bias", OP)).transpose()?;
+                let bias = b.is_some();
+                (Kernel::MatVecAdd { store, bias }, b)
+            }
+            (Epilogue::Add(_), false) => {
+                return Err(dev(format!(
+                    "{OP}: the adding epilogue is a mat-vec of at most {MATVEC_MAX_ROWS} rows"
+                )))
+            }
+        };
+        let chunk = self.rows_per_chunk(n, row_bytes, OP)?;
+        let mut col0 = 0;
+        while col0 < n {
+            let nc = chunk.min(n - col0);
+            let params = MatmulParams {
+                rows: rows as u32,
+                n: nc as u32,
+                k: k as u32,
+                out_stride: n as u32,
+                col0: col0 as u32,
+                accumulate: matches!(epilogue, Epilogue::Add(_)) as u32,
+                _pad: [0; 2],
+            };
+            let wb = self.bind_rows(&w.buf, n, col0, nc, row_bytes);
+            // matvec: 8 output features per workgroup, 4 rows per grid row; tiled: 64 rows x
+            // 128 features.
+            let groups = if matvec {
+                [
+                    nc.div_ceil(MATVEC_FEATURES) as u32,
+                    rows.div_ceil(4) as u32,
+                    1,
+                ]
+            } else {
+                [nc.div_ceil(128) as u32, rows.div_ceil(64) as u32, 1]
+            };
+            match bias {
+                None => self.run(kernel, &params, &[o, xb, wb], groups)?,
+                Some(b) => self.run(kernel, &params, &[o, xb, wb, b], groups)?,
+            }
+            col0 += nc;
+        }
+        Ok(())
+    }
+
+    pub(super) fn run<P: bytemuck::Pod>(
         &self,
         k: Kernel,
         params: &P,
@@ -155,8 +254,25 @@ impl Wgpu {
     ) -> Result<()> {
         let p = self.pipelines.get(k)?;
         self.exec
-            .dispatch(p, bytemuck::bytes_of(params), binds, groups)
+            .dispatch(&p, bytemuck::bytes_of(params), binds, groups)
     }
+}
+
+/// (positions per split, splits) of the decode kernel for `rows` query rows over `n_ctx`
+/// positions: one split for short contexts, else enough splits that about
+/// DECODE_TARGET_WORKGROUPS workgroups run.
+pub(super) fn decode_plan(rows: usize, n_ctx: usize, h: Heads) -> (usize, usize) {
+    let split_len = if n_ctx <= DECODE_ONE_SPLIT_MAX {
+        n_ctx.next_multiple_of(KV_BLOCK)
+    } else {
+        let head_groups = h.n_heads / heads_per_workgroup(h.n_heads / h.n_kv_heads);
+        let wanted = DECODE_TARGET_WORKGROUPS.div_ceil(head_groups * rows).max(1);
+        n_ctx
+            .div_ceil(wanted)
+            .next_multiple_of(KV_BLOCK)
+            .clamp(KV_BLOCK, SPLIT_MAX)
+    };
+    (split_len, n_ctx.div_ceil(split_len))
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -329,46 +445,70 @@ impl Backend for Wgpu {
         w: &Weight<Self>,
         rows: usize,
     ) -> Result<()> {
-        const OP: &str = "matmul";
-        let (n, k) = (w.rows, w.cols);
-        let row_bytes = checks::row_bytes(w.dtype, k, OP)? as u64;
-        self.check_len(&w.buf, n * row_bytes as usize, "the weight", OP)?;
-        let o = self.bind(out, rows * n * 4, "out", OP)?;
-        let xb = self.bind(x, rows * k * 4, "x", OP)?;
-        let matvec = rows <= MATVEC_MAX_ROWS;
-        let kernel = match (storage_of(w.dtype), self.native_f16, matvec) {
-            (Storage::Float(Float::F16), true, true) => Kernel::MatVecF16,
-            (Storage::Float(Float::F16), true, false) => Kernel::MatTiledF16,
-            (Storage::Float(d), _, true) => Kernel::MatVec(d),
-            (Storage::Float(d), _, false) => Kernel::MatTiled(d),
-            (Storage::Quant(q), _, true) => Kernel::MatVecQ(q),
-            (Storage::Quant(q), _, false) => Kernel::MatTiledQ(q),
-        };
-        let chunk = self.rows_per_chunk(n, row_bytes, OP)?;
-        let mut col0 = 0;
-        while col0 < n {
-            let nc = chunk.min(n - col0);
-            let params = MatmulParams {
-                rows: rows as u32,
-                n: nc as u32,
-                k: k as u32,
-                out_stride: n as u32,
-                col0: col0 as u32,
-                accumulate: 0,
-                _pad: [0; 2],
-            };
-            let wb = self.bind_rows(&w.buf, n, col0, nc, row_bytes);
-            // matvec: 8 output features per workgroup, 4 rows per grid row; tiled: 64 rows x
-            // 128 features.
-            let groups = if matvec {
-                [nc.div_ceil(8) as u32, rows.div_ceil(4) as u32, 1]
-            } else {
-                [nc.div_ceil(128) as u32, rows.div_ceil(64) as u32, 1]
-            };
-            self.run(kernel, &params, &[o, xb, wb], groups)?;
-            col0 += nc;
+        self.matmul_with(out, x, w, rows, Epilogue::Write)
+    }
+
+    fn matmul_residual(
+        &self,
+        resid: &mut Buf<Self>,
+        tmp: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        bias: Option<&Buf<Self>>,
+        rows: usize,
+    ) -> Result<()> {
+        if rows > MATVEC_MAX_ROWS {
+            return matmul_residual_unfused(self, resid, tmp, x, w, bias, rows);
         }
-        Ok(())
+        // The mat-vec adds its sums (and the bias) into the residual stream itself.
+        self.matmul_with(resid, x, w, rows, Epilogue::Add(bias))
+    }
+
+    fn norm_qkv(
+        &self,
+        qkv: [&mut Buf<Self>; 3],
+        xb: &mut Buf<Self>,
+        x: RmsNormed<'_, Self>,
+        w: [&Weight<Self>; 3],
+        rows: usize,
+    ) -> Result<()> {
+        match self.norm_qkv_plan(w, rows)? {
+            Some(plan) => self.norm_qkv_fused(qkv, x, w, rows, plan),
+            None => norm_qkv_unfused(self, qkv, xb, x, w, rows),
+        }
+    }
+
+    fn ffn_gate_up(
+        &self,
+        out: &mut Buf<Self>,
+        scratch: [&mut Buf<Self>; 3],
+        x: RmsNormed<'_, Self>,
+        w: (&Weight<Self>, &Weight<Self>),
+        bias: (Option<&Buf<Self>>, Option<&Buf<Self>>),
+        rows: usize,
+    ) -> Result<()> {
+        match self.gate_up_plan(w, bias, rows)? {
+            Some(plan) => self.gate_up_fused(out, x, w, bias, rows, plan),
+            None => ffn_gate_up_unfused(self, out, scratch, x, w, bias, rows),
+        }
+    }
+
+    fn rope_kv_append(
+        &self,
+        q: &mut Buf<Self>,
+        k: &mut Buf<Self>,
+        v: &Buf<Self>,
+        cache: KvSlot<'_, Self>,
+        rope: RopeArgs<'_, Self>,
+        rows: usize,
+        pos0: usize,
+        heads: Heads,
+    ) -> Result<()> {
+        // One thread owns four values of a head: head_dim must split into quarters.
+        if heads.head_dim % 4 != 0 {
+            return rope_kv_append_unfused(self, q, k, v, cache, rope, rows, pos0, heads);
+        }
+        self.rope_kv_append_fused(q, k, v, cache, rope, rows, pos0, heads)
     }
 
     fn add_bias(&self, x: &mut Buf<Self>, bias: &Buf<Self>, rows: usize, n: usize) -> Result<()> {
@@ -505,15 +645,16 @@ impl Backend for Wgpu {
                 groups,
             );
         }
-        // Split-KV: enough splits that ~DECODE_TARGET_WORKGROUPS workgroups run.
-        let head_groups = h.n_heads / heads_per_workgroup(h.n_heads / h.n_kv_heads);
-        let wanted = DECODE_TARGET_WORKGROUPS.div_ceil(head_groups * rows).max(1);
-        let split_len = n_ctx
-            .div_ceil(wanted)
-            .next_multiple_of(KV_BLOCK)
-            .clamp(KV_BLOCK, SPLIT_MAX);
-        let n_splits = n_ctx.div_ceil(split_len);
+        let (split_len, n_splits) = decode_plan(rows, n_ctx, h);
         params.split_len = split_len as u32;
+        let head_groups = h.n_heads / heads_per_workgroup(h.n_heads / h.n_kv_heads);
+        let groups = [n_splits as u32, head_groups as u32, rows as u32];
+        let [q, k, v, t] = inputs;
+        if n_splits == 1 {
+            // One split: its workgroups write the output, no partials and no combine.
+            let kernel = Kernel::AttentionDecode { f16, direct: true };
+            return self.run(kernel, &params, &[o, q, k, v, t], groups);
+        }
         let _exclusive = self.exec.exclusive();
         let part_bytes = (rows * h.n_heads * n_splits * (h.head_dim + 2) * 4) as u64;
         let partials = self.exec.scratch(Scratch::AttentionPartials, part_bytes)?;
@@ -527,10 +668,8 @@ impl Backend for Wgpu {
                 "{OP}: {part_bytes} bytes of split partials exceed the storage binding limit"
             )));
         }
-        let [q, k, v, t] = inputs;
-        let groups = [n_splits as u32, head_groups as u32, rows as u32];
         self.run(
-            Kernel::AttentionDecode { f16 },
+            Kernel::AttentionDecode { f16, direct: false },
             &params,
             &[part, q, k, v, t],
             groups,
