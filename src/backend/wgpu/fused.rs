@@ -27,6 +27,11 @@ impl Wgpu {
     /// The staging size for `rows` input rows of `k` values: the smallest that holds the rows
     /// one workgroup takes (up to 4), else the largest; None when not even one row fits.
     fn norm_plan(&self, rows: usize, k: usize) -> Option<NormPlan> {
+        // matvec_qkv and matvec_gate_up_bias bind 8 storage buffers (WebGPU's minimum limit;
+        // some GL adapters offer fewer).
+        if self.exec.limits.max_storage_buffers_per_shader_stage < 8 {
+            return None;
+        }
         let stride = k.div_ceil(8) * 8;
         let stages = self.pipelines.tuning.norm_stages;
         let group_rows = |stage: u32| 4.min(stage as usize / stride);

@@ -31,7 +31,9 @@ const HEADS_PER_WG_MAX: usize = 8;
 /// Workgroups the split-KV kernel aims for, so that one query row still fills a big GPU.
 const DECODE_TARGET_WORKGROUPS: usize = 256;
 /// Contexts up to this long are attended in one split, whose workgroups write the output
-/// directly: the combine pass would cost more than the parallelism it buys.
+/// directly and save the combine dispatch (each small dispatch costs ~9 us of GPU time on the
+/// H100's Vulkan driver); longer ones are split so that enough workgroups run. The bound is a
+/// judgement, not yet tuned by measurement.
 const DECODE_ONE_SPLIT_MAX: usize = 64;
 
 pub(super) fn dev(msg: String) -> Error {
@@ -504,8 +506,9 @@ impl Backend for Wgpu {
         pos0: usize,
         heads: Heads,
     ) -> Result<()> {
-        // One thread owns four values of a head: head_dim must split into quarters.
-        if heads.head_dim % 4 != 0 {
+        // One thread owns four values of a head: head_dim must split into quarters; the
+        // kernel binds 7 storage buffers.
+        if heads.head_dim % 4 != 0 || self.exec.limits.max_storage_buffers_per_shader_stage < 7 {
             return rope_kv_append_unfused(self, q, k, v, cache, rope, rows, pos0, heads);
         }
         self.rope_kv_append_fused(q, k, v, cache, rope, rows, pos0, heads)
