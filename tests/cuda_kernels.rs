@@ -64,9 +64,11 @@ fn every_kernel_file_compiles_with_nvrtc() {
 /// WGSL shaders whose op lives in a CUDA file of another name: wgpu splits these kernels into
 /// one file per pipeline (f16 and block-format weights, decode / prefill / split-KV combine),
 /// while CUDA keeps all variants of an op in one translation unit.
-const WGSL_ONLY: [(&str, &str); 6] = [
+const WGSL_ONLY: [(&str, &str); 8] = [
     ("matmul_f16", "matmul"),
     ("matmul_quant", "matmul"),
+    ("matmul_plain", "matmul"),
+    ("matmul_norm", "matmul"),
     ("embedding_quant", "embedding"),
     ("attention_decode", "attention"),
     ("attention_prefill", "attention"),

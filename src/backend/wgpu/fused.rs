@@ -15,6 +15,12 @@ use crate::backend::{Heads, KvSlot, RmsNormed, RopeArgs, Weight};
 use crate::error::Result;
 use crate::pool::Buf;
 
+/// Widest input row whose norm is folded into the mat-vecs. On the H100 the staging prologue
+/// pays off at 576 and 2048 (SmolLM2-135M decode 337 -> 510 tok/s, Llama-3.2-1B 335 -> 410)
+/// but not at 4096: the 8B shape's norm-folded gate/up ran at 195 us per launch (1.2 TB/s),
+/// and its decode fell from 90 to 83 tok/s; wider rows take rms_norm and the plain mat-vecs.
+const NORM_FOLD_MAX_K: usize = 2048;
+
 /// How a norm-folded mat-vec runs: the staging size of its pipeline and the input rows each
 /// workgroup takes (matmul_norm.wgsl's group_rows for that size).
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +33,9 @@ impl Wgpu {
     /// The staging size for `rows` input rows of `k` values: the smallest that holds the rows
     /// one workgroup takes (up to 4), else the largest; None when not even one row fits.
     fn norm_plan(&self, rows: usize, k: usize) -> Option<NormPlan> {
+        if k > NORM_FOLD_MAX_K {
+            return None;
+        }
         // matvec_qkv and matvec_gate_up_bias bind 8 storage buffers (WebGPU's minimum limit;
         // some GL adapters offer fewer).
         if self.exec.limits.max_storage_buffers_per_shader_stage < 8 {
