@@ -3,15 +3,11 @@
 //
 // attention_decode (few query rows; flash-decoding): grid (split, kv head, row). A block owns one
 // split of split_len positions and every query head of its kv head's group, so each K and V row
-// is read once for the whole group. Positions go in chunks of 128 / tp: tp threads (1, 2 or 4;
-// more for short splits) score a position of the chunk against every head (q in shared memory,
-// K read 4 values at a time, the partial dots added by shuffles), one warp per head
+// is read once for the whole group. Positions go in chunks of 128: thread t scores position t of
+// the chunk against every head (q in shared memory, K read 4 values at a time), one warp per head
 // turns the scores into online-softmax weights, then each warp accumulates every fourth
 // position's V row (lanes split head_dim) and the warps' sums meet in shared memory at the end.
-// With one split the block writes the normalised output itself. With several it writes its
-// unnormalised output, running max and sum, and the last block of its (kv head, row) to finish
-// (a counter per pair, taken with an atomic after a memory fence, reset by that block) merges
-// every split of the group's heads into the output: no second kernel.
+// The block writes its unnormalised output, running max and sum; attention_combine merges splits.
 //
 // attention_prefill (many query rows; flash-attention style): grid (query tile of 32 rows,
 // head); four threads per query row share its head_dim (dims sub, sub + 4, ...), K and V tiles
@@ -29,7 +25,7 @@
 
 #define KV_BLOCK 16
 #define DEC_THREADS 128
-#define DEC_MAX_GROUP 16 /* the largest attention_decode_<G> instance */
+#define DEC_MAX_GROUP 16
 #define DEC_DIMS 4 /* head_dim <= 32 * DEC_DIMS in the decode kernel */
 #define PRE_ROWS 32
 #define PRE_TILE 16
@@ -44,16 +40,12 @@ __device__ __forceinline__ float kv_get(const void* cache, size_t i, u32 f16) {
 
 // K row of position pos dotted with every head's q (q in shared memory), f16 or f32 cache,
 // loaded 4 values at a time when head_dim allows (rows are then 8- or 16-byte aligned).
-// tp threads share the row: thread `part` takes the dims 4 part, 4 (part + tp), ... (one
-// dim at a time when head_dim is not a multiple of 4); the caller adds the tp partial dots.
-template <int G>
 __device__ __forceinline__ void score_row(float* dot, const float* qs, const void* k_cache,
-                                          size_t base, u32 hd, u32 group, u32 f16, u32 part,
-                                          u32 tp) {
+                                          size_t base, u32 hd, u32 group, u32 f16) {
     if ((hd & 3) == 0) {
         // Unrolled so that several K loads are in flight: the loop is latency-bound otherwise.
 #pragma unroll 8
-        for (u32 d = 4 * part; d < hd; d += 4 * tp) {
+        for (u32 d = 0; d < hd; d += 4) {
             float k[4];
             if (f16) {
                 const uint2 w = *(const uint2*)((const u16*)k_cache + base + d);
@@ -66,70 +58,28 @@ __device__ __forceinline__ void score_row(float* dot, const float* qs, const voi
                 k[0] = w.x; k[1] = w.y; k[2] = w.z; k[3] = w.w;
             }
 #pragma unroll
-            for (int h = 0; h < G; h++)
+            for (int h = 0; h < DEC_MAX_GROUP; h++)
                 if (h < group) {
                     const float* qh = qs + h * hd + d;
                     dot[h] += qh[0] * k[0] + qh[1] * k[1] + qh[2] * k[2] + qh[3] * k[3];
                 }
         }
     } else {
-        for (u32 d = part; d < hd; d += tp) {
+        for (u32 d = 0; d < hd; d++) {
             const float k = kv_get(k_cache, base + d, f16);
 #pragma unroll
-            for (int h = 0; h < G; h++)
+            for (int h = 0; h < DEC_MAX_GROUP; h++)
                 if (h < group) dot[h] += qs[h * hd + d] * k;
         }
     }
 }
 
-// Merges the n_splits partial results of the group's heads (row r, kv head kvh) into out:
-// rescale each split's output by exp(m_split - m), divide by the rescaled sum of l; empty
-// splits have m = -inf, l = 0. The partials were written by other blocks: read them from L2
-// (ld.global.cg: this SM's L1 may hold nothing of them, but must not serve stale lines), after
-// the fence and counter that ordered their writes before this block. Loads are independent so
-// that they overlap (volatile reads would serialize them: one L2 round trip each).
-// hm, hl: shared [group] floats. The whole block calls it.
-__device__ void combine_splits(float* out, const float* part_o, const float* part_ml, float* hm,
-                               float* hl, const AttentionParams& p, u32 n_splits, u32 r,
-                               u32 kvh) {
-    const u32 hd = p.head_dim, group = p.n_heads / p.n_kv_heads, t = threadIdx.x;
-    const size_t head0 = (size_t)r * p.n_heads + kvh * group;
-    if (t < group) {
-        const float* ml = part_ml + 2 * (head0 + t) * n_splits;
-        float mx = -INFINITY;
-        for (u32 s = 0; s < n_splits; s++) mx = fmaxf(mx, __ldcg(ml + 2 * s));
-        float total = 0.0f;
-        for (u32 s = 0; s < n_splits; s++) {
-            const float l = __ldcg(ml + 2 * s + 1);
-            if (l > 0.0f) total += l * expf(__ldcg(ml + 2 * s) - mx);
-        }
-        hm[t] = mx;
-        hl[t] = total;
-    }
-    __syncthreads();
-    for (u32 i = t; i < group * hd; i += blockDim.x) {
-        const u32 h = i / hd, d = i % hd;
-        const size_t row = head0 + h;
-        const float* ml = part_ml + 2 * row * n_splits;
-        float o = 0.0f;
-        for (u32 s = 0; s < n_splits; s++) {
-            const float l = __ldcg(ml + 2 * s + 1);
-            const float po = __ldcg(part_o + (row * n_splits + s) * hd + d);
-            o += l > 0.0f ? po * expf(__ldcg(ml + 2 * s) - hm[h]) : 0.0f;
-        }
-        out[row * hd + d] = o / hl[h];
-    }
-}
-
 // Shared memory: max(q [group][hd] + scores [group][128] + max/sum/correction [group] x 3,
-// the four warps' partial outputs [4][group][hd]). counters: [rows][n_kv_heads] u32, zero
-// between launches (used only when n_splits > 1).
-// G: the largest group the instance serves (its per-head arrays stay in registers).
-template <int G>
-__device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml, u32* counters,
-                                       const float* q, const void* k_cache, const void* v_cache,
-                                       const u32* table, AttentionParams p, u32 n_splits,
-                                       u32 tp, const u32* pos_dev) {
+// the four warps' partial outputs [4][group][hd]).
+extern "C" __global__ void __launch_bounds__(DEC_THREADS)
+    attention_decode(float* part_o, float* part_ml, const float* q, const void* k_cache,
+                     const void* v_cache, const u32* table, AttentionParams p, u32 n_splits,
+                     const u32* pos_dev) {
     extern __shared__ float sh_decode[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, t = threadIdx.x;
     const u32 warp = t >> 5, lane = t & 31;
@@ -148,42 +98,34 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
         l[t] = 0.0f;
     }
     // acc[h][i]: this warp's share (positions j = warp mod 4) of head h, dim lane + 32 i.
-    float acc[G][DEC_DIMS];
+    float acc[DEC_MAX_GROUP][DEC_DIMS];
 #pragma unroll
-    for (int h = 0; h < G; h++)
+    for (int h = 0; h < DEC_MAX_GROUP; h++)
 #pragma unroll
         for (int i = 0; i < DEC_DIMS; i++) acc[h][i] = 0.0f;
     __syncthreads();
-    // Positions per chunk: tp threads (consecutive lanes) per position, so that a short split
-    // (32 positions) still keeps every thread of the block on its scores.
-    const u32 chunk = DEC_THREADS / tp, part = t % tp, jt = t / tp;
-    for (u32 c0 = s0; c0 < s1; c0 += chunk) {
-        const u32 n = min(s1 - c0, chunk);
-        // 1. scores of position c0 + jt against every head of the group
-        float dot[G];
+    for (u32 c0 = s0; c0 < s1; c0 += DEC_THREADS) {
+        const u32 n = min(s1 - c0, (u32)DEC_THREADS);
+        // 1. scores of position c0 + t against every head of the group
+        float dot[DEC_MAX_GROUP];
 #pragma unroll
-        for (int h = 0; h < G; h++) dot[h] = 0.0f;
-        if (jt < n)
-            score_row<G>(dot, qs, k_cache, kv_row(table, c0 + jt, kvh, p.n_kv_heads, hd), hd,
-                         group, p.kv_f16, part, tp);
+        for (int h = 0; h < DEC_MAX_GROUP; h++) dot[h] = 0.0f;
+        if (t < n)
+            score_row(dot, qs, k_cache, kv_row(table, c0 + t, kvh, p.n_kv_heads, hd), hd, group,
+                      p.kv_f16);
 #pragma unroll
-        for (int h = 0; h < G; h++)
-            for (u32 o = 1; o < tp; o <<= 1) dot[h] += __shfl_xor_sync(0xffffffffu, dot[h], o);
-        if (part == 0) {
-#pragma unroll
-            for (int h = 0; h < G; h++)
-                if (h < group) sc[h * DEC_THREADS + jt] = jt < n ? dot[h] * p.scale : -INFINITY;
-        }
+        for (int h = 0; h < DEC_MAX_GROUP; h++)
+            if (h < group) sc[h * DEC_THREADS + t] = t < n ? dot[h] * p.scale : -INFINITY;
         __syncthreads();
         // 2. online softmax, one warp per head
         for (u32 h = warp; h < group; h += DEC_THREADS / 32) {
             float* s = sc + h * DEC_THREADS;
             float cm = -INFINITY;
-            for (u32 j = lane; j < chunk; j += 32) cm = fmaxf(cm, s[j]);
+            for (u32 j = lane; j < DEC_THREADS; j += 32) cm = fmaxf(cm, s[j]);
             cm = warp_max(cm);
             const float m_new = fmaxf(m[h], cm);
             float sum = 0.0f;
-            for (u32 j = lane; j < chunk; j += 32) {
+            for (u32 j = lane; j < DEC_THREADS; j += 32) {
                 const float e = expf(s[j] - m_new);
                 s[j] = e;
                 sum += e;
@@ -200,7 +142,7 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
         // 3. weighted sum of V: warp w takes positions w, w + 4, ...; lanes split the dims, so
         //    every load of a V row is coalesced and the four warps' loads are independent.
 #pragma unroll
-        for (int h = 0; h < G; h++)
+        for (int h = 0; h < DEC_MAX_GROUP; h++)
             if (h < group)
 #pragma unroll
                 for (int i = 0; i < DEC_DIMS; i++) acc[h][i] *= corr[h];
@@ -214,7 +156,7 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
                 v[i] = d < hd ? kv_get(v_cache, base + d, p.kv_f16) : 0.0f;
             }
 #pragma unroll
-            for (int h = 0; h < G; h++)
+            for (int h = 0; h < DEC_MAX_GROUP; h++)
                 if (h < group) {
                     const float w = sc[h * DEC_THREADS + j];
 #pragma unroll
@@ -224,7 +166,7 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
         __syncthreads();
     }
     // The four warps' partial sums, added through shared memory (reusing q and scores).
-    float ml[2 * G];
+    float ml[2 * DEC_MAX_GROUP];
     for (u32 h = 0; h < group; h++) {
         ml[2 * h] = m[h];
         ml[2 * h + 1] = l[h];
@@ -232,7 +174,7 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
     __syncthreads();
     float* red = sh_decode;
 #pragma unroll
-    for (int h = 0; h < G; h++)
+    for (int h = 0; h < DEC_MAX_GROUP; h++)
         if (h < group)
 #pragma unroll
             for (int i = 0; i < DEC_DIMS; i++) {
@@ -244,12 +186,6 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
         const u32 h = i / hd, d = i % hd;
         float o = 0.0f;
         for (u32 w = 0; w < DEC_THREADS / 32; w++) o += red[(w * group + h) * hd + d];
-        if (n_splits == 1) {
-            // The whole context in this block: the output as the merge of one split gives it
-            // (its l > 0: the split holds position 0).
-            out[((size_t)r * p.n_heads + kvh * group + h) * hd + d] = o / ml[2 * h + 1];
-            continue;
-        }
         const size_t row = ((size_t)r * p.n_heads + kvh * group + h) * n_splits + split;
         part_o[row * hd + d] = o;
         if (d == 0) {
@@ -257,39 +193,29 @@ __device__ __forceinline__ void decode(float* out, float* part_o, float* part_ml
             part_ml[2 * row + 1] = ml[2 * h + 1];
         }
     }
-    if (n_splits == 1) return;
-    // Publish this split's partials, then count the pair's finished splits: the block that
-    // brings the count to n_splits merges them and leaves the counter at zero for the next
-    // launch.
-    __shared__ u32 last;
-    __threadfence();
-    __syncthreads();
-    if (t == 0) {
-        u32* counter = counters + (size_t)r * p.n_kv_heads + kvh;
-        last = atomicAdd(counter, 1u) == n_splits - 1;
-        if (last) {
-            *counter = 0;
-            __threadfence();
-        }
-    }
-    __syncthreads();
-    if (!last) return;
-    // red (the warps' sums) has been read by every thread before the barrier above: reuse it.
-    combine_splits(out, part_o, part_ml, sh_decode, sh_decode + group, p, n_splits, r, kvh);
 }
 
-// One instance per bound on the group size (ops.rs picks the smallest that holds the group).
-#define DECODE_INSTANCE(G)                                                                   \
-    extern "C" __global__ void __launch_bounds__(DEC_THREADS) attention_decode_##G(           \
-        float* out, float* part_o, float* part_ml, u32* counters, const float* q,            \
-        const void* k_cache, const void* v_cache, const u32* table, AttentionParams p,       \
-        u32 n_splits, u32 tp, const u32* pos_dev) {                                          \
-        decode<G>(out, part_o, part_ml, counters, q, k_cache, v_cache, table, p, n_splits,   \
-                  tp, pos_dev);                                                              \
+// Merges the splits of (row, head) = (blockIdx.y, blockIdx.x): rescale each split's output by
+// exp(m_split - m), divide by the rescaled sum of l. Empty splits have m = -inf, l = 0.
+extern "C" __global__ void attention_combine(float* out, const float* part_o,
+                                             const float* part_ml, AttentionParams p,
+                                             u32 n_splits) {
+    const u32 head = blockIdx.x, r = blockIdx.y, hd = p.head_dim;
+    const size_t row = (size_t)r * p.n_heads + head;
+    const float* ml = part_ml + 2 * row * n_splits;
+    float mx = -INFINITY;
+    for (u32 s = 0; s < n_splits; s++) mx = fmaxf(mx, ml[2 * s]);
+    float total = 0.0f;
+    for (u32 s = 0; s < n_splits; s++)
+        if (ml[2 * s + 1] > 0.0f) total += ml[2 * s + 1] * expf(ml[2 * s] - mx);
+    for (u32 d = threadIdx.x; d < hd; d += blockDim.x) {
+        float o = 0.0f;
+        for (u32 s = 0; s < n_splits; s++)
+            if (ml[2 * s + 1] > 0.0f)
+                o += part_o[(row * n_splits + s) * hd + d] * expf(ml[2 * s] - mx);
+        out[row * hd + d] = o / total;
     }
-DECODE_INSTANCE(4)
-DECODE_INSTANCE(8)
-DECODE_INSTANCE(16)
+}
 
 // HPT: dims per thread (head_dim <= 4 * HPT). Shared memory: K and V tiles [16][head_dim] f32.
 template <int HPT>

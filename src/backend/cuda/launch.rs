@@ -23,11 +23,9 @@ pub struct DevBuf {
 /// Internal scratch buffers that ops reuse (all ops run in order on one stream).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Scratch {
-    /// Split-KV partial outputs and (max, sum) pairs of attention_decode, and its per
-    /// (row, kv head) counters of finished splits (zero between launches).
+    /// Split-KV partial outputs and (max, sum) pairs of attention_decode.
     AttnParts,
     AttnMl,
-    AttnCounters,
     /// Gathered K and V, Q rounded to f16 (tensor-core path), and the score matrix of the
     /// cuBLAS prefill attention.
     AttnK,
@@ -90,18 +88,6 @@ impl Cuda {
     /// Address of scratch buffer `which`, grown to at least `bytes` (growth drops the old one
     /// stream-ordered, after the ops that use it).
     pub(super) fn scratch(&self, which: Scratch, bytes: usize) -> Result<u64> {
-        self.scratch_buf(which, bytes, false)
-    }
-
-    /// As `scratch`, but a new buffer is zeroed (stream-ordered) before any op uses it.
-    pub(super) fn scratch_zeroed(&self, which: Scratch, bytes: usize) -> Result<u64> {
-        self.scratch_buf(which, bytes, true)
-    }
-
-    fn scratch_buf(&self, which: Scratch, bytes: usize, zeroed: bool) -> Result<u64> {
-        // Taken before the map (the order of a step's thread, which holds it throughout), so
-        // that the memset cannot land inside another thread's capture.
-        let _exclusive = zeroed.then(|| self.graphs.exclusive());
         let mut map = self.scratch.0.lock().unwrap();
         if let Some(b) = map.get(&which) {
             if b.bytes >= bytes {
@@ -109,10 +95,6 @@ impl Cuda {
             }
         }
         let b = self.alloc_dev(bytes.next_power_of_two().max(256))?;
-        if zeroed {
-            unsafe { result::memset_d8_async(b.ptr, 0, b.bytes, self.stream.cu_stream()) }
-                .map_err(cuda_err("memset"))?;
-        }
         let ptr = b.ptr;
         map.insert(which, b);
         Ok(ptr)

@@ -574,51 +574,36 @@ impl Backend for Cuda {
             let (splits, split_len) = self.decode_splits(n_ref, h.n_kv_heads * rows);
             p.split_len = split_len as u32;
             let n_splits = splits as u32;
-            // One split writes the output itself; several leave partials that the last
-            // block of each (row, kv head) merges (attention.cu).
-            let (po, pml, counters) = if splits > 1 {
-                let parts = rows * h.n_heads * splits;
-                (
-                    self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?,
-                    self.scratch(Scratch::AttnMl, parts * 2 * 4)?,
-                    self.scratch_zeroed(Scratch::AttnCounters, rows * h.n_kv_heads * 4)?,
-                )
-            } else {
-                (0, 0, 0)
-            };
+            let parts = rows * h.n_heads * splits;
+            let po = self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?;
+            let pml = self.scratch(Scratch::AttnMl, parts * 2 * 4)?;
             let scores = group * h.head_dim + group * 128 + 3 * group;
             let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
-            let name = match group {
-                0..=4 => "attention_decode_4",
-                5..=8 => "attention_decode_8",
-                _ => "attention_decode_16",
-            };
-            let f = self.kernels.get("attention", name)?;
-            // Threads per position: short splits spread each K row over 2 or 4 threads.
-            let tp: u32 = match split_len {
-                0..=32 => 4,
-                33..=64 => 2,
-                _ => 1,
-            };
-            return self.launch(
+            let f = self.kernels.get("attention", "attention_decode")?;
+            self.launch(
                 &f,
                 (n_splits, h.n_kv_heads as u32, rows as u32),
                 128,
                 shared,
                 &[
-                    arg(&o),
                     arg(&po),
                     arg(&pml),
-                    arg(&counters),
                     arg(&qp),
                     arg(&kc),
                     arg(&vc),
                     arg(&t),
                     arg(&p),
                     arg(&n_splits),
-                    arg(&tp),
                     arg(&pos_dev),
                 ],
+            )?;
+            let f = self.kernels.get("attention", "attention_combine")?;
+            return self.launch(
+                &f,
+                (h.n_heads as u32, rows as u32, 1),
+                128,
+                0,
+                &[arg(&o), arg(&po), arg(&pml), arg(&p), arg(&n_splits)],
             );
         }
         if rows >= GEMM_ATTENTION_MIN_ROWS && !self.graphs.recording() {
