@@ -310,10 +310,12 @@ fn attention_long_context_split_kv() {
     if !any_gpu() {
         return;
     }
-    // ~1000 positions: a long prefill, then decode steps of one and three rows over it.
+    // ~1000 positions: a long prefill, then decode steps of one and three rows over it. With 8
+    // kv heads, wgpu's splits are 32 positions long: two scoring rounds per workgroup.
     for (seed, h, steps) in [
         (7, heads(9, 3, 64), &[997, 1, 3][..]),
         (8, heads(8, 2, 128), &[1000, 1][..]),
+        (9, heads(32, 8, 64), &[600, 1][..]),
     ] {
         let reference = AttnReference::new(seed, h, steps);
         on_every_gpu!(check_attention, &reference);

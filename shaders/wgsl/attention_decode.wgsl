@@ -6,11 +6,15 @@
 // splits. Many workgroups per head keep the GPU busy on long contexts with one query row. When
 // the whole context fits one split (override DIRECT), the first binding is the output instead
 // and each workgroup writes its heads' final o / l: no combine pass.
-// Inside: one thread per position scores it against the gc heads (K read once for all of
-// them), 16 threads per head reduce max and sum, then each thread accumulates P . V for its
-// head dims (V read once for all heads). Per-head values travel as two vec4 (heads 0-3, 4-7 of
-// the workgroup, zero past gc) so that no private array is indexed at run time. Cache layout [block][16][kv_head][head_dim], f16 (two
-// per u32) or f32 (override KV_F16). Partials: [row][head][split][head_dim + 2] (o..., m, l);
+// Inside: TPP threads score each position against the gc heads (K read once for all of them;
+// each thread takes every TPP-th pair of dims, the TPP partial dots meet in workgroup memory),
+// 16 threads per head reduce max and sum, then the threads split into (pair of head dims,
+// slice of positions) and accumulate P . V with four V rows in flight (V read once for all
+// heads); the slices' sums meet in workgroup memory. Loads in flight, not arithmetic, bound
+// this kernel at short contexts: no thread walks a whole K row or every position of V.
+// Per-head values travel as two vec4 (heads 0-3, 4-7 of the workgroup, zero past gc) so that
+// no private array is indexed at run time. Cache layout [block][16][kv_head][head_dim], f16
+// (two per u32) or f32 (override KV_F16). Partials: [row][head][split][head_dim + 2] (o..., m, l);
 // DIRECT output: [row][head][head_dim].
 
 struct Params {
@@ -42,9 +46,16 @@ override DIRECT: bool = false;
 @group(0) @binding(4) var<storage, read> v_cache: array<u32>;
 @group(0) @binding(5) var<storage, read> table: array<u32>;
 
+// Threads per position in the score phase: each takes every TPP-th pair of dims, so that a
+// workgroup scores WG / TPP positions at once with few loads per thread, and the threads that
+// share a K row read neighbouring words.
+const TPP: u32 = 8u;
+
 // [dim][2]: q of heads 0-3 and 4-7; [position][2]: their scores, then probabilities.
 var<workgroup> qs: array<vec4<f32>, 2u * HD_MAX>;
 var<workgroup> ps: array<vec4<f32>, 2u * SPLIT_MAX>;
+// Per-thread partial sums (score dots, then P . V), added up across threads.
+var<workgroup> part: array<vec4<f32>, 2u * WG>;
 var<workgroup> red: array<f32, WG>;
 var<workgroup> stats: array<f32, 2u * GC_MAX>;
 // The split's cache blocks, read from the block table once.
@@ -73,18 +84,34 @@ fn cache_base(p: u32, kvh: u32) -> u32 {
     return (slot * params.n_kv_heads + kvh) * params.head_dim;
 }
 
-fn k_pair(e: u32) -> vec2<f32> {
-    if (KV_F16) {
-        return unpack2x16float(k_cache[e / 2u]);
+// Dims 2 i, 2 i + 1 of the K or V row at element e (e even); zero past the row's n_pairs pairs.
+fn k_pair(e: u32, i: u32, n_pairs: u32) -> vec2<f32> {
+    if (i >= n_pairs) {
+        return vec2<f32>(0.0);
     }
-    return vec2<f32>(bitcast<f32>(k_cache[e]), bitcast<f32>(k_cache[e + 1u]));
+    if (KV_F16) {
+        return unpack2x16float(k_cache[e / 2u + i]);
+    }
+    return vec2<f32>(bitcast<f32>(k_cache[e + 2u * i]), bitcast<f32>(k_cache[e + 2u * i + 1u]));
 }
 
-fn v_at(e: u32) -> f32 {
+fn v_pair(e: u32, i: u32) -> vec2<f32> {
     if (KV_F16) {
-        return unpack2x16float(v_cache[e / 2u])[e % 2u];
+        return unpack2x16float(v_cache[e / 2u + i]);
     }
-    return bitcast<f32>(v_cache[e]);
+    return vec2<f32>(bitcast<f32>(v_cache[e + 2u * i]), bitcast<f32>(v_cache[e + 2u * i + 1u]));
+}
+
+// q . k for dims pair i of the gc heads: k.x times q of dim 2 i, k.y times q of dim 2 i + 1
+// (pairs past the row, whose k is zero, read the last pair's q).
+fn dot_lo(k: vec2<f32>, i: u32) -> vec4<f32> {
+    let j = 4u * min(i, HD_MAX / 2u - 1u);
+    return qs[j] * k.x + qs[j + 2u] * k.y;
+}
+
+fn dot_hi(k: vec2<f32>, i: u32) -> vec4<f32> {
+    let j = 4u * min(i, HD_MAX / 2u - 1u);
+    return qs[j + 1u] * k.x + qs[j + 3u] * k.y;
 }
 
 // Reduces red[g * 16 .. g * 16 + 16] into red[g * 16] (max or sum) for every head slot g.
@@ -120,20 +147,42 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         blocks[lid] = table[start / KV_BLOCK + lid];
     }
     workgroupBarrier();
-    // Scores: thread t scores position start + t for all heads.
-    if (lid < n_valid) {
-        let e = cache_base(lid, kvh);
+    // Scores: TPP threads per position, WG / TPP positions per round; thread sub of a position
+    // takes dim pairs sub, sub + TPP, ..., four loads at a time.
+    let n_pairs = hd / 2u;
+    let sub = lid % TPP;
+    for (var c0 = 0u; c0 < n_valid; c0 += WG / TPP) {
+        let pos = c0 + lid / TPP;
         var lo = vec4<f32>(0.0);
         var hi = vec4<f32>(0.0);
-        for (var d = 0u; d < hd; d += 2u) {
-            let kp = k_pair(e + d);
-            lo += qs[2u * d] * kp.x + qs[2u * d + 2u] * kp.y;
-            hi += qs[2u * d + 1u] * kp.x + qs[2u * d + 3u] * kp.y;
+        if (pos < n_valid) {
+            let e = cache_base(pos, kvh);
+            for (var i = sub; i < n_pairs; i += 4u * TPP) {
+                let k0 = k_pair(e, i, n_pairs);
+                let k1 = k_pair(e, i + TPP, n_pairs);
+                let k2 = k_pair(e, i + 2u * TPP, n_pairs);
+                let k3 = k_pair(e, i + 3u * TPP, n_pairs);
+                lo += dot_lo(k0, i) + dot_lo(k1, i + TPP) + dot_lo(k2, i + 2u * TPP)
+                    + dot_lo(k3, i + 3u * TPP);
+                hi += dot_hi(k0, i) + dot_hi(k1, i + TPP) + dot_hi(k2, i + 2u * TPP)
+                    + dot_hi(k3, i + 3u * TPP);
+            }
         }
-        ps[2u * lid] = lo * params.scale;
-        ps[2u * lid + 1u] = hi * params.scale;
+        part[2u * lid] = lo;
+        part[2u * lid + 1u] = hi;
+        workgroupBarrier();
+        // Thread 2 j + half adds the TPP partial dots of position c0 + j, heads half * 4 ...
+        let j = lid / 2u;
+        if (j < WG / TPP && c0 + j < n_valid) {
+            let half = lid % 2u;
+            var s = vec4<f32>(0.0);
+            for (var t = 0u; t < TPP; t++) {
+                s += part[2u * (j * TPP + t) + half];
+            }
+            ps[2u * (c0 + j) + half] = s * params.scale;
+        }
+        workgroupBarrier();
     }
-    workgroupBarrier();
     // Max and sum of exp per head: 16 threads per head slot g.
     let g = lid / 16u;
     let lane = lid % 16u;
@@ -164,32 +213,62 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         stats[2u * g + 1u] = red[lid];
     }
     workgroupBarrier();
-    // P . V: thread owns dims lid and lid + WG of every head.
+    // P . V: thread (slice sl, pair i) sums positions sl, sl + slices, ... of dims 2 i and
+    // 2 i + 1 for every head, four V rows in flight; a is dim 2 i, b dim 2 i + 1.
+    let slices = WG / n_pairs;
+    let i = lid % n_pairs;
+    let sl = lid / n_pairs;
     var a_lo = vec4<f32>(0.0);
     var a_hi = vec4<f32>(0.0);
     var b_lo = vec4<f32>(0.0);
     var b_hi = vec4<f32>(0.0);
-    for (var p = 0u; p < n_valid; p++) {
-        let e = cache_base(p, kvh);
-        let w_lo = ps[2u * p];
-        let w_hi = ps[2u * p + 1u];
-        if (lid < hd) {
-            let v = v_at(e + lid);
-            a_lo += w_lo * v;
-            a_hi += w_hi * v;
+    if (sl < slices) {
+        var p = sl;
+        for (; p + 3u * slices < n_valid; p += 4u * slices) {
+            let v0 = v_pair(cache_base(p, kvh), i);
+            let v1 = v_pair(cache_base(p + slices, kvh), i);
+            let v2 = v_pair(cache_base(p + 2u * slices, kvh), i);
+            let v3 = v_pair(cache_base(p + 3u * slices, kvh), i);
+            let w0 = 2u * p;
+            let w1 = 2u * (p + slices);
+            let w2 = 2u * (p + 2u * slices);
+            let w3 = 2u * (p + 3u * slices);
+            a_lo += ps[w0] * v0.x + ps[w1] * v1.x + ps[w2] * v2.x + ps[w3] * v3.x;
+            a_hi += ps[w0 + 1u] * v0.x + ps[w1 + 1u] * v1.x + ps[w2 + 1u] * v2.x + ps[w3 + 1u] * v3.x;
+            b_lo += ps[w0] * v0.y + ps[w1] * v1.y + ps[w2] * v2.y + ps[w3] * v3.y;
+            b_hi += ps[w0 + 1u] * v0.y + ps[w1 + 1u] * v1.y + ps[w2 + 1u] * v2.y + ps[w3 + 1u] * v3.y;
         }
-        if (lid + WG < hd) {
-            let v = v_at(e + lid + WG);
-            b_lo += w_lo * v;
-            b_hi += w_hi * v;
+        for (; p < n_valid; p += slices) {
+            let v = v_pair(cache_base(p, kvh), i);
+            a_lo += ps[2u * p] * v.x;
+            a_hi += ps[2u * p + 1u] * v.x;
+            b_lo += ps[2u * p] * v.y;
+            b_hi += ps[2u * p + 1u] * v.y;
         }
+    }
+    // The slices' sums meet in part (a) and ps (b), free now; slice 0 adds them up.
+    workgroupBarrier();
+    part[2u * lid] = a_lo;
+    part[2u * lid + 1u] = a_hi;
+    ps[2u * lid] = b_lo;
+    ps[2u * lid + 1u] = b_hi;
+    workgroupBarrier();
+    if (lid >= n_pairs) {
+        return;
+    }
+    for (var s = 1u; s < slices; s++) {
+        let t = s * n_pairs + lid;
+        a_lo += part[2u * t];
+        a_hi += part[2u * t + 1u];
+        b_lo += ps[2u * t];
+        b_hi += ps[2u * t + 1u];
     }
     if (DIRECT) {
         for (var gg = 0u; gg < gc; gg++) {
-            let base = (r * params.n_heads + h0 + gg) * hd;
+            let base = (r * params.n_heads + h0 + gg) * hd + 2u * lid;
             let l = stats[2u * gg + 1u];
-            if (lid < hd) { partials[base + lid] = head(a_lo, a_hi, gg) / l; }
-            if (lid + WG < hd) { partials[base + lid + WG] = head(b_lo, b_hi, gg) / l; }
+            partials[base] = head(a_lo, a_hi, gg) / l;
+            partials[base + 1u] = head(b_lo, b_hi, gg) / l;
         }
         return;
     }
@@ -197,8 +276,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let stride = hd + 2u;
     for (var gg = 0u; gg < gc; gg++) {
         let base = ((r * params.n_heads + h0 + gg) * n_splits + split) * stride;
-        if (lid < hd) { partials[base + lid] = head(a_lo, a_hi, gg); }
-        if (lid + WG < hd) { partials[base + lid + WG] = head(b_lo, b_hi, gg); }
+        partials[base + 2u * lid] = head(a_lo, a_hi, gg);
+        partials[base + 2u * lid + 1u] = head(b_lo, b_hi, gg);
         if (lid == 0u) {
             partials[base + hd] = stats[2u * gg];
             partials[base + hd + 1u] = stats[2u * gg + 1u];

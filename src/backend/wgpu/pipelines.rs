@@ -178,9 +178,10 @@ impl Tuning {
     pub fn new(limits: &wgpu::Limits) -> Result<Tuning> {
         let mem = limits.max_compute_workgroup_storage_size as u64;
         // Workgroup floats of attention_prefill (q tile, padded KV block, scores, probs) and
-        // attention_decode (8 heads of q, 8 x 128 scores, reduction, stats).
+        // attention_decode (8 heads of q, 8 x 128 scores, 2 x 128 partial vec4s, reduction,
+        // stats, block ids).
         let prefill = |hd: u64| (16 * hd + 16 * (hd + 1) + 512) * 4;
-        let decode = |hd: u64| (8 * hd + 8 * 128 + 128 + 16) * 4;
+        let decode = |hd: u64| (8 * hd + 8 * 128 + 8 * 128 + 128 + 16 + 8) * 4;
         let head_dim_max = HEAD_DIM_CHOICES
             .into_iter()
             .find(|&hd| prefill(hd as u64) <= mem && decode(hd as u64) <= mem)
