@@ -73,3 +73,40 @@ fn q4_k_rejects_a_shape_whose_rows_are_not_whole_blocks() {
         .expect("576 columns are not whole 256-value blocks");
     assert!(e.to_string().contains("576"), "{e}");
 }
+
+/// bench/ab.py (old vs new build on one GPU) runs the binary it is given and writes its table:
+/// here the same binary twice on the tiny shape, so every case has both figures.
+#[test]
+fn ab_script_compares_two_builds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::temp_dir().join(format!("anyllama-ab-{}", std::process::id()));
+    let bin = env!("CARGO_BIN_EXE_anyllama");
+    let done = std::process::Command::new("python3")
+        .arg(root.join("bench/ab.py"))
+        .args([bin, bin, "--check", "--long-ctx", "8192"])
+        .env("OUT", &out)
+        .output()
+        .expect("python3 runs bench/ab.py");
+    let log =
+        String::from_utf8_lossy(&done.stdout).to_string() + &String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "bench/ab.py failed:\n{log}");
+    let table = std::fs::read_to_string(out.join("ab.md")).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("| tiny "))
+        .unwrap_or_else(|| panic!("{table}"));
+    // shape, backend, then old, new and new / old for decode and long-context decode.
+    let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+    assert_eq!(cells.len(), 8, "{row}");
+    for c in &cells[2..] {
+        let v: f64 = c
+            .replace(',', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{row}"));
+        assert!(v.is_finite() && v > 0.0, "{row}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("ab.json")).unwrap()).unwrap();
+    assert_eq!(json["cases"][0]["new"][0]["backend"], "cpu");
+    std::fs::remove_dir_all(&out).ok();
+}
