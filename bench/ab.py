@@ -5,7 +5,8 @@ A kernel change is judged by its decode tok/s against the build before it, on th
 the same run (clocks, driver and neighbours drift between runs by more than many changes
 move). This runs `anyllama bench` of the OLD and NEW binaries on each (shape, backend) case,
 alternating old, new, old, new for --rounds rounds so that drift lands on both, and writes
-ab.md (one row per case: old, new, new / old) and ab.json (every run) under $OUT.
+ab.md (one row per case: old, new, new / old for decode, and for long-context decode and
+prefill where asked) and ab.json (every run) under $OUT.
 
 On the GPU machine, with the new build staged and the old binary carried along:
     bash .device/on-device.sh python3 bench/ab.py path/to/anyllama-old anyllama
@@ -25,7 +26,7 @@ SHAPES = ["smollm2-135m", "llama-3.2-1b", "llama-3.1-8b"]
 def bench(binary, shape, dtype, backend, args):
     """One `anyllama bench` call; returns its row (with `error` set when it failed)."""
     cmd = [binary, "bench", "--synthetic", shape, "--dtype", dtype, "--backend", backend,
-           "--runs", str(args.runs), "--gen", str(args.gen), "--prefill", "0",
+           "--runs", str(args.runs), "--gen", str(args.gen), "--prefill", str(args.prefill),
            "--long-ctx", str(args.long_ctx), "--max-seconds", str(args.max_seconds), "--json"]
     if args.check:
         cmd += ["--copy-mib", "16"]
@@ -51,6 +52,8 @@ def median_of(rows, key):
             continue
         if key == "decode_tok_s":
             values += r.get("decode_tok_s_all") or []
+        elif key == "prefill_tok_s":
+            values += list((r.get(key) or {}).values())
         elif r.get(key):
             values.append(r[key])
     return statistics.median(values) if values else None
@@ -71,12 +74,13 @@ def main():
     ap.add_argument("--runs", type=int, default=3, help="timed decode runs per bench call")
     ap.add_argument("--gen", type=int, default=256)
     ap.add_argument("--long-ctx", type=int, default=0, help="8192 adds long-context decode")
+    ap.add_argument("--prefill", type=int, default=0, help="2048 adds prefill tok/s")
     ap.add_argument("--max-seconds", type=int, default=40, help="per bench call")
     ap.add_argument("--check", action="store_true", help="tiny shape on the CPU, small counts")
     args = ap.parse_args()
     if args.check:
         args.shapes, args.backends, args.rounds, args.runs, args.gen = "tiny", "cpu", 1, 1, 8
-        args.long_ctx = args.long_ctx and 256
+        args.long_ctx, args.prefill = args.long_ctx and 256, args.prefill and 64
     out = os.environ.get("OUT", "/tmp/out")
     os.makedirs(out, exist_ok=True)
 
@@ -93,19 +97,22 @@ def main():
                           f"{row.get('error') or fmt(row.get('decode_tok_s'))}", flush=True)
             cases.append({"shape": shape, "backend": backend, "dtype": args.dtype, **runs})
 
-    lines = ["| shape | backend | decode old | decode new | new / old |"
-             + (" long-ctx old | long-ctx new | new / old |" if args.long_ctx else ""),
-             "|---|---|---:|---:|---:|" + ("---:|---:|---:|" if args.long_ctx else "")]
+    keys = [("decode", "decode_tok_s")]
+    if args.long_ctx:
+        keys.append(("long-ctx", "long_ctx_decode_tok_s"))
+    if args.prefill:
+        keys.append((f"prefill {args.prefill}", "prefill_tok_s"))
+    lines = ["| shape | backend |" + "".join(f" {k} old | {k} new | new / old |" for k, _ in keys),
+             "|---|---|" + "---:|---:|---:|" * len(keys)]
     for c in cases:
         cells = [c["shape"], f"{c['backend']} {c['dtype']}"]
-        keys = ["decode_tok_s"] + (["long_ctx_decode_tok_s"] if args.long_ctx else [])
-        for key in keys:
+        for _, key in keys:
             o, n = median_of(c["old"], key), median_of(c["new"], key)
             cells += [fmt(o), fmt(n), f"{n / o:.3f}" if o and n else "-"]
         errors = {r["error"] for r in c["old"] + c["new"] if r.get("error")}
         lines.append("| " + " | ".join(cells) + " |" + (f" {'; '.join(errors)}" if errors else ""))
     device = next((r.get("device") for c in cases for r in c["new"] if r.get("device")), "?")
-    head = (f"A/B decode tok/s (median over every timed run), {args.rounds} alternating "
+    head = (f"A/B tok/s (median over every timed run), {args.rounds} alternating "
             f"rounds of {args.runs} runs, {args.gen} tokens after a 128-token prompt; "
             f"device: {device}\nold: {args.old}\nnew: {args.new}\n")
     table = head + "\n" + "\n".join(lines) + "\n"

@@ -83,7 +83,15 @@ fn ab_script_compares_two_builds() {
     let bin = env!("CARGO_BIN_EXE_anyllama");
     let done = std::process::Command::new("python3")
         .arg(root.join("bench/ab.py"))
-        .args([bin, bin, "--check", "--long-ctx", "8192"])
+        .args([
+            bin,
+            bin,
+            "--check",
+            "--long-ctx",
+            "8192",
+            "--prefill",
+            "2048",
+        ])
         .env("OUT", &out)
         .output()
         .expect("python3 runs bench/ab.py");
@@ -95,9 +103,9 @@ fn ab_script_compares_two_builds() {
         .lines()
         .find(|l| l.starts_with("| tiny "))
         .unwrap_or_else(|| panic!("{table}"));
-    // shape, backend, then old, new and new / old for decode and long-context decode.
+    // shape, backend, then old, new and new / old for decode, long-context decode and prefill.
     let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
-    assert_eq!(cells.len(), 8, "{row}");
+    assert_eq!(cells.len(), 11, "{row}");
     for c in &cells[2..] {
         let v: f64 = c
             .replace(',', "")
