@@ -56,6 +56,8 @@ var<workgroup> qs: array<vec4<f32>, 2u * HD_MAX>;
 var<workgroup> ps: array<vec4<f32>, 2u * SPLIT_MAX>;
 // Per-thread partial sums (score dots, then P . V), added up across threads.
 var<workgroup> part: array<vec4<f32>, 2u * WG>;
+// After the scores, ps holds one more per-thread pair of partial sums.
+const_assert SPLIT_MAX >= WG;
 var<workgroup> red: array<f32, WG>;
 var<workgroup> stats: array<f32, 2u * GC_MAX>;
 // The split's cache blocks, read from the block table once.
