@@ -20,6 +20,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from merge import fmt, ratio  # noqa: E402  (the run_device.sh table's number formatting)
+
 SHAPES = ["smollm2-135m", "llama-3.2-1b", "llama-3.1-8b"]
 
 
@@ -57,10 +60,6 @@ def median_of(rows, key):
         elif r.get(key):
             values.append(r[key])
     return statistics.median(values) if values else None
-
-
-def fmt(v):
-    return "-" if v is None else f"{v:,.1f}"
 
 
 def main():
@@ -108,7 +107,7 @@ def main():
         cells = [c["shape"], f"{c['backend']} {c['dtype']}"]
         for _, key in keys:
             o, n = median_of(c["old"], key), median_of(c["new"], key)
-            cells += [fmt(o), fmt(n), f"{n / o:.3f}" if o and n else "-"]
+            cells += [fmt(o), fmt(n), fmt(ratio(n, o), 3)]
         errors = {r["error"] for r in c["old"] + c["new"] if r.get("error")}
         lines.append("| " + " | ".join(cells) + " |" + (f" {'; '.join(errors)}" if errors else ""))
     device = next((r.get("device") for c in cases for r in c["new"] if r.get("device")), "?")
