@@ -5,9 +5,9 @@
 //!
 //! Then the paths only CUDA has, on the device (both CUDA variants of parity::with_cudas;
 //! without a CUDA driver they print why and pass, except when ANYLLAMA_REQUIRE_CUDA is set):
-//! the one-kernel rope_kv_append against rope then kv_append, decode attention with one split
-//! (written directly) and many (merged by the kernel's last block), plainly and inside recorded
-//! and replayed decode-step graphs, and the prefill projections that share one rounded norm
+//! the one-kernel rope_kv_append against rope then kv_append, decode attention (the short-context
+//! kernel, and split-KV with one split and many, merged by the combine pass), plainly and inside
+//! recorded and replayed decode-step graphs, and the prefill projections that share one rounded norm
 //! output or add into the residual through the GEMM, against the CPU backend.
 
 #![cfg(feature = "cuda")]
@@ -17,7 +17,7 @@ mod common;
 mod parity;
 
 use anyllama::backend::cpu::Cpu;
-use anyllama::backend::cuda::{compile, nvrtc_available, Cuda, SOURCES};
+use anyllama::backend::cuda::{compile, nvrtc_available, Cuda, CudaOptions, SOURCES};
 use anyllama::backend::params::KV_BLOCK;
 use anyllama::backend::{
     rope_kv_append_unfused, Backend, Heads, KvSlot, KvView, RmsNormed, RopeArgs,
@@ -487,9 +487,12 @@ fn check_decode_attention<B: Backend>(name: &str, gpu: &B, seed: u64, h: Heads, 
 
 #[test]
 fn decode_attention_with_one_split_and_many() {
-    // [prefix, rows per step, steps]. Splits (ops.rs decode_splits): ~264 blocks wanted over
-    // (kv heads x rows) blocks per split, splits of >= 32 positions; a recorded step sizes
-    // them for the end of its 256-position bucket.
+    // [prefix, rows per step, steps]. With an f16 cache, contexts of up to 512 positions (the
+    // end of a recorded step's 256-position bucket) run attention_decode_short, one block per
+    // query head; an f32 cache and longer contexts run split-KV. Splits (ops.rs decode_splits):
+    // ~264 blocks wanted over (kv heads x rows) blocks per split, splits of >= 32 positions.
+    // Every case also runs on a backend with the short kernel off, so split-KV is covered at
+    // every length and both cache dtypes.
     let cases = [
         // Up to 32 positions: one split run directly, 8 (mostly empty) in a graph.
         (heads(32, 8, 64), [0, 1, 20]),
@@ -504,12 +507,37 @@ fn decode_attention_with_one_split_and_many() {
         // 66 kv heads x 4 rows = 264 blocks: one split at any length, several chunks of 128
         // positions in that one block, in a graph too.
         (heads(66, 66, 32), [300, 4, 2]),
+        // Short kernel: head_dim 256 (one warp per position); steps that leave it for split-KV
+        // as the context passes 512 (two rows per step; one row per step in graphs whose
+        // bucket ends at 512, then 768).
+        (heads(4, 2, 256), [30, 1, 3]),
+        (heads(32, 8, 128), [500, 2, 10]),
+        (heads(9, 3, 64), [120, 1, 300]),
     ];
+    let split_only = common::cuda_backend_with(
+        "cuda decode attention, split-KV only",
+        CudaOptions {
+            short_decode_positions: Some(0),
+            ..Default::default()
+        },
+    );
     with_cudas(|cudas| {
-        for (name, gpu) in cudas {
-            for (i, &(h, shape)) in cases.iter().enumerate() {
-                check_decode_attention(name, gpu, 40 + i as u64, h, shape);
+        let mut kernels = BTreeSet::new();
+        let split = split_only.iter().map(|b| ("cuda-split-only", b));
+        for (name, gpu) in cudas.iter().map(|(n, b)| (*n, b)).chain(split) {
+            for (i, &(h, [prefix, rows, steps])) in cases.iter().enumerate() {
+                check_decode_attention(name, gpu, 40 + i as u64, h, [prefix, rows, steps]);
+                for s in 0..steps {
+                    for kv in [DType::F32, DType::F16] {
+                        let pos0 = prefix + s * rows;
+                        kernels.extend(gpu.decode_attention_kernel(rows, pos0, h, kv));
+                    }
+                }
             }
+        }
+        if !cudas.is_empty() {
+            let want = BTreeSet::from(["attention_decode", "attention_decode_short"]);
+            assert_eq!(kernels, want, "decode attention kernels the cases ran");
         }
     });
 }

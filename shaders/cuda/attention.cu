@@ -9,6 +9,15 @@
 // position's V row (lanes split head_dim) and the warps' sums meet in shared memory at the end.
 // The block writes its unnormalised output, running max and sum; attention_combine merges splits.
 //
+// attention_decode_short (few query rows over a short context, f16 cache, head_dim a power of two
+// from 8 to 256): grid (head, row), one block per query head and no splits, so no combine pass.
+// head_dim / 8 lanes read a K or V row, 16 bytes (8 values) each, so one load of the block
+// covers 8 warps x 32 / (head_dim / 8) positions, and each thread keeps SHORT_UNROLL such loads
+// in flight. Scores go to shared memory; the block takes their max and sum; P V is summed per
+// thread over its positions, then over the lanes of a warp that hold the same dims (shuffles),
+// then over the warps (shared memory). The split kernel above serves long contexts, where one
+// block per head would read too much on one SM.
+//
 // attention_prefill (many query rows; flash-attention style): grid (query tile of 32 rows,
 // head); four threads per query row share its head_dim (dims sub, sub + 4, ...), K and V tiles
 // of 16 positions are staged in shared memory as f32, and each tile updates the online softmax
@@ -27,6 +36,10 @@
 #define DEC_THREADS 128
 #define DEC_MAX_GROUP 16
 #define DEC_DIMS 4 /* head_dim <= 32 * DEC_DIMS in the decode kernel */
+#define SHORT_THREADS 256
+#define SHORT_WARPS (SHORT_THREADS / 32)
+#define SHORT_MAX_POS 2048 /* scores in shared memory; ops.rs SHORT_DECODE_MAX_POS */
+#define SHORT_UNROLL 8
 #define PRE_ROWS 32
 #define PRE_TILE 16
 
@@ -192,6 +205,116 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
             part_ml[2 * row] = ml[2 * h];
             part_ml[2 * row + 1] = ml[2 * h + 1];
         }
+    }
+}
+
+// Eight f16 values packed in 16 bytes, widened.
+__device__ __forceinline__ void f16x8(uint4 w, float* v) {
+    const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        v[2 * i] = f16_to_f32((u16)(words[i] & 0xffffu));
+        v[2 * i + 1] = f16_to_f32((u16)(words[i] >> 16));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SHORT_THREADS)
+    attention_decode_short(float* out, const float* q, const u16* k_cache, const u16* v_cache,
+                           const u32* table, AttentionParams p, const u32* pos_dev) {
+    __shared__ float sc[SHORT_MAX_POS];
+    __shared__ float red[SHORT_WARPS][256];
+    __shared__ float red32[32];
+    const u32 head = blockIdx.x, r = blockIdx.y, t = threadIdx.x;
+    const u32 warp = t >> 5, lane = t & 31;
+    // lpp lanes per position (each holds dims 8 sub .. 8 sub + 7), ppw positions per warp load.
+    const u32 hd = p.head_dim, lpp = hd / 8, ppw = 32 / lpp;
+    const u32 sub = lane % lpp, slot = lane / lpp;
+    const u32 kvh = head / (p.n_heads / p.n_kv_heads);
+    const u32 n_pos = position(pos_dev, p.pos0) + r + 1;
+    if (n_pos > SHORT_MAX_POS) __trap();  // the host sizes this path; never silently truncate
+    const u32 stride = SHORT_WARPS * ppw, first = warp * ppw + slot;
+    float qv[8];
+    const float* qr = q + ((size_t)r * p.n_heads + head) * hd + 8 * sub;
+#pragma unroll
+    for (int i = 0; i < 8; i++) qv[i] = qr[i] * p.scale;
+    // 1. scores, SHORT_UNROLL K rows in flight per thread (the loop bound is block-uniform, so
+    //    every lane reaches the shuffles)
+    float mx = -INFINITY;
+    for (u32 j0 = 0; j0 < n_pos; j0 += SHORT_UNROLL * stride) {
+        uint4 w[SHORT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SHORT_UNROLL; u++) {
+            const u32 j = j0 + u * stride + first;
+            w[u] = j < n_pos ? *(const uint4*)(k_cache + kv_row(table, j, kvh, p.n_kv_heads, hd) +
+                                               8 * sub)
+                             : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < SHORT_UNROLL; u++) {
+            float k[8];
+            f16x8(w[u], k);
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) dot += qv[i] * k[i];
+            for (u32 o = 1; o < lpp; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+            const u32 j = j0 + u * stride + first;
+            if (j < n_pos) {
+                if (sub == 0) sc[j] = dot;
+                mx = fmaxf(mx, dot);
+            }
+        }
+    }
+    mx = warp_max(mx);
+    if (lane == 0) red32[warp] = mx;
+    __syncthreads();
+    mx = red32[0];
+#pragma unroll
+    for (int w = 1; w < SHORT_WARPS; w++) mx = fmaxf(mx, red32[w]);
+    // 2. softmax weights (unnormalised) and their sum; block_sum's barriers publish sc
+    float sum = 0.0f;
+    for (u32 j = t; j < n_pos; j += SHORT_THREADS) {
+        const float e = expf(sc[j] - mx);
+        sc[j] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, red32);
+    // 3. P V, SHORT_UNROLL V rows in flight per thread
+    float acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0.0f;
+    for (u32 j0 = 0; j0 < n_pos; j0 += SHORT_UNROLL * stride) {
+        uint4 w[SHORT_UNROLL];
+        float pw[SHORT_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SHORT_UNROLL; u++) {
+            const u32 j = j0 + u * stride + first;
+            const bool in = j < n_pos;
+            w[u] = in ? *(const uint4*)(v_cache + kv_row(table, j, kvh, p.n_kv_heads, hd) + 8 * sub)
+                      : make_uint4(0, 0, 0, 0);
+            pw[u] = in ? sc[j] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < SHORT_UNROLL; u++) {
+            float v[8];
+            f16x8(w[u], v);
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] += pw[u] * v[i];
+        }
+    }
+    // Lanes of a warp with the same sub differ in the lane bits from lpp up.
+    for (u32 o = lpp; o < 32; o <<= 1)
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+    if (slot == 0)
+#pragma unroll
+        for (int i = 0; i < 8; i++) red[warp][8 * sub + i] = acc[i];
+    __syncthreads();
+    float* o = out + ((size_t)r * p.n_heads + head) * hd;
+    for (u32 d = t; d < hd; d += SHORT_THREADS) {
+        float s = 0.0f;
+#pragma unroll
+        for (int w = 0; w < SHORT_WARPS; w++) s += red[w][d];
+        o[d] = s / sum;
     }
 }
 

@@ -60,6 +60,10 @@ pub struct CudaOptions {
     pub exact: bool,
     /// Never record decode steps as CUDA graphs (`ANYLLAMA_CUDA_GRAPHS=0` for `Cuda::new`).
     pub no_graphs: bool,
+    /// Contexts (positions) up to which decode attention runs one block per query head instead
+    /// of split-KV plus a combine pass; None: the built-in default, 0: always split.
+    /// `ANYLLAMA_CUDA_SHORT_ATTN=<positions>` sets it for `Cuda::new`.
+    pub short_decode_positions: Option<usize>,
 }
 
 pub struct Cuda {
@@ -77,6 +81,8 @@ pub struct Cuda {
     name: String,
     arch: String,
     exact: bool,
+    /// CudaOptions::short_decode_positions, resolved and capped at what the kernel holds.
+    short_decode: usize,
 }
 
 /// Why CUDA cannot be used here, or None when the driver library is present and sees a device.
@@ -101,6 +107,17 @@ fn flag(name: &str) -> Option<bool> {
     std::env::var(name).ok().map(|v| v != "0" && !v.is_empty())
 }
 
+fn positions(name: &str) -> Result<Option<usize>> {
+    match std::env::var(name) {
+        Err(_) => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::Device(format!("{name}={v:?}: expected a number of positions"))),
+    }
+}
+
 impl Cuda {
     /// Opens device `device` (0 when None); options from the environment (see CudaOptions).
     pub fn new(device: Option<usize>) -> Result<Cuda> {
@@ -108,6 +125,7 @@ impl Cuda {
             device,
             exact: flag("ANYLLAMA_CUDA_EXACT").unwrap_or(false),
             no_graphs: !flag("ANYLLAMA_CUDA_GRAPHS").unwrap_or(true),
+            short_decode_positions: positions("ANYLLAMA_CUDA_SHORT_ATTN")?,
         })
     }
 
@@ -152,6 +170,10 @@ impl Cuda {
             name,
             arch,
             exact: o.exact,
+            short_decode: o
+                .short_decode_positions
+                .unwrap_or(ops::SHORT_DECODE_DEFAULT)
+                .min(ops::SHORT_DECODE_MAX_POS),
         })
     }
 

@@ -32,6 +32,10 @@ const DECODE_MAX_HEAD_DIM: usize = 128;
 const GEMM_ATTENTION_MIN_ROWS: usize = 32;
 /// Blocks the split-KV decode kernel aims for, so that one query row fills the GPU.
 const DECODE_TARGET_BLOCKS: usize = 264;
+/// Contexts up to which decode attention runs attention_decode_short (one block per query head,
+/// no combine pass) by default, and the most its shared score array holds (SHORT_MAX_POS).
+pub(super) const SHORT_DECODE_DEFAULT: usize = 512;
+pub(super) const SHORT_DECODE_MAX_POS: usize = 2048;
 
 fn dev(msg: String) -> Error {
     Error::Device(msg)
@@ -55,6 +59,36 @@ impl Cuda {
             return false;
         }
         true
+    }
+
+    /// Whether decode attention over `n_pos` positions (a bucket's end while recording) runs
+    /// attention_decode_short: an f16 cache, head_dim a power of two its lanes can split.
+    fn short_decode(&self, n_pos: usize, kv_f16: bool, head_dim: usize) -> bool {
+        kv_f16
+            && n_pos <= self.short_decode
+            && head_dim.is_power_of_two()
+            && (8..=256).contains(&head_dim)
+    }
+
+    /// Which kernel decode attention runs for `rows` query rows at `pos0` (tests check that
+    /// they cover each): "attention_decode_short", "attention_decode" (split-KV), or None for
+    /// the prefill paths. Outside a graph; a recorded step sizes for its bucket's end.
+    pub fn decode_attention_kernel(
+        &self,
+        rows: usize,
+        pos0: usize,
+        h: Heads,
+        kv: DType,
+    ) -> Option<&'static str> {
+        if rows > DECODE_MAX_ROWS {
+            return None;
+        }
+        if self.short_decode(pos0 + rows, kv == DType::F16, h.head_dim) {
+            return Some("attention_decode_short");
+        }
+        let group = h.n_heads / h.n_kv_heads;
+        (group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM)
+            .then_some("attention_decode")
     }
 
     /// Splits of the decode kernel for `n_pos` positions (a bucket's end while recording).
@@ -560,17 +594,36 @@ impl Backend for Cuda {
             scale: 1.0 / (h.head_dim as f32).sqrt(),
             split_len: 0,
         };
-        if rows <= DECODE_MAX_ROWS && group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM
-        {
-            let recording = self.graphs.recording();
+        // While recording, decode sizes for the end of the position bucket.
+        let n_ref = if self.graphs.recording() {
+            n_pos.next_multiple_of(POS_BUCKET)
+        } else {
+            n_pos
+        };
+        if rows <= DECODE_MAX_ROWS && self.short_decode(n_ref, f16 == 1, h.head_dim) {
             let (pos, pos_dev) = self.step_pos(pos0)?;
             p.pos0 = pos;
-            // While recording, size the splits for the end of the position bucket.
-            let n_ref = if recording {
-                n_pos.next_multiple_of(POS_BUCKET)
-            } else {
-                n_pos
-            };
+            let f = self.kernels.get("attention", "attention_decode_short")?;
+            return self.launch(
+                &f,
+                (h.n_heads as u32, rows as u32, 1),
+                256,
+                0,
+                &[
+                    arg(&o),
+                    arg(&qp),
+                    arg(&kc),
+                    arg(&vc),
+                    arg(&t),
+                    arg(&p),
+                    arg(&pos_dev),
+                ],
+            );
+        }
+        if rows <= DECODE_MAX_ROWS && group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM
+        {
+            let (pos, pos_dev) = self.step_pos(pos0)?;
+            p.pos0 = pos;
             let (splits, split_len) = self.decode_splits(n_ref, h.n_kv_heads * rows);
             p.split_len = split_len as u32;
             let n_splits = splits as u32;
