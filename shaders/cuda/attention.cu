@@ -11,12 +11,13 @@
 //
 // attention_decode_short (few query rows over a short context, f16 cache, head_dim a power of two
 // from 8 to 256): grid (head, row), one block per query head and no splits, so no combine pass.
-// head_dim / 8 lanes read a K or V row, 16 bytes (8 values) each, so one load of the block
-// covers 8 warps x 32 / (head_dim / 8) positions, and each thread keeps SHORT_UNROLL such loads
-// in flight. Scores go to shared memory; the block takes their max and sum; P V is summed per
-// thread over its positions, then over the lanes of a warp that hold the same dims (shuffles),
-// then over the warps (shared memory). The split kernel above serves long contexts, where one
-// block per head would read too much on one SM.
+// head_dim / 8 lanes read a K or V row, 16 bytes (8 values) each, so one load of the block covers
+// 16 warps x 32 / (head_dim / 8) positions; each thread issues the K and V loads of SHORT_UNROLL
+// positions at once and folds them into its own online softmax (running max, sum and 8 output
+// dims). The lanes of a warp that hold the same dims merge their (max, sum, dims) by shuffles,
+// the warps through shared memory. One pass over the cache and one barrier: at short contexts
+// the kernel is a few dependent loads long. The split kernel above serves long contexts, where
+// one block per head would read too much on one SM.
 //
 // attention_prefill (many query rows; flash-attention style): grid (query tile of 32 rows,
 // head); four threads per query row share its head_dim (dims sub, sub + 4, ...), K and V tiles
@@ -36,9 +37,8 @@
 #define DEC_THREADS 128
 #define DEC_MAX_GROUP 16
 #define DEC_DIMS 4 /* head_dim <= 32 * DEC_DIMS in the decode kernel */
-#define SHORT_THREADS 256
+#define SHORT_THREADS 512
 #define SHORT_WARPS (SHORT_THREADS / 32)
-#define SHORT_MAX_POS 2048 /* scores in shared memory; ops.rs SHORT_DECODE_MAX_POS */
 #define SHORT_UNROLL 8
 #define PRE_ROWS 32
 #define PRE_TILE 16
@@ -218,12 +218,24 @@ __device__ __forceinline__ void f16x8(uint4 w, float* v) {
     }
 }
 
+// Folds (om, ol, oacc) into the running (m, l, acc) of an online softmax; m = -inf: nothing yet.
+__device__ __forceinline__ void softmax_merge(float& m, float& l, float* acc, float om, float ol,
+                                              const float* oacc) {
+    const float nm = fmaxf(m, om);
+    if (nm == -INFINITY) return;
+    const float a = m == -INFINITY ? 0.0f : expf(m - nm);
+    const float b = om == -INFINITY ? 0.0f : expf(om - nm);
+    l = l * a + ol * b;
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = acc[i] * a + oacc[i] * b;
+    m = nm;
+}
+
 extern "C" __global__ void __launch_bounds__(SHORT_THREADS)
     attention_decode_short(float* out, const float* q, const u16* k_cache, const u16* v_cache,
                            const u32* table, AttentionParams p, const u32* pos_dev) {
-    __shared__ float sc[SHORT_MAX_POS];
     __shared__ float red[SHORT_WARPS][256];
-    __shared__ float red32[32];
+    __shared__ float red_ml[SHORT_WARPS][2];
     const u32 head = blockIdx.x, r = blockIdx.y, t = threadIdx.x;
     const u32 warp = t >> 5, lane = t & 31;
     // lpp lanes per position (each holds dims 8 sub .. 8 sub + 7), ppw positions per warp load.
@@ -231,90 +243,87 @@ extern "C" __global__ void __launch_bounds__(SHORT_THREADS)
     const u32 sub = lane % lpp, slot = lane / lpp;
     const u32 kvh = head / (p.n_heads / p.n_kv_heads);
     const u32 n_pos = position(pos_dev, p.pos0) + r + 1;
-    if (n_pos > SHORT_MAX_POS) __trap();  // the host sizes this path; never silently truncate
     const u32 stride = SHORT_WARPS * ppw, first = warp * ppw + slot;
     float qv[8];
     const float* qr = q + ((size_t)r * p.n_heads + head) * hd + 8 * sub;
 #pragma unroll
     for (int i = 0; i < 8; i++) qv[i] = qr[i] * p.scale;
-    // 1. scores, SHORT_UNROLL K rows in flight per thread (the loop bound is block-uniform, so
-    //    every lane reaches the shuffles)
-    float mx = -INFINITY;
+    float m = -INFINITY, l = 0.0f, acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) acc[i] = 0.0f;
+    // The loop bound is block-uniform, so every lane reaches the shuffles.
     for (u32 j0 = 0; j0 < n_pos; j0 += SHORT_UNROLL * stride) {
-        uint4 w[SHORT_UNROLL];
+        uint4 kw[SHORT_UNROLL], vw[SHORT_UNROLL];
 #pragma unroll
         for (int u = 0; u < SHORT_UNROLL; u++) {
             const u32 j = j0 + u * stride + first;
-            w[u] = j < n_pos ? *(const uint4*)(k_cache + kv_row(table, j, kvh, p.n_kv_heads, hd) +
-                                               8 * sub)
-                             : make_uint4(0, 0, 0, 0);
+            kw[u] = vw[u] = make_uint4(0, 0, 0, 0);
+            if (j < n_pos) {
+                const size_t at = kv_row(table, j, kvh, p.n_kv_heads, hd) + 8 * sub;
+                kw[u] = *(const uint4*)(k_cache + at);
+                vw[u] = *(const uint4*)(v_cache + at);
+            }
         }
+        float s[SHORT_UNROLL], cm = -INFINITY;
 #pragma unroll
         for (int u = 0; u < SHORT_UNROLL; u++) {
             float k[8];
-            f16x8(w[u], k);
+            f16x8(kw[u], k);
             float dot = 0.0f;
 #pragma unroll
             for (int i = 0; i < 8; i++) dot += qv[i] * k[i];
             for (u32 o = 1; o < lpp; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-            const u32 j = j0 + u * stride + first;
-            if (j < n_pos) {
-                if (sub == 0) sc[j] = dot;
-                mx = fmaxf(mx, dot);
-            }
+            s[u] = j0 + u * stride + first < n_pos ? dot : -INFINITY;
+            cm = fmaxf(cm, s[u]);
         }
-    }
-    mx = warp_max(mx);
-    if (lane == 0) red32[warp] = mx;
-    __syncthreads();
-    mx = red32[0];
+        if (cm == -INFINITY) continue;  // none of this slot's positions are in the context
+        float cl = 0.0f, cacc[8];
 #pragma unroll
-    for (int w = 1; w < SHORT_WARPS; w++) mx = fmaxf(mx, red32[w]);
-    // 2. softmax weights (unnormalised) and their sum; block_sum's barriers publish sc
-    float sum = 0.0f;
-    for (u32 j = t; j < n_pos; j += SHORT_THREADS) {
-        const float e = expf(sc[j] - mx);
-        sc[j] = e;
-        sum += e;
-    }
-    sum = block_sum(sum, red32);
-    // 3. P V, SHORT_UNROLL V rows in flight per thread
-    float acc[8];
-#pragma unroll
-    for (int i = 0; i < 8; i++) acc[i] = 0.0f;
-    for (u32 j0 = 0; j0 < n_pos; j0 += SHORT_UNROLL * stride) {
-        uint4 w[SHORT_UNROLL];
-        float pw[SHORT_UNROLL];
+        for (int i = 0; i < 8; i++) cacc[i] = 0.0f;
 #pragma unroll
         for (int u = 0; u < SHORT_UNROLL; u++) {
-            const u32 j = j0 + u * stride + first;
-            const bool in = j < n_pos;
-            w[u] = in ? *(const uint4*)(v_cache + kv_row(table, j, kvh, p.n_kv_heads, hd) + 8 * sub)
-                      : make_uint4(0, 0, 0, 0);
-            pw[u] = in ? sc[j] : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < SHORT_UNROLL; u++) {
+            const float e = s[u] == -INFINITY ? 0.0f : expf(s[u] - cm);
             float v[8];
-            f16x8(w[u], v);
+            f16x8(vw[u], v);
+            cl += e;
 #pragma unroll
-            for (int i = 0; i < 8; i++) acc[i] += pw[u] * v[i];
+            for (int i = 0; i < 8; i++) cacc[i] += e * v[i];
         }
+        softmax_merge(m, l, acc, cm, cl, cacc);
     }
     // Lanes of a warp with the same sub differ in the lane bits from lpp up.
-    for (u32 o = lpp; o < 32; o <<= 1)
+    for (u32 o = lpp; o < 32; o <<= 1) {
+        float oacc[8];
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
-    if (slot == 0)
+        for (int i = 0; i < 8; i++) oacc[i] = __shfl_xor_sync(0xffffffffu, acc[i], o);
+        const float om = __shfl_xor_sync(0xffffffffu, m, o);
+        const float ol = __shfl_xor_sync(0xffffffffu, l, o);
+        softmax_merge(m, l, acc, om, ol, oacc);
+    }
+    if (slot == 0) {
 #pragma unroll
         for (int i = 0; i < 8; i++) red[warp][8 * sub + i] = acc[i];
+        if (sub == 0) {
+            red_ml[warp][0] = m;
+            red_ml[warp][1] = l;
+        }
+    }
     __syncthreads();
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < SHORT_WARPS; w++) mx = fmaxf(mx, red_ml[w][0]);
     float* o = out + ((size_t)r * p.n_heads + head) * hd;
     for (u32 d = t; d < hd; d += SHORT_THREADS) {
-        float s = 0.0f;
+        float sum = 0.0f, total = 0.0f;
 #pragma unroll
-        for (int w = 0; w < SHORT_WARPS; w++) s += red[w][d];
-        o[d] = s / sum;
+        for (int w = 0; w < SHORT_WARPS; w++) {
+            const float wm = red_ml[w][0];
+            if (wm == -INFINITY) continue;  // a warp that saw no position
+            const float c = expf(wm - mx);
+            sum += red[w][d] * c;
+            total += red_ml[w][1] * c;
+        }
+        o[d] = sum / total;
     }
 }
 

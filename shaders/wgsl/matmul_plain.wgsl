@@ -3,8 +3,9 @@
 // matmul_f16.wgsl, matmul_quant.wgsl), whose w_octet / x_quad read the weights and inputs; this
 // part binds the matrix and gives them w_word. Entry points:
 //   matvec (decode, few rows): a team of TEAM threads owns one output feature and walks its row
-//     in octets of 8 weights, each octet feeding up to 4 input rows (grid y picks which 4); the
-//     team's sums are reduced in workgroup memory. matvec_add and matvec_add_bias are the same
+//     in octets of 8 weights, each octet feeding up to 4 input rows (grid y picks which 4); one
+//     row alone takes four octets per step (row_dot); the team's sums are reduced in workgroup
+//     memory. matvec_add and matvec_add_bias are the same
 //     kernel with the residual add in the epilogue: out[r, o] += sum (+ bias[o]), so that a
 //     projection into the residual stream is one dispatch.
 //   tiled (prefill, many rows): one 64 x 128 output tile per workgroup; 16-deep slices of x and
@@ -43,6 +44,27 @@ fn xdot(wv: array<vec4<f32>, 2>, r: u32, e: u32) -> f32 {
     return dot(wv[0], x_quad(r, e)) + dot(wv[1], x_quad(r, e + 4u));
 }
 
+// One input row (decode): the lane's octets of feature o dotted with x[0], four octets per
+// iteration so that four weight loads are in flight per thread (at 8B shapes the k and v
+// matrices make one workgroup per SM, and one load at a time left the memory system idle). The
+// 4-row loop below would hold four octets of x per row, too many registers for this.
+fn row_dot(o: u32, lane: u32) -> f32 {
+    let step = 8u * TEAM;
+    var s = vec4<f32>(0.0);
+    var e = 8u * lane;
+    for (; e + 3u * step < params.k; e += 4u * step) {
+        let w0 = w_octet(o, e);
+        let w1 = w_octet(o, e + step);
+        let w2 = w_octet(o, e + 2u * step);
+        let w3 = w_octet(o, e + 3u * step);
+        s += vec4<f32>(xdot(w0, 0u, e), xdot(w1, 0u, e + step), xdot(w2, 0u, e + 2u * step), xdot(w3, 0u, e + 3u * step));
+    }
+    for (; e < params.k; e += step) {
+        s.x += xdot(w_octet(o, e), 0u, e);
+    }
+    return s.x + s.y + s.z + s.w;
+}
+
 // The mat-vec of the workgroup's output features; lane 0 of each team stores its feature's
 // sums for up to 4 rows: mode 0 writes them, 1 adds them to out, 2 adds them plus `b`.
 fn matvec_rows(wg: vec3<u32>, lid: u32, mode: u32, b: f32) {
@@ -51,7 +73,9 @@ fn matvec_rows(wg: vec3<u32>, lid: u32, mode: u32, b: f32) {
     let r0 = wg.y * 4u;
     let nr = min(params.rows - r0, 4u);
     var acc = vec4<f32>(0.0);
-    if (o < params.n) {
+    if (o < params.n && params.rows == 1u) {
+        acc.x = row_dot(o, lane);
+    } else if (o < params.n) {
         for (var e = 8u * lane; e < params.k; e += 8u * TEAM) {
             let wv = w_octet(o, e);
             acc += vec4<f32>(xdot(wv, r0, e), xdot(wv, r0 + 1u, e), xdot(wv, r0 + 2u, e), xdot(wv, r0 + 3u, e));

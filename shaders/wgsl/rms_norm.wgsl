@@ -1,7 +1,7 @@
 // rms_norm: out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w.
 // One workgroup per row (2D grid of workgroups for many rows): each thread sums the squares of
-// a strided slice, a tree reduction in workgroup memory gives the row's sum, then every thread
-// scales its slice.
+// a strided slice (four loads in flight per step: the row is one latency-bound pass), a tree
+// reduction in workgroup memory gives the row's sum, then every thread scales its slice.
 
 struct Params {
     rows: u32,
@@ -31,11 +31,18 @@ fn main(
     }
     let dim = params.dim;
     let base = r * dim;
-    var ss = 0.0;
-    for (var i = lid; i < dim; i += WG) {
-        let v = x[base + i];
-        ss += v * v;
+    // Four elements per thread per step (independent loads in flight), then the tail.
+    var sq = vec4<f32>(0.0);
+    var i = lid;
+    for (; i + 3u * WG < dim; i += 4u * WG) {
+        let v = vec4<f32>(x[base + i], x[base + i + WG], x[base + i + 2u * WG], x[base + i + 3u * WG]);
+        sq += v * v;
     }
+    for (; i < dim; i += WG) {
+        let v = x[base + i];
+        sq.x += v * v;
+    }
+    let ss = sq.x + sq.y + sq.z + sq.w;
     red[lid] = ss;
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         workgroupBarrier();
@@ -45,7 +52,17 @@ fn main(
     }
     workgroupBarrier();
     let inv = 1.0 / sqrt(red[0] / f32(dim) + params.eps);
-    for (var i = lid; i < dim; i += WG) {
-        out[base + i] = x[base + i] * inv * w[i];
+    var j = lid;
+    for (; j + 3u * WG < dim; j += 4u * WG) {
+        let v = vec4<f32>(x[base + j], x[base + j + WG], x[base + j + 2u * WG], x[base + j + 3u * WG]);
+        let g = vec4<f32>(w[j], w[j + WG], w[j + 2u * WG], w[j + 3u * WG]);
+        let y = v * inv * g;
+        out[base + j] = y.x;
+        out[base + j + WG] = y.y;
+        out[base + j + 2u * WG] = y.z;
+        out[base + j + 3u * WG] = y.w;
+    }
+    for (; j < dim; j += WG) {
+        out[base + j] = x[base + j] * inv * w[j];
     }
 }

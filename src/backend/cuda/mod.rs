@@ -81,7 +81,7 @@ pub struct Cuda {
     name: String,
     arch: String,
     exact: bool,
-    /// CudaOptions::short_decode_positions, resolved and capped at what the kernel holds.
+    /// CudaOptions::short_decode_positions, resolved.
     short_decode: usize,
 }
 
@@ -172,8 +172,7 @@ impl Cuda {
             exact: o.exact,
             short_decode: o
                 .short_decode_positions
-                .unwrap_or(ops::SHORT_DECODE_DEFAULT)
-                .min(ops::SHORT_DECODE_MAX_POS),
+                .unwrap_or(ops::SHORT_DECODE_DEFAULT),
         })
     }
 
