@@ -487,7 +487,7 @@ fn check_decode_attention<B: Backend>(name: &str, gpu: &B, seed: u64, h: Heads, 
 
 #[test]
 fn decode_attention_with_one_split_and_many() {
-    // [prefix, rows per step, steps]. With an f16 cache, contexts of up to 1024 positions (the
+    // [prefix, rows per step, steps]. With an f16 cache, contexts of up to 2048 positions (the
     // end of a recorded step's 256-position bucket) run attention_decode_short, one block per
     // query head; an f32 cache and longer contexts run split-KV. Splits (ops.rs decode_splits):
     // ~264 blocks wanted over (kv heads x rows) blocks per split, splits of >= 32 positions.
@@ -508,11 +508,11 @@ fn decode_attention_with_one_split_and_many() {
         // positions in that one block, in a graph too.
         (heads(66, 66, 32), [300, 4, 2]),
         // Short kernel: head_dim 256 (one warp per position); steps that leave it for split-KV
-        // as the context passes 1024 (two rows per step; one row per step in graphs whose
-        // bucket ends at 1024, then 1280); several passes of the short kernel's loop.
+        // as the context passes 2048 (two rows per step; one row per step in graphs whose
+        // bucket ends at 2048, then 2304); several passes of the short kernel's loop.
         (heads(4, 2, 256), [30, 1, 3]),
-        (heads(32, 8, 128), [1010, 2, 10]),
-        (heads(9, 3, 64), [900, 1, 200]),
+        (heads(32, 8, 128), [2034, 2, 10]),
+        (heads(9, 3, 64), [1900, 1, 200]),
     ];
     let split_only = common::cuda_backend_with(
         "cuda decode attention, split-KV only",

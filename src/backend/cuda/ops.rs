@@ -33,9 +33,9 @@ const GEMM_ATTENTION_MIN_ROWS: usize = 32;
 /// Blocks the split-KV decode kernel aims for, so that one query row fills the GPU.
 const DECODE_TARGET_BLOCKS: usize = 264;
 /// Contexts up to which decode attention runs attention_decode_short (one block per query head,
-/// no combine pass) by default. On an H200, at 900 positions it decoded as fast as split-KV or
-/// faster (135M, 1B and 8B shapes); at 1800 the 1B and 8B shapes decoded 3-12% slower.
-pub(super) const SHORT_DECODE_DEFAULT: usize = 1024;
+/// no combine pass) by default. On an H200 (bench/NOTES.md, speed pass 5) it decoded faster than
+/// split-KV at 900 and at 1800 positions on the 135M, 1B and 8B shapes (by 4-39%).
+pub(super) const SHORT_DECODE_DEFAULT: usize = 2048;
 /// Threads of attention_decode_short (SHORT_THREADS).
 const SHORT_DECODE_THREADS: u32 = 512;
 
