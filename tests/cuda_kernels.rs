@@ -5,9 +5,9 @@
 //!
 //! Then the paths only CUDA has, on the device (both CUDA variants of parity::with_cudas;
 //! without a CUDA driver they print why and pass, except when ANYLLAMA_REQUIRE_CUDA is set):
-//! the one-kernel rope_kv_append against rope then kv_append, decode attention (the short-context
-//! kernel, and split-KV with one split and many, merged by the combine pass), plainly and inside
-//! recorded and replayed decode-step graphs, and the prefill projections that share one rounded norm
+//! the one-kernel rope_kv_append against rope then kv_append, decode attention (both kernels, with
+//! one split and many, merged by the combine pass), plainly and inside recorded and replayed
+//! decode-step graphs, and the prefill projections that share one rounded norm
 //! output or add into the residual through the GEMM, against the CPU backend.
 
 #![cfg(feature = "cuda")]
@@ -487,12 +487,12 @@ fn check_decode_attention<B: Backend>(name: &str, gpu: &B, seed: u64, h: Heads, 
 
 #[test]
 fn decode_attention_with_one_split_and_many() {
-    // [prefix, rows per step, steps]. With an f16 cache, contexts of up to 2048 positions (the
-    // end of a recorded step's 256-position bucket) run attention_decode_short, one block per
-    // query head; an f32 cache and longer contexts run split-KV. Splits (ops.rs decode_splits):
-    // ~264 blocks wanted over (kv heads x rows) blocks per split, splits of >= 32 positions.
-    // Every case also runs on a backend with the short kernel off, so split-KV is covered at
-    // every length and both cache dtypes.
+    // [prefix, rows per step, steps]. With an f16 cache, decode runs attention_decode_f16: one
+    // block per query head up to 2048 positions of context (the end of a recorded step's
+    // 256-position bucket), split past that (merged by attention_combine). An f32 cache runs
+    // attention_decode, split-KV: ~264 blocks wanted over (kv heads x rows) blocks per split,
+    // splits of >= 32 positions. Every case also runs on a backend whose f16 kernel always
+    // splits, so both kernels' splits are covered at every length.
     let cases = [
         // Up to 32 positions: one split run directly, 8 (mostly empty) in a graph.
         (heads(32, 8, 64), [0, 1, 20]),
@@ -507,15 +507,15 @@ fn decode_attention_with_one_split_and_many() {
         // 66 kv heads x 4 rows = 264 blocks: one split at any length, several chunks of 128
         // positions in that one block, in a graph too.
         (heads(66, 66, 32), [300, 4, 2]),
-        // Short kernel: head_dim 256 (one warp per position); steps that leave it for split-KV
-        // as the context passes 2048 (two rows per step; one row per step in graphs whose
-        // bucket ends at 2048, then 2304); several passes of the short kernel's loop.
+        // f16 kernel: head_dim 256 (one warp per position); steps whose context passes 2048,
+        // from one split to several (two rows per step; one row per step in graphs whose
+        // bucket ends at 2048, then 2304); several passes of the kernel's loop per block.
         (heads(4, 2, 256), [30, 1, 3]),
         (heads(32, 8, 128), [2034, 2, 10]),
         (heads(9, 3, 64), [1900, 1, 200]),
     ];
     let split_only = common::cuda_backend_with(
-        "cuda decode attention, split-KV only",
+        "cuda decode attention, always split",
         CudaOptions {
             short_decode_positions: Some(0),
             ..Default::default()
@@ -523,7 +523,7 @@ fn decode_attention_with_one_split_and_many() {
     );
     with_cudas(|cudas| {
         let mut kernels = BTreeSet::new();
-        let split = split_only.iter().map(|b| ("cuda-split-only", b));
+        let split = split_only.iter().map(|b| ("cuda-always-split", b));
         for (name, gpu) in cudas.iter().map(|(n, b)| (*n, b)).chain(split) {
             for (i, &(h, [prefix, rows, steps])) in cases.iter().enumerate() {
                 check_decode_attention(name, gpu, 40 + i as u64, h, [prefix, rows, steps]);
@@ -536,7 +536,11 @@ fn decode_attention_with_one_split_and_many() {
             }
         }
         if !cudas.is_empty() {
-            let want = BTreeSet::from(["attention_decode", "attention_decode_short"]);
+            let want = BTreeSet::from([
+                "attention_decode",
+                "attention_decode_f16",
+                "attention_decode_f16 + combine",
+            ]);
             assert_eq!(kernels, want, "decode attention kernels the cases ran");
         }
     });

@@ -1,7 +1,8 @@
 // attention: causal GQA attention over the paged KV cache (layout in kv_append.cu).
 // out[r, h] = softmax(q[r, h] . K[0..=pos0 + r]^T * scale) V, K/V of kv head h / group.
 //
-// attention_decode (few query rows; flash-decoding): grid (split, kv head, row). A block owns one
+// attention_decode (few query rows over an f32 cache, or a head_dim attention_decode_f16 does not
+// take; flash-decoding): grid (split, kv head, row). A block owns one
 // split of split_len positions and every query head of its kv head's group, so each K and V row
 // is read once for the whole group. Positions go in chunks of 128: thread t scores position t of
 // the chunk against every head (q in shared memory, K read 4 values at a time), one warp per head
@@ -9,15 +10,17 @@
 // position's V row (lanes split head_dim) and the warps' sums meet in shared memory at the end.
 // The block writes its unnormalised output, running max and sum; attention_combine merges splits.
 //
-// attention_decode_short (few query rows over a short context, f16 cache, head_dim a power of two
-// from 8 to 256): grid (head, row), one block per query head and no splits, so no combine pass.
-// head_dim / 8 lanes read a K or V row, 16 bytes (8 values) each, so one load of the block covers
-// 16 warps x 32 / (head_dim / 8) positions; each thread issues the K and V loads of SHORT_UNROLL
-// positions at once and folds them into its own online softmax (running max, sum and 8 output
-// dims). The lanes of a warp that hold the same dims merge their (max, sum, dims) by shuffles,
-// the warps through shared memory. One pass over the cache and one barrier: at short contexts
-// the kernel is a few dependent loads long. The split kernel above serves long contexts, where
-// one block per head would read too much on one SM.
+// attention_decode_f16 (few query rows, f16 cache, head_dim a power of two from 8 to 256): grid
+// (head, row, split), one block per query head and split of split_len positions (one split, and
+// the output written directly, up to a few thousand positions; more, merged by
+// attention_combine, past that). head_dim / 8 lanes read a K or V row, 16 bytes (8 values) each,
+// so one load of the block covers 16 warps x 32 / (head_dim / 8) positions; each thread issues
+// the K and V loads of DEC16_UNROLL positions at once and folds them into its own online softmax
+// (running max, sum and 8 output dims). The lanes of a warp that hold the same dims merge their
+// (max, sum, dims) by shuffles, the warps through shared memory. One pass over the cache and one
+// barrier: at short contexts the kernel is a few dependent loads long. Blocks of one kv head's
+// query heads are neighbours in the grid, so the group's K and V rows come from L2 after the
+// first read.
 //
 // attention_prefill (many query rows; flash-attention style): grid (query tile of 32 rows,
 // head); four threads per query row share its head_dim (dims sub, sub + 4, ...), K and V tiles
@@ -37,9 +40,9 @@
 #define DEC_THREADS 128
 #define DEC_MAX_GROUP 16
 #define DEC_DIMS 4 /* head_dim <= 32 * DEC_DIMS in the decode kernel */
-#define SHORT_THREADS 512
-#define SHORT_WARPS (SHORT_THREADS / 32)
-#define SHORT_UNROLL 8
+#define DEC16_THREADS 512
+#define DEC16_WARPS (DEC16_THREADS / 32)
+#define DEC16_UNROLL 8
 #define PRE_ROWS 32
 #define PRE_TILE 16
 
@@ -231,19 +234,22 @@ __device__ __forceinline__ void softmax_merge(float& m, float& l, float* acc, fl
     m = nm;
 }
 
-extern "C" __global__ void __launch_bounds__(SHORT_THREADS)
-    attention_decode_short(float* out, const float* q, const u16* k_cache, const u16* v_cache,
-                           const u32* table, AttentionParams p, const u32* pos_dev) {
-    __shared__ float red[SHORT_WARPS][256];
-    __shared__ float red_ml[SHORT_WARPS][2];
-    const u32 head = blockIdx.x, r = blockIdx.y, t = threadIdx.x;
+extern "C" __global__ void __launch_bounds__(DEC16_THREADS)
+    attention_decode_f16(float* out, float* part_o, float* part_ml, const float* q,
+                         const u16* k_cache, const u16* v_cache, const u32* table,
+                         AttentionParams p, u32 n_splits, const u32* pos_dev) {
+    __shared__ float red[DEC16_WARPS][256];
+    __shared__ float red_ml[DEC16_WARPS][2];
+    const u32 head = blockIdx.x, r = blockIdx.y, split = blockIdx.z, t = threadIdx.x;
     const u32 warp = t >> 5, lane = t & 31;
     // lpp lanes per position (each holds dims 8 sub .. 8 sub + 7), ppw positions per warp load.
     const u32 hd = p.head_dim, lpp = hd / 8, ppw = 32 / lpp;
     const u32 sub = lane % lpp, slot = lane / lpp;
     const u32 kvh = head / (p.n_heads / p.n_kv_heads);
-    const u32 n_pos = position(pos_dev, p.pos0) + r + 1;
-    const u32 stride = SHORT_WARPS * ppw, first = warp * ppw + slot;
+    const u32 n_all = position(pos_dev, p.pos0) + r + 1;
+    const u32 s0 = n_splits == 1 ? 0 : split * p.split_len;
+    const u32 n_pos = n_splits == 1 ? n_all : min(s0 + p.split_len, n_all);
+    const u32 stride = DEC16_WARPS * ppw, first = s0 + warp * ppw + slot;
     float qv[8];
     const float* qr = q + ((size_t)r * p.n_heads + head) * hd + 8 * sub;
 #pragma unroll
@@ -252,10 +258,10 @@ extern "C" __global__ void __launch_bounds__(SHORT_THREADS)
 #pragma unroll
     for (int i = 0; i < 8; i++) acc[i] = 0.0f;
     // The loop bound is block-uniform, so every lane reaches the shuffles.
-    for (u32 j0 = 0; j0 < n_pos; j0 += SHORT_UNROLL * stride) {
-        uint4 kw[SHORT_UNROLL], vw[SHORT_UNROLL];
+    for (u32 j0 = 0; s0 + j0 < n_pos; j0 += DEC16_UNROLL * stride) {
+        uint4 kw[DEC16_UNROLL], vw[DEC16_UNROLL];
 #pragma unroll
-        for (int u = 0; u < SHORT_UNROLL; u++) {
+        for (int u = 0; u < DEC16_UNROLL; u++) {
             const u32 j = j0 + u * stride + first;
             kw[u] = vw[u] = make_uint4(0, 0, 0, 0);
             if (j < n_pos) {
@@ -264,9 +270,9 @@ extern "C" __global__ void __launch_bounds__(SHORT_THREADS)
                 vw[u] = *(const uint4*)(v_cache + at);
             }
         }
-        float s[SHORT_UNROLL], cm = -INFINITY;
+        float s[DEC16_UNROLL], cm = -INFINITY;
 #pragma unroll
-        for (int u = 0; u < SHORT_UNROLL; u++) {
+        for (int u = 0; u < DEC16_UNROLL; u++) {
             float k[8];
             f16x8(kw[u], k);
             float dot = 0.0f;
@@ -281,7 +287,7 @@ extern "C" __global__ void __launch_bounds__(SHORT_THREADS)
 #pragma unroll
         for (int i = 0; i < 8; i++) cacc[i] = 0.0f;
 #pragma unroll
-        for (int u = 0; u < SHORT_UNROLL; u++) {
+        for (int u = 0; u < DEC16_UNROLL; u++) {
             const float e = s[u] == -INFINITY ? 0.0f : expf(s[u] - cm);
             float v[8];
             f16x8(vw[u], v);
@@ -311,19 +317,30 @@ extern "C" __global__ void __launch_bounds__(SHORT_THREADS)
     __syncthreads();
     float mx = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < SHORT_WARPS; w++) mx = fmaxf(mx, red_ml[w][0]);
-    float* o = out + ((size_t)r * p.n_heads + head) * hd;
-    for (u32 d = t; d < hd; d += SHORT_THREADS) {
+    for (int w = 0; w < DEC16_WARPS; w++) mx = fmaxf(mx, red_ml[w][0]);
+    // One split: the output. Several: this split's unnormalised output, max and sum (max -inf
+    // and sum 0 for a split past the context), for attention_combine.
+    const size_t row = (size_t)r * p.n_heads + head;
+    for (u32 d = t; d < hd; d += DEC16_THREADS) {
         float sum = 0.0f, total = 0.0f;
 #pragma unroll
-        for (int w = 0; w < SHORT_WARPS; w++) {
+        for (int w = 0; w < DEC16_WARPS; w++) {
             const float wm = red_ml[w][0];
             if (wm == -INFINITY) continue;  // a warp that saw no position
             const float c = expf(wm - mx);
             sum += red[w][d] * c;
             total += red_ml[w][1] * c;
         }
-        o[d] = sum / total;
+        if (n_splits == 1) {
+            out[row * hd + d] = sum / total;
+        } else {
+            const size_t part = row * n_splits + split;
+            part_o[part * hd + d] = sum;
+            if (d == 0) {
+                part_ml[2 * part] = mx;
+                part_ml[2 * part + 1] = total;
+            }
+        }
     }
 }
 

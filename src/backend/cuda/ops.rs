@@ -32,12 +32,18 @@ const DECODE_MAX_HEAD_DIM: usize = 128;
 const GEMM_ATTENTION_MIN_ROWS: usize = 32;
 /// Blocks the split-KV decode kernel aims for, so that one query row fills the GPU.
 const DECODE_TARGET_BLOCKS: usize = 264;
-/// Contexts up to which decode attention runs attention_decode_short (one block per query head,
-/// no combine pass) by default. On an H200 (bench/NOTES.md, speed pass 5) it decoded faster than
+/// Contexts up to which attention_decode_f16 runs one block per query head (no splits, no
+/// combine pass) by default. On an H200 (bench/NOTES.md, speed pass 5) that decoded faster than
 /// split-KV at 900 and at 1800 positions on the 135M, 1B and 8B shapes (by 4-39%).
 pub(super) const SHORT_DECODE_DEFAULT: usize = 2048;
-/// Threads of attention_decode_short (SHORT_THREADS).
-const SHORT_DECODE_THREADS: u32 = 512;
+/// Threads of attention_decode_f16 (DEC16_THREADS).
+const DEC16_THREADS: u32 = 512;
+
+/// Whether decode attention runs attention_decode_f16: an f16 cache and a head_dim that is a
+/// power of two its lanes can split (8 values each, at most one warp per row).
+fn f16_decode(kv_f16: bool, head_dim: usize) -> bool {
+    kv_f16 && head_dim.is_power_of_two() && (8..=256).contains(&head_dim)
+}
 
 fn dev(msg: String) -> Error {
     Error::Device(msg)
@@ -63,18 +69,25 @@ impl Cuda {
         true
     }
 
-    /// Whether decode attention over `n_pos` positions (a bucket's end while recording) runs
-    /// attention_decode_short: an f16 cache, head_dim a power of two its lanes can split.
-    fn short_decode(&self, n_pos: usize, kv_f16: bool, head_dim: usize) -> bool {
-        kv_f16
-            && n_pos <= self.short_decode
-            && head_dim.is_power_of_two()
-            && (8..=256).contains(&head_dim)
+    /// Splits of attention_decode_f16 for `n_pos` positions (a bucket's end while recording):
+    /// one up to the short-context limit, else about DECODE_TARGET_BLOCKS blocks in all (rounded
+    /// down: a block takes a whole SM's registers, so a partial last wave would cost a split's
+    /// time), splits a multiple of 32 positions long.
+    fn f16_decode_splits(&self, n_pos: usize, blocks_per_split: usize) -> (usize, usize) {
+        if n_pos <= self.short_decode {
+            return (1, n_pos);
+        }
+        let want = (DECODE_TARGET_BLOCKS / blocks_per_split.max(1)).max(1);
+        let splits = want.min(n_pos.div_ceil(32));
+        let split_len = n_pos.div_ceil(splits).next_multiple_of(32);
+        (n_pos.div_ceil(split_len), split_len)
     }
 
     /// Which kernel decode attention runs for `rows` query rows at `pos0` (tests check that
-    /// they cover each): "attention_decode_short", "attention_decode" (split-KV), or None for
-    /// the prefill paths. Outside a graph; a recorded step sizes for its bucket's end.
+    /// they cover each), outside a graph (a recorded step sizes for its bucket's end):
+    /// "attention_decode_f16" (one split), "attention_decode_f16 + combine" (several),
+    /// "attention_decode" (split-KV over any cache, merged by the combine), or None for the
+    /// prefill paths.
     pub fn decode_attention_kernel(
         &self,
         rows: usize,
@@ -85,8 +98,13 @@ impl Cuda {
         if rows > DECODE_MAX_ROWS {
             return None;
         }
-        if self.short_decode(pos0 + rows, kv == DType::F16, h.head_dim) {
-            return Some("attention_decode_short");
+        if f16_decode(kv == DType::F16, h.head_dim) {
+            let (splits, _) = self.f16_decode_splits(pos0 + rows, h.n_heads * rows);
+            return Some(if splits == 1 {
+                "attention_decode_f16"
+            } else {
+                "attention_decode_f16 + combine"
+            });
         }
         let group = h.n_heads / h.n_kv_heads;
         (group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM)
@@ -602,24 +620,51 @@ impl Backend for Cuda {
         } else {
             n_pos
         };
-        if rows <= DECODE_MAX_ROWS && self.short_decode(n_ref, f16 == 1, h.head_dim) {
+        if rows <= DECODE_MAX_ROWS && f16_decode(f16 == 1, h.head_dim) {
             let (pos, pos_dev) = self.step_pos(pos0)?;
             p.pos0 = pos;
-            let f = self.kernels.get("attention", "attention_decode_short")?;
-            return self.launch(
+            let (splits, split_len) = self.f16_decode_splits(n_ref, h.n_heads * rows);
+            p.split_len = split_len as u32;
+            let n_splits = splits as u32;
+            // One split writes the output itself; several write partials for the combine.
+            let (po, pml) = if splits > 1 {
+                let parts = rows * h.n_heads * splits;
+                (
+                    self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?,
+                    self.scratch(Scratch::AttnMl, parts * 2 * 4)?,
+                )
+            } else {
+                (0, 0)
+            };
+            let f = self.kernels.get("attention", "attention_decode_f16")?;
+            self.launch(
                 &f,
-                (h.n_heads as u32, rows as u32, 1),
-                SHORT_DECODE_THREADS,
+                (h.n_heads as u32, rows as u32, n_splits),
+                DEC16_THREADS,
                 0,
                 &[
                     arg(&o),
+                    arg(&po),
+                    arg(&pml),
                     arg(&qp),
                     arg(&kc),
                     arg(&vc),
                     arg(&t),
                     arg(&p),
+                    arg(&n_splits),
                     arg(&pos_dev),
                 ],
+            )?;
+            if splits == 1 {
+                return Ok(());
+            }
+            let f = self.kernels.get("attention", "attention_combine")?;
+            return self.launch(
+                &f,
+                (h.n_heads as u32, rows as u32, 1),
+                128,
+                0,
+                &[arg(&o), arg(&po), arg(&pml), arg(&p), arg(&n_splits)],
             );
         }
         if rows <= DECODE_MAX_ROWS && group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM
