@@ -1,6 +1,7 @@
 //! Per-op kernel benchmarks at Llama-3.1-8B shapes, on every backend this machine has (wgpu when
-//! an adapter opens, the CPU backend for the cheap ops), so a regression shows up per op:
-//!   cargo bench --bench ops [-- <filter>]        (e.g. `-- matmul/wgpu`)
+//! an adapter opens, CUDA when built with `--features cuda` and a driver is present, the CPU
+//! backend for the cheap ops), so a regression shows up per op:
+//!   cargo bench --bench ops [--features cuda] [-- <filter>]   (e.g. `-- matmul/cuda`)
 //! Each timed batch enqueues the op `iters` times and ends with `sync`, so the time per op
 //! includes its whole execution on the device, as inside a forward pass (a sync every
 //! SYNC_EVERY ops keeps the queue of pending work bounded).
@@ -54,7 +55,7 @@ fn cfg_8b() -> ModelConfig {
 }
 
 /// Matrix-vector products of decode and a prefill GEMM, in the dtypes that matter.
-#[cfg_attr(not(feature = "wgpu"), allow(dead_code))]
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
 fn matmuls<B: Backend>(c: &mut Criterion, b: &B) {
     let cfg = cfg_8b();
     let (dim, ffn) = (cfg.dim, cfg.ffn_dim);
@@ -201,6 +202,17 @@ fn benches(c: &mut Criterion) {
             attention(c, &b, &[512, 4096]);
         }
         Err(e) => eprintln!("wgpu skipped: {e}"),
+    }
+    #[cfg(feature = "cuda")]
+    match anyllama::backend::cuda::Cuda::new(None) {
+        Ok(b) => {
+            eprintln!("cuda on {}", b.device_name());
+            matmuls(c, &b);
+            elementwise(c, &b);
+            // Both decode attention paths: one block per head (<= 2048), splits past that.
+            attention(c, &b, &[512, 4096]);
+        }
+        Err(e) => eprintln!("cuda skipped: {e}"),
     }
     // The CPU reference only for what it does in reasonable time at these shapes.
     let cpu = Cpu::new();
