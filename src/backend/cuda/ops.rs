@@ -111,6 +111,35 @@ impl Cuda {
             .then_some("attention_decode")
     }
 
+    /// Scratch for the partials of split decode attention: each (row, head, split)'s
+    /// unnormalised output and its (max, sum) pair.
+    fn attention_parts(&self, rows: usize, h: Heads, splits: usize) -> Result<(u64, u64)> {
+        let parts = rows * h.n_heads * splits;
+        Ok((
+            self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?,
+            self.scratch(Scratch::AttnMl, parts * 2 * 4)?,
+        ))
+    }
+
+    /// attention_combine: merges the splits' partials into the output `o`.
+    fn attention_combine(
+        &self,
+        o: u64,
+        (po, pml): (u64, u64),
+        p: &AttentionParams,
+        rows: usize,
+        n_splits: u32,
+    ) -> Result<()> {
+        let f = self.kernels.get("attention", "attention_combine")?;
+        self.launch(
+            &f,
+            (p.n_heads, rows as u32, 1),
+            128,
+            0,
+            &[arg(&o), arg(&po), arg(&pml), arg(p), arg(&n_splits)],
+        )
+    }
+
     /// Splits of the decode kernel for `n_pos` positions (a bucket's end while recording).
     fn decode_splits(&self, n_pos: usize, blocks_per_split: usize) -> (usize, usize) {
         let want = DECODE_TARGET_BLOCKS.div_ceil(blocks_per_split.max(1));
@@ -628,11 +657,7 @@ impl Backend for Cuda {
             let n_splits = splits as u32;
             // One split writes the output itself; several write partials for the combine.
             let (po, pml) = if splits > 1 {
-                let parts = rows * h.n_heads * splits;
-                (
-                    self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?,
-                    self.scratch(Scratch::AttnMl, parts * 2 * 4)?,
-                )
+                self.attention_parts(rows, h, splits)?
             } else {
                 (0, 0)
             };
@@ -658,14 +683,7 @@ impl Backend for Cuda {
             if splits == 1 {
                 return Ok(());
             }
-            let f = self.kernels.get("attention", "attention_combine")?;
-            return self.launch(
-                &f,
-                (h.n_heads as u32, rows as u32, 1),
-                128,
-                0,
-                &[arg(&o), arg(&po), arg(&pml), arg(&p), arg(&n_splits)],
-            );
+            return self.attention_combine(o, (po, pml), &p, rows, n_splits);
         }
         if rows <= DECODE_MAX_ROWS && group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM
         {
@@ -674,9 +692,7 @@ impl Backend for Cuda {
             let (splits, split_len) = self.decode_splits(n_ref, h.n_kv_heads * rows);
             p.split_len = split_len as u32;
             let n_splits = splits as u32;
-            let parts = rows * h.n_heads * splits;
-            let po = self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?;
-            let pml = self.scratch(Scratch::AttnMl, parts * 2 * 4)?;
+            let (po, pml) = self.attention_parts(rows, h, splits)?;
             let scores = group * h.head_dim + group * 128 + 3 * group;
             let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
             let f = self.kernels.get("attention", "attention_decode")?;
@@ -697,14 +713,7 @@ impl Backend for Cuda {
                     arg(&pos_dev),
                 ],
             )?;
-            let f = self.kernels.get("attention", "attention_combine")?;
-            return self.launch(
-                &f,
-                (h.n_heads as u32, rows as u32, 1),
-                128,
-                0,
-                &[arg(&o), arg(&po), arg(&pml), arg(&p), arg(&n_splits)],
-            );
+            return self.attention_combine(o, (po, pml), &p, rows, n_splits);
         }
         if rows >= GEMM_ATTENTION_MIN_ROWS && !self.graphs.recording() {
             return self.attention_gemm(o, qp, (kc, vc, t), p);
