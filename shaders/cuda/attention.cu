@@ -211,16 +211,6 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     }
 }
 
-// Eight f16 values packed in 16 bytes, widened.
-__device__ __forceinline__ void f16x8(uint4 w, float* v) {
-    const u32 words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        v[2 * i] = f16_to_f32((u16)(words[i] & 0xffffu));
-        v[2 * i + 1] = f16_to_f32((u16)(words[i] >> 16));
-    }
-}
-
 // Folds (om, ol, oacc) into the running (m, l, acc) of an online softmax; m = -inf: nothing yet.
 __device__ __forceinline__ void softmax_merge(float& m, float& l, float* acc, float om, float ol,
                                               const float* oacc) {
@@ -246,9 +236,9 @@ extern "C" __global__ void __launch_bounds__(DEC16_THREADS)
     const u32 hd = p.head_dim, lpp = hd / 8, ppw = 32 / lpp;
     const u32 sub = lane % lpp, slot = lane / lpp;
     const u32 kvh = head / (p.n_heads / p.n_kv_heads);
-    const u32 n_all = position(pos_dev, p.pos0) + r + 1;
-    const u32 s0 = n_splits == 1 ? 0 : split * p.split_len;
-    const u32 n_pos = n_splits == 1 ? n_all : min(s0 + p.split_len, n_all);
+    // This split's positions s0..n_pos (one split: split_len covers the whole context).
+    const u32 s0 = split * p.split_len;
+    const u32 n_pos = min(s0 + p.split_len, position(pos_dev, p.pos0) + r + 1);
     const u32 stride = DEC16_WARPS * ppw, first = s0 + warp * ppw + slot;
     float qv[8];
     const float* qr = q + ((size_t)r * p.n_heads + head) * hd + 8 * sub;
@@ -274,7 +264,7 @@ extern "C" __global__ void __launch_bounds__(DEC16_THREADS)
 #pragma unroll
         for (int u = 0; u < DEC16_UNROLL; u++) {
             float k[8];
-            f16x8(kw[u], k);
+            widen8<DT_F16>(kw[u], k);
             float dot = 0.0f;
 #pragma unroll
             for (int i = 0; i < 8; i++) dot += qv[i] * k[i];
@@ -290,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(DEC16_THREADS)
         for (int u = 0; u < DEC16_UNROLL; u++) {
             const float e = s[u] == -INFINITY ? 0.0f : expf(s[u] - cm);
             float v[8];
-            f16x8(vw[u], v);
+            widen8<DT_F16>(vw[u], v);
             cl += e;
 #pragma unroll
             for (int i = 0; i < 8; i++) cacc[i] += e * v[i];

@@ -157,6 +157,18 @@ template <> struct QBlock<DT_Q4_1> { enum { ELEMS = 32, BYTES = 20 }; };
 template <> struct QBlock<DT_Q4K> { enum { ELEMS = 256, BYTES = 144 }; };
 template <> struct QBlock<DT_Q6K> { enum { ELEMS = 256, BYTES = 210 }; };
 
+// Eight f16 or bf16 values packed in 16 bytes (element 2i in the low half of word i), widened.
+template <int DT>
+__device__ __forceinline__ void widen8(uint4 w, float* v) {
+    u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        u16 lo = (u16)(words[i] & 0xffffu), hi = (u16)(words[i] >> 16);
+        v[2 * i] = DT == DT_F16 ? f16_to_f32(lo) : bf16_to_f32(lo);
+        v[2 * i + 1] = DT == DT_F16 ? f16_to_f32(hi) : bf16_to_f32(hi);
+    }
+}
+
 // Eight widened values e..e+8 (e a multiple of 8) of a weight row in any format.
 template <int DT>
 __device__ __forceinline__ void load8(const u8* row, u32 e, float* v) {
@@ -166,14 +178,7 @@ __device__ __forceinline__ void load8(const u8* row, u32 e, float* v) {
         v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
         v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
     } else if (DT == DT_F16 || DT == DT_BF16) {
-        uint4 w = *(const uint4*)((const u16*)row + e);
-        u32 words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            u16 lo = (u16)(words[i] & 0xffffu), hi = (u16)(words[i] >> 16);
-            v[2 * i] = DT == DT_F16 ? f16_to_f32(lo) : bf16_to_f32(lo);
-            v[2 * i + 1] = DT == DT_F16 ? f16_to_f32(hi) : bf16_to_f32(hi);
-        }
+        widen8<DT>(*(const uint4*)((const u16*)row + e), v);
     } else {
         decode8<DT>(row, e / 32, (e % 32) / 8, v);
     }
