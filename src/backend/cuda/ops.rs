@@ -39,10 +39,53 @@ pub(super) const SHORT_DECODE_DEFAULT: usize = 2048;
 /// Threads of attention_decode_f16 (DEC16_THREADS).
 const DEC16_THREADS: u32 = 512;
 
-/// Whether decode attention runs attention_decode_f16: an f16 cache and a head_dim that is a
-/// power of two its lanes can split (8 values each, at most one warp per row).
-fn f16_decode(kv_f16: bool, head_dim: usize) -> bool {
-    kv_f16 && head_dim.is_power_of_two() && (8..=256).contains(&head_dim)
+/// How decode attention runs (decode_plan): the kernel and its splits of `split_len` positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DecodePlan {
+    /// attention_decode_f16, one block per (query head, row, split); one split writes the output
+    /// itself (its split_len covers the context), several are merged by attention_combine.
+    F16 { splits: usize, split_len: usize },
+    /// attention_decode, one block per (kv head, row, split), merged by attention_combine.
+    Grouped { splits: usize, split_len: usize },
+}
+
+/// The decode-attention plan for `rows` query rows over `n_pos` positions (a bucket's end while
+/// recording, so that every step of the bucket traces alike), or None when the prefill paths
+/// take the rows. An f16 cache with a head_dim its lanes can split (a power of two, 8 values a
+/// lane, at most one warp a row) runs attention_decode_f16: unsplit up to `short` positions,
+/// else about DECODE_TARGET_BLOCKS blocks in all (rounded down: a block takes a whole SM's
+/// registers, so a partial last wave would cost a split's time). Anything else within the
+/// grouped kernel's limits runs attention_decode, ~DECODE_TARGET_BLOCKS blocks rounded up.
+/// Splits are a multiple of 32 positions long.
+fn decode_plan(
+    rows: usize,
+    n_pos: usize,
+    h: Heads,
+    kv_f16: bool,
+    short: usize,
+) -> Option<DecodePlan> {
+    if rows > DECODE_MAX_ROWS {
+        return None;
+    }
+    let split = |want: usize| {
+        let splits = want.clamp(1, n_pos.div_ceil(32).max(1));
+        let split_len = n_pos.div_ceil(splits).next_multiple_of(32);
+        (n_pos.div_ceil(split_len).max(1), split_len)
+    };
+    if kv_f16 && h.head_dim.is_power_of_two() && (8..=256).contains(&h.head_dim) {
+        let (splits, split_len) = if n_pos <= short {
+            (1, n_pos)
+        } else {
+            split(DECODE_TARGET_BLOCKS / (h.n_heads * rows).max(1))
+        };
+        return Some(DecodePlan::F16 { splits, split_len });
+    }
+    let group = h.n_heads / h.n_kv_heads;
+    if group > DECODE_MAX_GROUP || h.head_dim > DECODE_MAX_HEAD_DIM {
+        return None;
+    }
+    let (splits, split_len) = split(DECODE_TARGET_BLOCKS.div_ceil((h.n_kv_heads * rows).max(1)));
+    Some(DecodePlan::Grouped { splits, split_len })
 }
 
 fn dev(msg: String) -> Error {
@@ -69,20 +112,6 @@ impl Cuda {
         true
     }
 
-    /// Splits of attention_decode_f16 for `n_pos` positions (a bucket's end while recording):
-    /// one up to the short-context limit, else about DECODE_TARGET_BLOCKS blocks in all (rounded
-    /// down: a block takes a whole SM's registers, so a partial last wave would cost a split's
-    /// time), splits a multiple of 32 positions long.
-    fn f16_decode_splits(&self, n_pos: usize, blocks_per_split: usize) -> (usize, usize) {
-        if n_pos <= self.short_decode {
-            return (1, n_pos);
-        }
-        let want = (DECODE_TARGET_BLOCKS / blocks_per_split.max(1)).max(1);
-        let splits = want.min(n_pos.div_ceil(32));
-        let split_len = n_pos.div_ceil(splits).next_multiple_of(32);
-        (n_pos.div_ceil(split_len), split_len)
-    }
-
     /// Which kernel decode attention runs for `rows` query rows at `pos0` (tests check that
     /// they cover each), outside a graph (a recorded step sizes for its bucket's end):
     /// "attention_decode_f16" (one split), "attention_decode_f16 + combine" (several),
@@ -95,20 +124,12 @@ impl Cuda {
         h: Heads,
         kv: DType,
     ) -> Option<&'static str> {
-        if rows > DECODE_MAX_ROWS {
-            return None;
-        }
-        if f16_decode(kv == DType::F16, h.head_dim) {
-            let (splits, _) = self.f16_decode_splits(pos0 + rows, h.n_heads * rows);
-            return Some(if splits == 1 {
-                "attention_decode_f16"
-            } else {
-                "attention_decode_f16 + combine"
-            });
-        }
-        let group = h.n_heads / h.n_kv_heads;
-        (group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM)
-            .then_some("attention_decode")
+        let plan = decode_plan(rows, pos0 + rows, h, kv == DType::F16, self.short_decode)?;
+        Some(match plan {
+            DecodePlan::F16 { splits: 1, .. } => "attention_decode_f16",
+            DecodePlan::F16 { .. } => "attention_decode_f16 + combine",
+            DecodePlan::Grouped { .. } => "attention_decode",
+        })
     }
 
     /// Scratch for the partials of split decode attention: each (row, head, split)'s
@@ -138,15 +159,6 @@ impl Cuda {
             0,
             &[arg(&o), arg(&po), arg(&pml), arg(p), arg(&n_splits)],
         )
-    }
-
-    /// Splits of the decode kernel for `n_pos` positions (a bucket's end while recording).
-    fn decode_splits(&self, n_pos: usize, blocks_per_split: usize) -> (usize, usize) {
-        let want = DECODE_TARGET_BLOCKS.div_ceil(blocks_per_split.max(1));
-        let most = n_pos.div_ceil(32).max(1);
-        let splits = want.clamp(1, most);
-        let split_len = n_pos.div_ceil(splits).next_multiple_of(32);
-        (n_pos.div_ceil(split_len).max(1), split_len)
     }
 }
 
@@ -632,7 +644,6 @@ impl Backend for Cuda {
         )?;
         let kc = kv.k.raw().ptr;
         let vc = kv.v.raw().ptr;
-        let group = h.n_heads / h.n_kv_heads;
         let mut p = AttentionParams {
             rows: u32_of(rows, "rows", OP)?,
             n_heads: h.n_heads as u32,
@@ -649,71 +660,72 @@ impl Backend for Cuda {
         } else {
             n_pos
         };
-        if rows <= DECODE_MAX_ROWS && f16_decode(f16 == 1, h.head_dim) {
-            let (pos, pos_dev) = self.step_pos(pos0)?;
-            p.pos0 = pos;
-            let (splits, split_len) = self.f16_decode_splits(n_ref, h.n_heads * rows);
-            p.split_len = split_len as u32;
-            let n_splits = splits as u32;
-            // One split writes the output itself; several write partials for the combine.
-            let (po, pml) = if splits > 1 {
-                self.attention_parts(rows, h, splits)?
-            } else {
-                (0, 0)
-            };
-            let f = self.kernels.get("attention", "attention_decode_f16")?;
-            self.launch(
-                &f,
-                (h.n_heads as u32, rows as u32, n_splits),
-                DEC16_THREADS,
-                0,
-                &[
-                    arg(&o),
-                    arg(&po),
-                    arg(&pml),
-                    arg(&qp),
-                    arg(&kc),
-                    arg(&vc),
-                    arg(&t),
-                    arg(&p),
-                    arg(&n_splits),
-                    arg(&pos_dev),
-                ],
-            )?;
-            if splits == 1 {
-                return Ok(());
+        match decode_plan(rows, n_ref, h, f16 == 1, self.short_decode) {
+            Some(DecodePlan::F16 { splits, split_len }) => {
+                let (pos, pos_dev) = self.step_pos(pos0)?;
+                p.pos0 = pos;
+                p.split_len = split_len as u32;
+                let n_splits = splits as u32;
+                // One split writes the output itself; several write partials for the combine.
+                let parts = if splits > 1 {
+                    self.attention_parts(rows, h, splits)?
+                } else {
+                    (0, 0)
+                };
+                let f = self.kernels.get("attention", "attention_decode_f16")?;
+                self.launch(
+                    &f,
+                    (h.n_heads as u32, rows as u32, n_splits),
+                    DEC16_THREADS,
+                    0,
+                    &[
+                        arg(&o),
+                        arg(&parts.0),
+                        arg(&parts.1),
+                        arg(&qp),
+                        arg(&kc),
+                        arg(&vc),
+                        arg(&t),
+                        arg(&p),
+                        arg(&n_splits),
+                        arg(&pos_dev),
+                    ],
+                )?;
+                if splits == 1 {
+                    return Ok(());
+                }
+                return self.attention_combine(o, parts, &p, rows, n_splits);
             }
-            return self.attention_combine(o, (po, pml), &p, rows, n_splits);
-        }
-        if rows <= DECODE_MAX_ROWS && group <= DECODE_MAX_GROUP && h.head_dim <= DECODE_MAX_HEAD_DIM
-        {
-            let (pos, pos_dev) = self.step_pos(pos0)?;
-            p.pos0 = pos;
-            let (splits, split_len) = self.decode_splits(n_ref, h.n_kv_heads * rows);
-            p.split_len = split_len as u32;
-            let n_splits = splits as u32;
-            let (po, pml) = self.attention_parts(rows, h, splits)?;
-            let scores = group * h.head_dim + group * 128 + 3 * group;
-            let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
-            let f = self.kernels.get("attention", "attention_decode")?;
-            self.launch(
-                &f,
-                (n_splits, h.n_kv_heads as u32, rows as u32),
-                128,
-                shared,
-                &[
-                    arg(&po),
-                    arg(&pml),
-                    arg(&qp),
-                    arg(&kc),
-                    arg(&vc),
-                    arg(&t),
-                    arg(&p),
-                    arg(&n_splits),
-                    arg(&pos_dev),
-                ],
-            )?;
-            return self.attention_combine(o, (po, pml), &p, rows, n_splits);
+            Some(DecodePlan::Grouped { splits, split_len }) => {
+                let (pos, pos_dev) = self.step_pos(pos0)?;
+                p.pos0 = pos;
+                p.split_len = split_len as u32;
+                let n_splits = splits as u32;
+                let parts = self.attention_parts(rows, h, splits)?;
+                let group = h.n_heads / h.n_kv_heads;
+                let scores = group * h.head_dim + group * 128 + 3 * group;
+                let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
+                let f = self.kernels.get("attention", "attention_decode")?;
+                self.launch(
+                    &f,
+                    (n_splits, h.n_kv_heads as u32, rows as u32),
+                    128,
+                    shared,
+                    &[
+                        arg(&parts.0),
+                        arg(&parts.1),
+                        arg(&qp),
+                        arg(&kc),
+                        arg(&vc),
+                        arg(&t),
+                        arg(&p),
+                        arg(&n_splits),
+                        arg(&pos_dev),
+                    ],
+                )?;
+                return self.attention_combine(o, parts, &p, rows, n_splits);
+            }
+            None => {}
         }
         if rows >= GEMM_ATTENTION_MIN_ROWS && !self.graphs.recording() {
             return self.attention_gemm(o, qp, (kc, vc, t), p);
@@ -805,5 +817,60 @@ impl Backend for Cuda {
         )?;
         let f = self.kernels.get("sample_walk", "sample_walk")?;
         self.launch(&f, (1, 1, 1), 1024, 0, &[arg(&o), arg(&probs), arg(&p)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn heads(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Heads {
+        Heads {
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
+    #[test]
+    fn decode_plan_picks_the_kernel_and_covers_the_context() {
+        let h8b = heads(32, 8, 128);
+        // f16 cache: one split (covering the context) up to the limit, then ~264 blocks.
+        assert_eq!(
+            decode_plan(1, 2048, h8b, true, 2048),
+            Some(DecodePlan::F16 {
+                splits: 1,
+                split_len: 2048
+            })
+        );
+        assert_eq!(
+            decode_plan(1, 8192, h8b, true, 2048),
+            Some(DecodePlan::F16 {
+                splits: 8,
+                split_len: 1024
+            })
+        );
+        // An f32 cache, or a head_dim that is not a power of two: the grouped kernel.
+        assert!(matches!(
+            decode_plan(1, 300, h8b, false, 2048),
+            Some(DecodePlan::Grouped { .. })
+        ));
+        assert!(matches!(
+            decode_plan(1, 300, heads(8, 1, 96), true, 2048),
+            Some(DecodePlan::Grouped { .. })
+        ));
+        // Prefill row counts, and shapes beyond the grouped kernel: neither decode kernel.
+        assert_eq!(decode_plan(5, 300, h8b, true, 2048), None);
+        assert_eq!(decode_plan(1, 300, heads(34, 2, 96), false, 2048), None);
+        // Every split plan covers the context in splits of whole warps of positions.
+        for n_pos in [1, 31, 33, 997, 2049, 8192, 100_000] {
+            for (h, f16, short) in [(h8b, true, 0), (heads(9, 3, 64), false, 2048)] {
+                let (DecodePlan::F16 { splits, split_len }
+                | DecodePlan::Grouped { splits, split_len }) =
+                    decode_plan(1, n_pos, h, f16, short).unwrap();
+                assert_eq!(split_len % 32, 0, "{n_pos} {h:?}");
+                assert!(splits * split_len >= n_pos && (splits - 1) * split_len < n_pos);
+            }
+        }
     }
 }
