@@ -192,28 +192,27 @@ fn attention<B: Backend>(c: &mut Criterion, b: &B, contexts: &[usize]) {
     g.finish();
 }
 
+/// Every op group on a GPU backend that opened (or why it did not). Decode attention at 512
+/// and 4096 positions: on CUDA that is both of its paths (one block per head up to 2048
+/// positions, splits past that).
+#[cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
+fn on_gpu<B: Backend>(c: &mut Criterion, label: &str, opened: anyllama::Result<B>) {
+    match opened {
+        Ok(b) => {
+            eprintln!("{label} on {}", b.device_name());
+            matmuls(c, &b);
+            elementwise(c, &b);
+            attention(c, &b, &[512, 4096]);
+        }
+        Err(e) => eprintln!("{label} skipped: {e}"),
+    }
+}
+
 fn benches(c: &mut Criterion) {
     #[cfg(feature = "wgpu")]
-    match anyllama::backend::wgpu::Wgpu::new(None) {
-        Ok(b) => {
-            eprintln!("wgpu on {}", b.device_name());
-            matmuls(c, &b);
-            elementwise(c, &b);
-            attention(c, &b, &[512, 4096]);
-        }
-        Err(e) => eprintln!("wgpu skipped: {e}"),
-    }
+    on_gpu(c, "wgpu", anyllama::backend::wgpu::Wgpu::new(None));
     #[cfg(feature = "cuda")]
-    match anyllama::backend::cuda::Cuda::new(None) {
-        Ok(b) => {
-            eprintln!("cuda on {}", b.device_name());
-            matmuls(c, &b);
-            elementwise(c, &b);
-            // Both decode attention paths: one block per head (<= 2048), splits past that.
-            attention(c, &b, &[512, 4096]);
-        }
-        Err(e) => eprintln!("cuda skipped: {e}"),
-    }
+    on_gpu(c, "cuda", anyllama::backend::cuda::Cuda::new(None));
     // The CPU reference only for what it does in reasonable time at these shapes.
     let cpu = Cpu::new();
     elementwise(c, &cpu);
