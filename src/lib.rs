@@ -17,6 +17,7 @@ pub mod quant_blocks;
 pub mod weights;
 
 pub mod backend;
+pub mod batch;
 pub mod kv_cache;
 pub mod pool;
 

@@ -5,6 +5,7 @@
 
 use super::{Backend, Heads, KvView, SampleOp, Weight};
 use crate::backend::params::KV_BLOCK;
+use crate::batch::BatchView;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 pub struct Cpu {
     pool: Arc<Pool<Cpu>>,
-    threads: usize,
+    pub(super) threads: usize,
 }
 
 impl Default for Cpu {
@@ -34,16 +35,16 @@ impl Cpu {
 }
 
 // Host buffers are Vec<u32> so that f32 / u32 views are always aligned.
-fn f32s(b: &Buf<Cpu>) -> &[f32] {
+pub(super) fn f32s(b: &Buf<Cpu>) -> &[f32] {
     bytemuck::cast_slice(b.raw())
 }
-fn f32s_mut(b: &mut Buf<Cpu>) -> &mut [f32] {
+pub(super) fn f32s_mut(b: &mut Buf<Cpu>) -> &mut [f32] {
     bytemuck::cast_slice_mut(b.raw_mut())
 }
-fn u32s(b: &Buf<Cpu>) -> &[u32] {
+pub(super) fn u32s(b: &Buf<Cpu>) -> &[u32] {
     b.raw()
 }
-fn bytes(b: &Buf<Cpu>) -> &[u8] {
+pub(super) fn bytes(b: &Buf<Cpu>) -> &[u8] {
     bytemuck::cast_slice(b.raw())
 }
 
@@ -66,7 +67,12 @@ fn kv_index(table: &[u32], pos: usize, kvh: usize, heads: Heads) -> usize {
 
 /// Splits `out` into chunks of `chunk` elements and runs `f(chunk_index, chunk)` on up to
 /// `threads` threads.
-fn par_chunks(threads: usize, out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(super) fn par_chunks(
+    threads: usize,
+    out: &mut [f32],
+    chunk: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
     let n_chunks = out.len().div_ceil(chunk.max(1));
     let per_thread = n_chunks.div_ceil(threads.max(1)).max(1);
     std::thread::scope(|s| {
@@ -397,6 +403,81 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn rope_rows(
+        &self,
+        x: &mut Buf<Self>,
+        inv_freq: &Buf<Self>,
+        pos: &Buf<Self>,
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        attn_scale: f32,
+    ) -> Result<()> {
+        let pos = &u32s(pos)[..rows];
+        let inv_freq = &f32s(inv_freq)[..head_dim / 2];
+        rotate_rows(
+            f32s_mut(x),
+            inv_freq,
+            pos,
+            n_heads,
+            head_dim,
+            attn_scale,
+            1.0,
+        );
+        Ok(())
+    }
+
+    fn attention_packed(
+        &self,
+        out: &mut Buf<Self>,
+        lse: Option<&mut Buf<Self>>,
+        q: &Buf<Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        batch: BatchView<'_, Self>,
+        h: Heads,
+    ) -> Result<()> {
+        let (rows, hd, nh) = (batch.rows, h.head_dim, h.n_heads);
+        let (kvw, group) = (h.n_kv_heads * hd, nh / h.n_kv_heads);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (q, k, v) = (f32s(q), f32s(k), f32s(v));
+        let starts = seq_starts(batch);
+        // One chunk per (row, head): its output and, last, its logsumexp; the scores run over
+        // the rows of its sequence up to itself.
+        let mut o = vec![0.0f32; rows * nh * (hd + 1)];
+        par_chunks(self.threads, &mut o, hd + 1, |i, o| {
+            let (r, head) = (i / nh, i % nh);
+            let kvh = head / group;
+            let qv = &q[i * hd..(i + 1) * hd];
+            let keys = starts[r]..=r;
+            let scores: Vec<f32> = keys
+                .clone()
+                .map(|j| dot(qv, &k[j * kvw + kvh * hd..][..hd]) * scale)
+                .collect();
+            let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+            o.fill(0.0);
+            for (j, s) in keys.zip(&scores) {
+                let p = (s - max).exp() / sum;
+                for (od, vd) in o[..hd].iter_mut().zip(&v[j * kvw + kvh * hd..][..hd]) {
+                    *od += p * vd;
+                }
+            }
+            o[hd] = max + sum.ln();
+        });
+        let out = f32s_mut(out);
+        for (i, c) in o.chunks_exact(hd + 1).enumerate() {
+            out[i * hd..(i + 1) * hd].copy_from_slice(&c[..hd]);
+        }
+        if let Some(lse) = lse {
+            let lse = f32s_mut(lse);
+            for (i, c) in o.chunks_exact(hd + 1).enumerate() {
+                lse[i] = c[hd];
+            }
+        }
+        Ok(())
+    }
+
     fn sample(
         &self,
         out: &mut Buf<Self>,
@@ -408,5 +489,45 @@ impl Backend for Cpu {
         let token = crate::sample::sample_logits(&f32s(logits)[..vocab], &s);
         out.raw_mut()[out_index] = token;
         Ok(())
+    }
+}
+
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// For each row of a packed batch, the first row of its sequence.
+pub(super) fn seq_starts(batch: BatchView<'_, Cpu>) -> Vec<usize> {
+    let cu = &u32s(batch.cu_seqlens)[..batch.n_seqs + 1];
+    let mut starts = vec![0; batch.rows];
+    for w in cu.windows(2) {
+        starts[w[0] as usize..w[1] as usize].fill(w[0] as usize);
+    }
+    starts
+}
+
+/// HF half-split RoPE on x [rows, n_heads, head_dim], row r at position pos[r]; `dir` 1
+/// rotates by +angle (forward), -1 by -angle (the backward: the transposed rotation).
+pub(super) fn rotate_rows(
+    x: &mut [f32],
+    inv_freq: &[f32],
+    pos: &[u32],
+    n_heads: usize,
+    head_dim: usize,
+    attn_scale: f32,
+    dir: f32,
+) {
+    let half = head_dim / 2;
+    for (row, &p) in x.chunks_exact_mut(n_heads * head_dim).zip(pos) {
+        for head in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                // As in `rope`: the angle in f32, cos and sin scaled by attention_scaling.
+                let angle = p as f32 * inv_freq[i];
+                let (sin, cos) = (dir * angle.sin() * attn_scale, angle.cos() * attn_scale);
+                let (x1, x2) = (head[i], head[i + half]);
+                head[i] = x1 * cos - x2 * sin;
+                head[i + half] = x2 * cos + x1 * sin;
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@
 //! - Device errors are sticky: an op that fails to enqueue returns the error at once, an error
 //!   raised while executing is returned by the next `read` / `sync`.
 
+use crate::batch::BatchView;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -21,10 +22,12 @@ use std::sync::Arc;
 
 pub mod checks;
 pub mod cpu;
+pub mod cpu_train;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod params;
 pub mod select;
+pub mod train;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
@@ -324,6 +327,43 @@ pub trait Backend: Sized + 'static {
     ) -> Result<()> {
         rope_kv_append_unfused(self, q, k, v, cache, rope, rows, pos0, heads)
     }
+    // ---- batched forward ops (packed sequences; training, and serving later) ----
+    /// Rotates x [rows, n_heads, head_dim] in place (HF half-split RoPE), row r at position
+    /// pos[r] (u32 [rows]); cos and sin scaled by `attn_scale`. Backends that do not run packed
+    /// batches yet return an error naming themselves.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_rows(
+        &self,
+        x: &mut Buf<Self>,
+        inv_freq: &Buf<Self>,
+        pos: &Buf<Self>,
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        attn_scale: f32,
+    ) -> Result<()> {
+        let _ = (x, inv_freq, pos, rows, n_heads, head_dim, attn_scale);
+        Err(no_packed(self.name()))
+    }
+    /// Causal GQA attention within each sequence of a packed batch, over q [rows, H*hd] and
+    /// k, v [rows, KV*hd] as they are (no cache): out[r, h] = softmax(q[r, h] . K_s^T / sqrt(hd))
+    /// V_s over the rows of r's sequence up to r. With `lse`, writes each (row, head)'s
+    /// natural logsumexp of the scaled scores to lse [rows, H] (training keeps it for backward).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_packed(
+        &self,
+        out: &mut Buf<Self>,
+        lse: Option<&mut Buf<Self>>,
+        q: &Buf<Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        batch: BatchView<'_, Self>,
+        heads: Heads,
+    ) -> Result<()> {
+        let _ = (out, lse, q, k, v, batch, heads);
+        Err(no_packed(self.name()))
+    }
+
     /// Picks a token from logits[vocab] and writes it (u32) to out[out_index].
     fn sample(
         &self,
@@ -333,6 +373,12 @@ pub trait Backend: Sized + 'static {
         vocab: usize,
         s: SampleOp,
     ) -> Result<()>;
+}
+
+fn no_packed(backend: &str) -> Error {
+    Error::Device(format!(
+        "the {backend} backend does not run packed batches (training) yet; use --backend cpu or cuda"
+    ))
 }
 
 /// `matmul_residual` as three ops (every backend's default; fused backends fall back to it).
