@@ -22,6 +22,7 @@ pub mod kv_cache;
 pub mod pool;
 
 pub mod model;
+pub mod train;
 
 pub mod bench;
 

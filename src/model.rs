@@ -1,11 +1,13 @@
 //! The Llama forward pass: llama2.c's forward() as a list of backend ops with shape comments.
 
 use crate::backend::{Backend, Heads, KvSlot, RmsNormed, RopeArgs};
+use crate::batch::BatchView;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::kv_cache::{KvCache, Sequence};
 use crate::pool::Buf;
 use crate::rope::{rope_freqs, RopeFreqs};
+use crate::train::lora::{Adapter, Lora, Proj};
 use crate::weights::Weights;
 
 pub struct Model<B: Backend> {
@@ -15,6 +17,73 @@ pub struct Model<B: Backend> {
     /// (dynamic / longrope scaling change them as the sequence grows, as HF does per call).
     inv_freq: Buf<B>,
     rope: RopeFreqs,
+    /// LoRA adapters applied in every projection they target.
+    pub lora: Option<Lora<B>>,
+}
+
+/// The activations of one layer's forward for up to `rows` rows. Inference reuses one set for
+/// every layer; training keeps one per layer (or one, recomputed, with checkpointing).
+pub struct Acts<B: Backend> {
+    pub xb: Buf<B>,   // rms_norm(x), the q/k/v input [rows, dim]
+    pub q: Buf<B>,    // [rows, n_heads * head_dim], rotated
+    pub k: Buf<B>,    // [rows, n_kv_heads * head_dim], rotated
+    pub v: Buf<B>,    // [rows, n_kv_heads * head_dim]
+    pub att: Buf<B>,  // attention output [rows, n_heads * head_dim]
+    pub lse: Buf<B>,  // attention logsumexp [rows, n_heads] (packed batches only)
+    pub h: Buf<B>,    // rms_norm(x) of the feed-forward [rows, dim]
+    pub gate: Buf<B>, // [rows, ffn]
+    pub up: Buf<B>,   // [rows, ffn]
+    pub hb: Buf<B>,   // silu(gate) * up [rows, ffn]
+}
+
+impl<B: Backend> Acts<B> {
+    pub fn new(b: &B, cfg: &ModelConfig, rows: usize) -> Result<Self> {
+        let f = |n: usize| b.alloc(rows * n * 4);
+        Ok(Acts {
+            xb: f(cfg.dim)?,
+            q: f(cfg.q_dim())?,
+            k: f(cfg.kv_dim())?,
+            v: f(cfg.kv_dim())?,
+            att: f(cfg.q_dim())?,
+            lse: f(cfg.n_heads)?,
+            h: f(cfg.dim)?,
+            gate: f(cfg.ffn_dim)?,
+            up: f(cfg.ffn_dim)?,
+            hb: f(cfg.ffn_dim)?,
+        })
+    }
+
+    /// Bytes of one set for `rows` rows.
+    pub fn bytes(cfg: &ModelConfig, rows: usize) -> usize {
+        rows * 4
+            * (2 * cfg.dim + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + cfg.n_heads + 3 * cfg.ffn_dim)
+    }
+}
+
+/// Scratch of the projections: the result of one added into the residual stream, and LoRA's
+/// intermediates.
+pub struct ProjScratch<B: Backend> {
+    pub out: Buf<B>, // [rows, dim]
+    pub lora: LoraScratch<B>,
+}
+
+/// LoRA's x A^T [rows, r] and (x A^T) B^T [rows, widest projection].
+pub struct LoraScratch<B: Backend> {
+    pub u: Buf<B>,
+    pub y: Buf<B>,
+}
+
+impl<B: Backend> ProjScratch<B> {
+    pub fn new(b: &B, cfg: &ModelConfig, rows: usize, lora_rank: usize) -> Result<Self> {
+        let widest = cfg.q_dim().max(cfg.ffn_dim).max(cfg.dim);
+        Ok(ProjScratch {
+            out: b.alloc(rows * cfg.dim * 4)?,
+            lora: LoraScratch {
+                u: b.alloc(rows * lora_rank.max(1) * 4)?,
+                y: b.alloc(rows * if lora_rank > 0 { widest } else { 1 } * 4)?,
+            },
+        })
+    }
 }
 
 /// Activation buffers for up to `rows` tokens per forward call, reused for every call.
@@ -22,38 +91,36 @@ pub struct Scratch<B: Backend> {
     pub rows: usize,
     pub tokens: Buf<B>, // u32 [rows]
     x: Buf<B>,          // residual stream [rows, dim]
-    xb: Buf<B>,         // normed input [rows, dim]
-    xb2: Buf<B>,        // projection output [rows, dim]
-    q: Buf<B>,          // [rows, n_heads * head_dim]
-    k: Buf<B>,          // [rows, n_kv_heads * head_dim]
-    v: Buf<B>,          // [rows, n_kv_heads * head_dim]
-    att: Buf<B>,        // attention output [rows, n_heads * head_dim]
-    gate: Buf<B>,       // [rows, ffn]
-    up: Buf<B>,         // [rows, ffn]
-    hb: Buf<B>,         // silu(gate) * up [rows, ffn]
+    acts: Acts<B>,
+    proj: ProjScratch<B>,
     pub logits: Buf<B>, // [rows or 1, vocab]
 }
 
 impl<B: Backend> Scratch<B> {
     /// `all_logits`: keep the logits of every row (tests), not just of the last.
     pub fn new(b: &B, cfg: &ModelConfig, rows: usize, all_logits: bool) -> Result<Self> {
-        let f = |n: usize| b.alloc(rows * n * 4);
         Ok(Scratch {
             rows,
-            tokens: f(1)?,
-            x: f(cfg.dim)?,
-            xb: f(cfg.dim)?,
-            xb2: f(cfg.dim)?,
-            q: f(cfg.q_dim())?,
-            k: f(cfg.kv_dim())?,
-            v: f(cfg.kv_dim())?,
-            att: f(cfg.q_dim())?,
-            gate: f(cfg.ffn_dim)?,
-            up: f(cfg.ffn_dim)?,
-            hb: f(cfg.ffn_dim)?,
+            tokens: b.alloc(rows * 4)?,
+            x: b.alloc(rows * cfg.dim * 4)?,
+            acts: Acts::new(b, cfg, rows)?,
+            proj: ProjScratch::new(b, cfg, rows, 0)?,
             logits: b.alloc(if all_logits { rows } else { 1 } * cfg.vocab_size * 4)?,
         })
     }
+}
+
+/// Where a layer's attention finds its keys and values.
+pub enum Attend<'a, B: Backend> {
+    /// Generation: one sequence at positions pos0..; k and v are stored in its paged cache
+    /// and attention reads every position of the cache up to each row.
+    Cache {
+        kv: &'a mut KvCache<B>,
+        seq: &'a Sequence<B>,
+    },
+    /// A packed batch (training): rows at the batch's positions, attention within each
+    /// sequence over the rows themselves, the logsumexp kept in `Acts::lse`.
+    Packed(BatchView<'a, B>),
 }
 
 impl<B: Backend> Model<B> {
@@ -66,6 +133,7 @@ impl<B: Backend> Model<B> {
             w,
             inv_freq,
             rope,
+            lora: None,
         })
     }
 
@@ -95,62 +163,159 @@ impl<B: Backend> Model<B> {
         rows: usize,
         all_logits: bool,
     ) -> Result<()> {
-        let c = &self.cfg;
-        let (dim, pos0) = (c.dim, seq.len);
+        let (dim, eps) = (self.cfg.dim, self.cfg.norm_eps);
+        b.embedding(&mut s.x, &s.tokens, &self.w.tok_embeddings, rows)?; // x [rows, dim]
+        for i in 0..self.cfg.n_layers {
+            let attend = Attend::Cache { kv, seq };
+            self.attention_block(b, i, &mut s.x, &mut s.acts, &mut s.proj, attend, rows)?;
+            self.ffn_block(b, i, &mut s.x, &mut s.acts, &mut s.proj, rows, false)?;
+        }
+        // final norm and classifier, on the last row only unless every row's logits are wanted
+        let out_rows = if all_logits { rows } else { 1 };
+        let (xb, tmp) = (&mut s.acts.xb, &mut s.proj.out);
+        if !all_logits && rows > 1 {
+            b.copy(tmp, 0, &s.x, (rows - 1) * dim * 4, dim * 4)?;
+            b.rms_norm(xb, tmp, &self.w.norm, 1, dim, eps)?;
+        } else {
+            b.rms_norm(xb, &s.x, &self.w.norm, out_rows, dim, eps)?;
+        }
+        b.matmul(&mut s.logits, xb, self.w.output(), out_rows) // logits [out_rows, vocab]
+    }
+
+    /// Layer i's attention block: x += attention(rope(rms_norm(x) . (wq, wk, wv)^T)) . wo^T.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_block(
+        &self,
+        b: &B,
+        i: usize,
+        x: &mut Buf<B>,
+        a: &mut Acts<B>,
+        ps: &mut ProjScratch<B>,
+        attend: Attend<'_, B>,
+        rows: usize,
+    ) -> Result<()> {
+        let (c, l) = (&self.cfg, &self.w.layers[i]);
         let heads = Heads {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
         };
-        b.embedding(&mut s.x, &s.tokens, &self.w.tok_embeddings, rows)?; // x [rows, dim]
-        for (i, l) in self.w.layers.iter().enumerate() {
-            // attention block: q, k, v = rms_norm(x) . (wq, wk, wv)^T
+        // Training and adapters need rms_norm(x) itself (backward and LoRA read it), so they
+        // run the plain ops; generation may fold the norm into the projections.
+        let plain = self.lora.is_some() || matches!(attend, Attend::Packed(_));
+        if plain {
+            b.rms_norm(&mut a.xb, x, &l.attn_norm, rows, c.dim, c.norm_eps)?; // xb [rows, dim]
+            self.project(b, i, Proj::Q, &mut a.q, &a.xb, &mut ps.lora, rows)?; // q [rows, n_heads*hd]
+            self.project(b, i, Proj::K, &mut a.k, &a.xb, &mut ps.lora, rows)?; // k [rows, n_kv*hd]
+            self.project(b, i, Proj::V, &mut a.v, &a.xb, &mut ps.lora, rows)?; // v [rows, n_kv*hd]
+        } else {
             let normed = RmsNormed {
-                x: &s.x,
+                x,
                 weight: &l.attn_norm,
                 eps: c.norm_eps,
             };
-            let (qkv, w) = ([&mut s.q, &mut s.k, &mut s.v], [&l.wq, &l.wk, &l.wv]);
-            b.norm_qkv(qkv, &mut s.xb, normed, w, rows)?; // q [rows, n_heads*hd], k/v [rows, n_kv*hd]
-            bias(b, &mut s.q, &l.bq, rows, c.q_dim())?;
-            bias(b, &mut s.k, &l.bk, rows, c.kv_dim())?;
-            bias(b, &mut s.v, &l.bv, rows, c.kv_dim())?;
-            // rotate q and k at positions pos0..; store k and v in the cache
-            let dtype = kv.dtype;
-            let (k, v, table) = kv.layer_mut(i, seq);
-            let cache = KvSlot { k, v, table, dtype };
-            let rope = RopeArgs {
-                inv_freq: &self.inv_freq,
-                attn_scale: self.rope.attention_scaling,
-            };
-            b.rope_kv_append(&mut s.q, &mut s.k, &s.v, cache, rope, rows, pos0, heads)?;
-            b.attention(&mut s.att, &s.q, kv.view(i, seq), rows, pos0, heads)?; // att [rows, n_heads*hd]
-
-            // x += att . wo^T (+ bo)
-            b.matmul_residual(&mut s.x, &mut s.xb2, &s.att, &l.wo, l.bo.as_ref(), rows)?;
-
-            // feed-forward block: hb = swiglu(rms_norm(x) . w1^T, rms_norm(x) . w3^T)
-            let normed = RmsNormed {
-                x: &s.x,
-                weight: &l.ffn_norm,
-                eps: c.norm_eps,
-            };
-            let (w13, b13) = ((&l.w1, &l.w3), (l.b1.as_ref(), l.b3.as_ref()));
-            let scratch = [&mut s.gate, &mut s.up, &mut s.xb];
-            b.ffn_gate_up(&mut s.hb, scratch, normed, w13, b13, rows)?; // hb [rows, ffn]
-
-            // x += hb . w2^T (+ b2)
-            b.matmul_residual(&mut s.x, &mut s.xb2, &s.hb, &l.w2, l.b2.as_ref(), rows)?;
+            let (qkv, w) = ([&mut a.q, &mut a.k, &mut a.v], [&l.wq, &l.wk, &l.wv]);
+            b.norm_qkv(qkv, &mut a.xb, normed, w, rows)?; // q [rows, n_heads*hd], k/v [rows, n_kv*hd]
+            bias(b, &mut a.q, &l.bq, rows, c.q_dim())?;
+            bias(b, &mut a.k, &l.bk, rows, c.kv_dim())?;
+            bias(b, &mut a.v, &l.bv, rows, c.kv_dim())?;
         }
-        // final norm and classifier, on the last row only unless every row's logits are wanted
-        let out_rows = if all_logits { rows } else { 1 };
-        if !all_logits && rows > 1 {
-            b.copy(&mut s.xb2, 0, &s.x, (rows - 1) * dim * 4, dim * 4)?;
-            b.rms_norm(&mut s.xb, &s.xb2, &self.w.norm, 1, dim, c.norm_eps)?;
+        let (inv_freq, scale) = (&self.inv_freq, self.rope.attention_scaling);
+        match attend {
+            Attend::Cache { kv, seq } => {
+                // rotate q and k at positions seq.len..; store k and v in the cache
+                let (pos0, dtype) = (seq.len, kv.dtype);
+                let (k, v, table) = kv.layer_mut(i, seq);
+                let cache = KvSlot { k, v, table, dtype };
+                let rope = RopeArgs {
+                    inv_freq,
+                    attn_scale: scale,
+                };
+                b.rope_kv_append(&mut a.q, &mut a.k, &a.v, cache, rope, rows, pos0, heads)?;
+                b.attention(&mut a.att, &a.q, kv.view(i, seq), rows, pos0, heads)?;
+                // att [rows, n_heads*hd]
+            }
+            Attend::Packed(batch) => {
+                let hd = c.head_dim;
+                b.rope_rows(&mut a.q, inv_freq, batch.pos, rows, c.n_heads, hd, scale)?;
+                b.rope_rows(&mut a.k, inv_freq, batch.pos, rows, c.n_kv_heads, hd, scale)?;
+                let lse = Some(&mut a.lse); // lse [rows, n_heads]
+                b.attention_packed(&mut a.att, lse, &a.q, &a.k, &a.v, batch, heads)?;
+            }
+        }
+        // x += att . wo^T (+ bo)
+        if plain {
+            self.project(b, i, Proj::O, &mut ps.out, &a.att, &mut ps.lora, rows)?;
+            b.add(x, &ps.out, rows * c.dim)
         } else {
-            b.rms_norm(&mut s.xb, &s.x, &self.w.norm, out_rows, dim, c.norm_eps)?;
+            b.matmul_residual(x, &mut ps.out, &a.att, &l.wo, l.bo.as_ref(), rows)
         }
-        b.matmul(&mut s.logits, &s.xb, self.w.output(), out_rows) // logits [out_rows, vocab]
+    }
+
+    /// Layer i's feed-forward block: x += swiglu(h . w1^T, h . w3^T) . w2^T, h = rms_norm(x).
+    /// `keep`: every activation of `a` must be written (training's backward reads them).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ffn_block(
+        &self,
+        b: &B,
+        i: usize,
+        x: &mut Buf<B>,
+        a: &mut Acts<B>,
+        ps: &mut ProjScratch<B>,
+        rows: usize,
+        keep: bool,
+    ) -> Result<()> {
+        let (c, l) = (&self.cfg, &self.w.layers[i]);
+        if self.lora.is_some() || keep {
+            b.rms_norm(&mut a.h, x, &l.ffn_norm, rows, c.dim, c.norm_eps)?; // h [rows, dim]
+            self.project(b, i, Proj::Gate, &mut a.gate, &a.h, &mut ps.lora, rows)?; // gate [rows, ffn]
+            self.project(b, i, Proj::Up, &mut a.up, &a.h, &mut ps.lora, rows)?; // up [rows, ffn]
+            b.swiglu(&mut a.hb, &a.gate, &a.up, rows * c.ffn_dim)?; // hb [rows, ffn]
+                                                                    // x += hb . w2^T (+ b2)
+            self.project(b, i, Proj::Down, &mut ps.out, &a.hb, &mut ps.lora, rows)?;
+            return b.add(x, &ps.out, rows * c.dim);
+        }
+        let normed = RmsNormed {
+            x,
+            weight: &l.ffn_norm,
+            eps: c.norm_eps,
+        };
+        let (w13, b13) = ((&l.w1, &l.w3), (l.b1.as_ref(), l.b3.as_ref()));
+        let scratch = [&mut a.gate, &mut a.up, &mut a.h];
+        b.ffn_gate_up(&mut a.hb, scratch, normed, w13, b13, rows)?; // hb [rows, ffn]
+                                                                    // x += hb . w2^T (+ b2)
+        b.matmul_residual(x, &mut ps.out, &a.hb, &l.w2, l.b2.as_ref(), rows)
+    }
+
+    /// out = x . W^T (+ bias) (+ scale * (x . A^T) . B^T where the projection has an adapter).
+    #[allow(clippy::too_many_arguments)]
+    pub fn project(
+        &self,
+        b: &B,
+        i: usize,
+        p: Proj,
+        out: &mut Buf<B>,
+        x: &Buf<B>,
+        ls: &mut LoraScratch<B>,
+        rows: usize,
+    ) -> Result<()> {
+        let (w, bias) = p.of(&self.w.layers[i]);
+        b.matmul(out, x, w, rows)?; // out [rows, n]
+        if let Some(bias) = bias {
+            b.add_bias(out, bias, rows, w.rows)?;
+        }
+        if let Some((ad, scale)) = self.adapter(i, p) {
+            b.matmul(&mut ls.u, x, &ad.a, rows)?; // u = x . A^T [rows, r]
+            b.matmul(&mut ls.y, &ls.u, &ad.b, rows)?; // u . B^T [rows, n]
+            b.add_scaled(out, &ls.y, scale, rows * w.rows)?;
+        }
+        Ok(())
+    }
+
+    /// The adapter of projection p in layer i and its scale, when LoRA is on.
+    pub fn adapter(&self, i: usize, p: Proj) -> Option<(&Adapter<B>, f32)> {
+        let lora = self.lora.as_ref()?;
+        Some((lora.adapter(i, p)?, lora.scale))
     }
 }
 

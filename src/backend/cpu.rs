@@ -403,6 +403,15 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
+        let y = &f32s(y)[..n];
+        f32s_mut(x)[..n]
+            .iter_mut()
+            .zip(y)
+            .for_each(|(a, b)| *a += alpha * b);
+        Ok(())
+    }
+
     fn rope_rows(
         &self,
         x: &mut Buf<Self>,

@@ -270,6 +270,17 @@ pub trait Backend: Sized + 'static {
         -> Result<()>;
     /// x[i] += y[i] for i < n
     fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()>;
+    /// x[i] += alpha * y[i] for i < n (LoRA's scaled update). The default serves alpha = 1
+    /// only; backends that run LoRA override it.
+    fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
+        if alpha == 1.0 {
+            return self.add(x, y, n);
+        }
+        Err(Error::Device(format!(
+            "the {} backend does not apply LoRA adapters yet; use --backend cpu or cuda",
+            self.name()
+        )))
+    }
     /// resid[rows, w.rows] += x . w^T (+ bias): a projection into the residual stream. `tmp` is
     /// scratch of the output's size. Backends may fuse the add into the matmul's epilogue.
     #[allow(clippy::too_many_arguments)]

@@ -1,0 +1,5 @@
+//! Training, written once over `B: TrainBackend` (llm.c's train_gpt2.c in shape): lora (the
+//! adapters), step (forward keeping what backward needs, loss, backward, optimizer), optim
+//! (AdamW state, schedules, clipping), plan (a step's device memory, checked before it runs).
+
+pub mod lora;
