@@ -74,6 +74,12 @@ struct KvAppendParams { u32 rows, n_kv_heads, head_dim, pos0, kv_f16, _pad[3]; }
 struct AttentionParams { u32 rows, n_heads, n_kv_heads, head_dim, pos0, kv_f16; float scale; u32 split_len; };
 struct ElementwiseParams { u32 n, _pad[3]; };
 struct SampleParams { u32 vocab, top_k; float top_p, min_p, temperature, uniform; u32 out_index, _pad; };
+// Training's blocks (src/backend/cuda/train_params.rs: CUDA is the only GPU backend that trains).
+struct RopeRowsParams { u32 rows, n_heads, head_dim; float attn_scale; };
+struct PackedAttnParams { u32 rows, n_seqs, n_heads, n_kv_heads, head_dim; float scale; u32 _pad[2]; };
+struct AxpyParams { u32 n; float alpha; u32 _pad[2]; };
+struct CrossEntropyParams { u32 rows, vocab; float scale; u32 _pad; };
+struct AdamWParams { u32 n; float lr, beta1, beta2, eps, weight_decay, grad_scale, step_size, bc2_sqrt; u32 _pad[3]; };
 
 // ---- weight formats (src/dtype.rs; GGUF block layouts as src/quant_blocks.rs decodes them) ----
 #define DT_F32 0

@@ -2,6 +2,8 @@
 // row (rows are whole octets: quant rows are whole 32-value blocks, float rows use the scalar
 // path otherwise). A token id at or past the vocabulary gives a NaN row, so a bad id shows up in
 // the logits instead of passing silently (ids sampled on the device never visit the host).
+// embedding_backward: dtable[tokens[t], i] += dout[t, i], one thread per (t, i) with atomicAdd
+// (a token may repeat in the batch); ids at or past the vocabulary add nothing.
 #include "common.cuh"
 
 template <int DT>
@@ -50,3 +52,12 @@ EMBEDDING(q4_0, DT_Q4_0)
 EMBEDDING(q4_1, DT_Q4_1)
 EMBEDDING(q4k, DT_Q4K)
 EMBEDDING(q6k, DT_Q6K)
+
+extern "C" __global__ void embedding_backward(float* dtable, const float* dout,
+                                              const u32* tokens, EmbeddingParams p) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)p.n_tokens * p.dim) return;
+    const u32 t = (u32)(i / p.dim), c = (u32)(i % p.dim);
+    const u32 id = tokens[t];
+    if (id < p.vocab) atomicAdd(dtable + (size_t)id * p.dim + c, dout[i]);
+}

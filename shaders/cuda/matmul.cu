@@ -225,6 +225,18 @@ MATMUL_KERNELS(q4_1, DT_Q4_1)
 MATMUL_KERNELS(q4k, DT_Q4K)
 MATMUL_KERNELS(q6k, DT_Q6K)
 
+// dst[i] = w[i] widened to f32, one thread per value: the f16 / bf16 matrices whose rows are
+// not whole octets (training's matmul_dx widens weights for an f32 GEMM).
+extern "C" __global__ void widen1_f16_f32(float* dst, const u16* w, u32 n) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = f16_to_f32(w[i]);
+}
+
+extern "C" __global__ void widen1_bf16_f32(float* dst, const u16* w, u32 n) {
+    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = bf16_to_f32(w[i]);
+}
+
 // dst[i] = x[i] rounded to f16 (OUT 1) or bf16 (OUT 2), for the tensor-core GEMM's input.
 extern "C" __global__ void round_x_f16(u16* dst, const float* x, u32 n) {
     const u32 i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -15,6 +15,7 @@ const COMMON: &str = include_str!("../../../shaders/cuda/common.cuh");
 
 /// Every kernel file: (stem, source).
 pub const SOURCES: &[(&str, &str)] = &[
+    ("adamw", include_str!("../../../shaders/cuda/adamw.cu")),
     ("add", include_str!("../../../shaders/cuda/add.cu")),
     (
         "add_bias",
@@ -27,6 +28,14 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "attention_flash",
         include_str!("../../../shaders/cuda/attention_flash.cu"),
+    ),
+    (
+        "attention_train",
+        include_str!("../../../shaders/cuda/attention_train.cu"),
+    ),
+    (
+        "cross_entropy",
+        include_str!("../../../shaders/cuda/cross_entropy.cu"),
     ),
     (
         "embedding",

@@ -39,6 +39,14 @@ pub enum Scratch {
     GemmX,
     /// The decode-step position read by graph replays.
     StepPos,
+    /// Training: weights widened to f32 for an SGEMM, one chunk's logits, each row's loss,
+    /// block partial sums, rms_norm's per-row rstd, attention's D = rowsum(dout * out).
+    TrainW,
+    TrainLogits,
+    TrainRowLoss,
+    TrainPartials,
+    TrainRstd,
+    TrainDelta,
 }
 
 #[derive(Default)]

@@ -8,7 +8,9 @@
 //! scratch buffers), fused.rs (mat-vecs with the RMSNorm folded in), gemm.rs (cuBLAS GEMMs), attention_gemm.rs (long prefills'
 //! attention on cuBLAS), graph.rs (decode-step capture and replay), readback.rs (reads that
 //! do not wait), profile.rs (per-kernel GPU times), ops.rs (the `Backend` impl: sizes,
-//! checks, launch shapes).
+//! checks, launch shapes); training: train.rs (the `TrainBackend` impl), train_attention.rs
+//! (packed-batch rope and attention, forward and backward), train_loss.rs (cross_entropy),
+//! train_params.rs (the training kernels' params blocks).
 
 /// Name of the kernel for weight dtype `d` (the `<prefix><dtype><suffix>` names that the .cu
 /// macros stamp out, e.g. `matvec_bf16`, `widen_q4k_f16`).
@@ -39,6 +41,10 @@ mod launch;
 mod ops;
 mod profile;
 mod readback;
+mod train;
+mod train_attention;
+mod train_loss;
+mod train_params;
 
 pub use kernels::{compile, SOURCES};
 pub use launch::DevBuf;

@@ -11,6 +11,7 @@ use crate::backend::{
     ffn_gate_up_unfused, matmul_residual_unfused, norm_qkv_unfused, Backend, Heads, KvSlot, KvView,
     PendingRead, RmsNormed, RopeArgs, SampleOp, Weight,
 };
+use crate::batch::BatchView;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -780,6 +781,35 @@ impl Backend for Cuda {
             _pad: [0; 3],
         };
         self.launch_1d("add", "add", n, BLOCK, &[arg(&xp), arg(&yp), arg(&p)])
+    }
+
+    /// train_attention.rs: rope.cu's rope_rows, one thread per rotated pair.
+    fn rope_rows(
+        &self,
+        x: &mut Buf<Self>,
+        inv_freq: &Buf<Self>,
+        pos: &Buf<Self>,
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        attn_scale: f32,
+    ) -> Result<()> {
+        let shape = (rows, n_heads, head_dim);
+        self.rope_rows_kernel("rope_rows", x, inv_freq, pos, shape, attn_scale)
+    }
+
+    /// train_attention.rs: attention_train.cu's flash-style f32 kernel over the packed rows.
+    fn attention_packed(
+        &self,
+        out: &mut Buf<Self>,
+        lse: Option<&mut Buf<Self>>,
+        q: &Buf<Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        batch: BatchView<'_, Self>,
+        heads: Heads,
+    ) -> Result<()> {
+        self.attention_packed_kernel(out, lse, q, k, v, batch, heads)
     }
 
     fn sample(
