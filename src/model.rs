@@ -151,6 +151,11 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
+    /// The device's RoPE inverse frequencies and the scale of cos and sin.
+    pub fn rope_args(&self) -> (&Buf<B>, f32) {
+        (&self.inv_freq, self.rope.attention_scaling)
+    }
+
     /// Runs `rows` tokens (already in `s.tokens`) at positions seq.len.. through the model,
     /// appending their K/V to the cache. Writes the last row's logits to `s.logits` (every
     /// row's when `all_logits`). Call `prepare_rope` first.

@@ -3,3 +3,7 @@
 //! (AdamW state, schedules, clipping), plan (a step's device memory, checked before it runs).
 
 pub mod lora;
+pub mod optim;
+pub mod params;
+pub mod peft;
+pub mod step;

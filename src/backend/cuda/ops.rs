@@ -783,6 +783,11 @@ impl Backend for Cuda {
         self.launch_1d("add", "add", n, BLOCK, &[arg(&xp), arg(&yp), arg(&p)])
     }
 
+    /// add.cu's axpy (LoRA's scaled product into its projection's output).
+    fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
+        crate::backend::train::TrainBackend::axpy(self, x, y, alpha, n)
+    }
+
     /// train_attention.rs: rope.cu's rope_rows, one thread per rotated pair.
     fn rope_rows(
         &self,
