@@ -108,6 +108,55 @@ fn auto_wgpu<W: WithBackend>(_adapter: Option<usize>, work: W) -> Result<W::Outp
     work.run(Cpu::new())
 }
 
+/// Training work to run on whichever training backend gets picked.
+pub trait WithTrainBackend {
+    type Output;
+    fn run<B: super::train::TrainBackend>(self, b: B) -> Result<Self::Output>;
+}
+
+/// Builds the chosen training backend (CUDA or the CPU) and runs `work` on it; auto prefers
+/// CUDA where it was built in and a driver is present.
+pub fn with_train_backend<W: WithTrainBackend>(
+    choice: BackendChoice,
+    device: Option<usize>,
+    work: W,
+) -> Result<W::Output> {
+    match choice {
+        BackendChoice::Cpu => work.run(Cpu::new()),
+        BackendChoice::Wgpu => Err(crate::error::Error::Usage(
+            "training runs on --backend cuda or cpu; the wgpu backend does not train yet".into(),
+        )),
+        #[cfg(feature = "cuda")]
+        BackendChoice::Cuda => work.run(super::cuda::Cuda::new(device)?),
+        #[cfg(feature = "cuda")]
+        BackendChoice::Auto => match super::cuda::unavailable_reason() {
+            None => {
+                let b = super::cuda::Cuda::new(device)?;
+                eprintln!("backend: cuda on {}", b.device_name());
+                work.run(b)
+            }
+            Some(why) => {
+                eprintln!("backend: cpu (not cuda: {why})");
+                work.run(Cpu::new())
+            }
+        },
+        #[cfg(not(feature = "cuda"))]
+        BackendChoice::Cuda => {
+            let _ = device;
+            Err(crate::error::Error::Device(
+                "this build has no CUDA backend (build with `--features cuda`); use --backend \
+                 cpu to train on the CPU"
+                    .into(),
+            ))
+        }
+        #[cfg(not(feature = "cuda"))]
+        BackendChoice::Auto => {
+            eprintln!("backend: cpu (built without CUDA)");
+            work.run(Cpu::new())
+        }
+    }
+}
+
 /// What `anyllama devices` prints: every GPU adapter, then the CPU backend.
 pub fn describe_devices() -> String {
     #[cfg_attr(not(feature = "wgpu"), allow(unused_mut))]

@@ -15,6 +15,7 @@
 pub mod measure;
 pub mod report;
 pub mod synthetic;
+pub mod train;
 
 use crate::backend::select::WithBackend;
 use crate::backend::Backend;

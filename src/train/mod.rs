@@ -6,4 +6,5 @@ pub mod lora;
 pub mod optim;
 pub mod params;
 pub mod peft;
+pub mod plan;
 pub mod step;

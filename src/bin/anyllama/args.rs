@@ -213,6 +213,38 @@ pub struct BenchArgs {
     /// Print JSON on stdout (the table goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Measure training instead of inference (synthetic shapes; cuda or cpu): tokens/s,
+    /// peak memory and MFU of LoRA (or --full) steps over packed random sequences.
+    #[arg(long, requires = "synthetic")]
+    pub train: bool,
+    /// With --train: fine-tune every weight instead of LoRA adapters.
+    #[arg(long, requires = "train")]
+    pub full: bool,
+    /// With --train: LoRA rank on all seven projections (alpha = rank).
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// With --train: sequences per step.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// With --train: tokens per sequence.
+    #[arg(long, default_value_t = 2048)]
+    pub seq: usize,
+    /// With --train: gradient checkpointing.
+    #[arg(long, value_enum, default_value_t = CheckpointingArg::Layer)]
+    pub checkpointing: CheckpointingArg,
+    /// With --train: most measured steps (after two warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CheckpointingArg {
+    /// Keep every layer's activations.
+    Off,
+    /// Keep each layer's input; recompute the layer in backward.
+    Layer,
+    /// As layer, with the inputs in host memory.
+    Offload,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

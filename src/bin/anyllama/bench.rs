@@ -1,6 +1,6 @@
 //! `anyllama bench`: the flags turned into `anyllama::bench` options, one row per backend.
 
-use crate::args::{BackendArg, BenchArgs, BenchDtype, KvDtypeArg};
+use crate::args::{BackendArg, BenchArgs, BenchDtype, CheckpointingArg, KvDtypeArg};
 use anyllama::backend::select::with_backend;
 use anyllama::bench::report::Report;
 use anyllama::bench::{failed_row, BenchJob, BenchOptions, ModelSpec};
@@ -31,6 +31,9 @@ fn backend_name(b: BackendArg) -> &'static str {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.train {
+        return bench_train(a);
+    }
     let spec =
         match (&a.synthetic, &a.model) {
             (Some(name), None) => ModelSpec::Synthetic {
@@ -99,6 +102,59 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     if all_failed {
         return Err(Error::Device("no backend could run the benchmark".into()));
+    }
+    Ok(())
+}
+
+/// `bench --train`: one row per backend, JSON rows on stdout with --json.
+fn bench_train(a: BenchArgs) -> Result<()> {
+    use anyllama::backend::select::with_train_backend;
+    use anyllama::bench::train::{describe, TrainBenchJob, TrainBenchOptions, TrainRow};
+    use anyllama::train::params::Trained;
+    use anyllama::train::step::Checkpointing;
+    let name = a
+        .synthetic
+        .as_deref()
+        .expect("clap requires --synthetic with --train");
+    let o = TrainBenchOptions {
+        shape: anyllama::bench::synthetic::shape(name)?,
+        dtype: dtype(a.dtype),
+        trained: if a.full { Trained::Full } else { Trained::Lora },
+        lora_r: a.lora_r,
+        batch: a.batch,
+        seq: a.seq,
+        ckpt: match a.checkpointing {
+            CheckpointingArg::Off => Checkpointing::Off,
+            CheckpointingArg::Layer => Checkpointing::Layer,
+            CheckpointingArg::Offload => Checkpointing::Offload,
+        },
+        steps: a.steps.max(1),
+        max_seconds: a.max_seconds,
+        seed: a.seed,
+    };
+    let mut rows = Vec::new();
+    for &backend in &a.backend {
+        let row =
+            with_train_backend(backend.into(), a.adapter, TrainBenchJob(&o)).unwrap_or_else(|e| {
+                let mut r = TrainRow::new(backend_name(backend), &o);
+                r.error = Some(e.to_string());
+                r
+            });
+        eprintln!("{}", describe(&row));
+        rows.push(row);
+    }
+    if a.json {
+        let text = if rows.len() == 1 {
+            serde_json::to_string_pretty(&rows[0])
+        } else {
+            serde_json::to_string_pretty(&rows)
+        };
+        println!("{}", text.expect("plain data serialises"));
+    }
+    if rows.iter().all(|r| r.error.is_some()) {
+        return Err(Error::Device(
+            "no backend could run the training benchmark".into(),
+        ));
     }
     Ok(())
 }
