@@ -41,7 +41,11 @@ fn optim(h: &Value) -> Result<OptimConfig> {
         "cosine" => Schedule::Cosine,
         "linear" => Schedule::Linear,
         "constant" => Schedule::Constant,
-        s => return Err(Error::Usage(format!("hparams.json: unknown schedule {s:?}"))),
+        s => {
+            return Err(Error::Usage(format!(
+                "hparams.json: unknown schedule {s:?}"
+            )))
+        }
     };
     Ok(OptimConfig {
         lr: f("lr")?,
