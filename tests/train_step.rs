@@ -407,13 +407,23 @@ mod cuda {
     use super::*;
     use anyllama::backend::cuda::CudaOptions;
 
-    /// CUDA's training math is f32 (SGEMM, f32 kernels): the reference's bounds with room for
-    /// atomics' summation order. The default variant's forward rounds activations to the
-    /// weights' half type in its GEMMs (f32 weights: none).
-    const CUDA: Tol = Tol {
+    /// CUDA's exact variant computes in f32 throughout: the reference's bounds with room for
+    /// atomics' summation order.
+    const CUDA_EXACT: Tol = Tol {
         grad_nmse: 1e-9,
         rel: 2e-5,
         weight_abs: 5e-5,
+    };
+
+    /// The default variant rounds GEMM operands to the weights' half type (bf16: 8 significant
+    /// bits, a relative error of up to 2^-9 per operand; none for f32 weights, where it meets
+    /// CUDA_EXACT): measured on gqa3-bf16, the loss moves by 2.6e-4 relative. Adam normalises
+    /// each update, so an element whose gradient is near zero can move by up to lr per step
+    /// whatever its rounding: 3 steps at lr 1e-2 bound the weights' difference at 3e-2.
+    const CUDA_HALF: Tol = Tol {
+        grad_nmse: 1e-4,
+        rel: 2e-3,
+        weight_abs: 3e-2,
     };
 
     #[test]
@@ -426,16 +436,12 @@ mod cuda {
             let Some(b) = common::cuda_with(options) else {
                 return;
             };
-            check_all(&format!("cuda exact={exact}"), &b, CUDA);
+            let tol = if exact { CUDA_EXACT } else { CUDA_HALF };
+            check_all(&format!("cuda exact={exact}"), &b, tol);
             for ckpt in [Checkpointing::Layer, Checkpointing::Offload] {
-                let r = run(&b, "bias-f32", Trained::Lora, ckpt, &[2, 1]);
-                check(
-                    &format!("cuda {ckpt:?} [2, 1]"),
-                    "bias-f32",
-                    Trained::Lora,
-                    &r,
-                    CUDA,
-                );
+                let r = run(&b, "gqa3-bf16", Trained::Lora, ckpt, &[2, 1]);
+                let what = format!("cuda exact={exact} {ckpt:?} [2, 1]");
+                check(&what, "gqa3-bf16", Trained::Lora, &r, tol);
             }
         }
     }
