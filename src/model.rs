@@ -3,7 +3,7 @@
 use crate::backend::{Backend, Heads, KvSlot, RmsNormed, RopeArgs};
 use crate::batch::BatchView;
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, Sequence};
 use crate::pool::Buf;
 use crate::rope::{rope_freqs, RopeFreqs};
@@ -67,10 +67,12 @@ pub struct ProjScratch<B: Backend> {
     pub lora: LoraScratch<B>,
 }
 
-/// LoRA's x A^T [rows, r] and (x A^T) B^T [rows, widest projection].
+/// LoRA's x A^T [rows, r] and (x A^T) B^T [rows, widest projection]; in training with
+/// dropout, the dropped-out input [rows, widest input].
 pub struct LoraScratch<B: Backend> {
     pub u: Buf<B>,
     pub y: Buf<B>,
+    pub xd: Option<Buf<B>>,
 }
 
 impl<B: Backend> ProjScratch<B> {
@@ -81,6 +83,7 @@ impl<B: Backend> ProjScratch<B> {
             lora: LoraScratch {
                 u: b.alloc(rows * lora_rank.max(1) * 4)?,
                 y: b.alloc(rows * if lora_rank > 0 { widest } else { 1 } * 4)?,
+                xd: None,
             },
         })
     }
@@ -310,11 +313,37 @@ impl<B: Backend> Model<B> {
             b.add_bias(out, bias, rows, w.rows)?;
         }
         if let Some((ad, scale)) = self.adapter(i, p) {
+            let x = self.lora_input(b, i, p, x, &mut ls.xd, rows)?;
             b.matmul(&mut ls.u, x, &ad.a, rows)?; // u = x . A^T [rows, r]
             b.matmul(&mut ls.y, &ls.u, &ad.b, rows)?; // u . B^T [rows, n]
             b.add_scaled(out, &ls.y, scale, rows * w.rows)?;
         }
         Ok(())
+    }
+
+    /// The input of projection p's adapter: x, or in training with dropout, dropout(x) (in
+    /// xd; the mask depends on the seed and the site only, so backward redraws it).
+    pub fn lora_input<'a>(
+        &self,
+        b: &B,
+        i: usize,
+        p: Proj,
+        x: &'a Buf<B>,
+        xd: &'a mut Option<Buf<B>>,
+        rows: usize,
+    ) -> Result<&'a Buf<B>> {
+        let drop = self.lora.as_ref().and_then(|l| l.dropout(i, p));
+        match (drop, xd.as_mut()) {
+            (Some((pr, seed)), Some(xd)) => {
+                let k = p.of(&self.w.layers[i]).0.cols;
+                b.dropout(xd, x, pr, seed, rows * k)?; // xd = dropout(x) [rows, k]
+                Ok(xd)
+            }
+            (Some(_), None) => Err(Error::Usage(
+                "LoRA dropout needs its scratch (a trainer allocates it)".into(),
+            )),
+            (None, _) => Ok(x),
+        }
     }
 
     /// The adapter of projection p in layer i and its scale, when LoRA is on.

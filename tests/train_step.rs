@@ -14,6 +14,7 @@ mod common;
 
 use anyllama::backend::cpu::Cpu;
 use anyllama::backend::train::TrainBackend;
+use anyllama::backend::Backend;
 use anyllama::config::ModelConfig;
 use anyllama::model::Model;
 use anyllama::train::optim::{OptimConfig, Schedule};
@@ -332,6 +333,112 @@ fn cpu_gradient_accumulation_matches_one_batch() {
     }
 }
 
+/// The fixture's LoRA setup with dropout `p`: (model, trainer, micro-batch, 1 / labelled rows).
+fn dropout_setup<B: TrainBackend>(b: &B, p: f32) -> (Model<B>, Trainer<B>, MicroBatch, f32) {
+    let d = dir("gqa4-f32-tied");
+    let mut m = load_model(b, &d);
+    let mut lora = peft::load(b, &m.cfg, &d.join("adapter_init")).unwrap();
+    lora.cfg.dropout = p;
+    m.lora = Some(lora);
+    let mb = micro_batches(&d, &[3]).remove(0);
+    let cfg = OptimConfig::default();
+    let t = Trainer::new(
+        b,
+        &m,
+        Trained::Lora,
+        Checkpointing::Layer,
+        mb.tokens.len(),
+        cfg,
+    )
+    .unwrap();
+    let scale = 1.0 / mb.labelled() as f32;
+    (m, t, mb, scale)
+}
+
+/// The summed loss and the gradients of one forward-backward with the trainer's first masks.
+fn dropout_pass<B: TrainBackend>(
+    b: &B,
+    m: &mut Model<B>,
+    t: &mut Trainer<B>,
+    mb: &MicroBatch,
+    scale: f32,
+) -> (f32, BTreeMap<String, Vec<f32>>) {
+    t.micro = 0;
+    t.grads.zero(b).unwrap();
+    let loss = t.forward_backward(b, m, mb, scale).unwrap();
+    (loss, snapshot(b, m, t).0)
+}
+
+#[test]
+fn cpu_lora_dropout_gradients_match_finite_differences() {
+    use anyllama::train::lora::{peft_key, Proj};
+    let b = Cpu::new();
+    // p = 0 is no dropout at all: PEFT's loss exactly.
+    let (mut m, mut t, mb, scale) = dropout_setup(&b, 0.0);
+    let (plain, _) = dropout_pass(&b, &mut m, &mut t, &mb, scale);
+    let expected = json(&dir("gqa4-f32-tied").join("lora_expected.json"));
+    assert_rel(
+        "p = 0",
+        plain * scale,
+        expected["losses"][0].as_f64().unwrap(),
+        1e-5,
+    );
+
+    let (mut m, mut t, mb, scale) = dropout_setup(&b, 0.3);
+    let (loss, grads) = dropout_pass(&b, &mut m, &mut t, &mb, scale);
+    assert!(
+        (loss - plain).abs() > 1e-3 * plain,
+        "dropout changed nothing: {loss} vs {plain}"
+    );
+    // Another micro-batch draws other masks.
+    t.grads.zero(&b).unwrap();
+    let other = t.forward_backward(&b, &mut m, &mb, scale).unwrap();
+    assert!(
+        (other - loss).abs() > 1e-4 * loss,
+        "the same masks twice: {other}"
+    );
+    // Central differences of the loss (same masks) against the gradient, over A and B of
+    // projections in both layers.
+    let h = 1e-2f32;
+    let mut checked = 0;
+    for (layer, p, which, idx) in [
+        (0, Proj::Q, 'A', 5),
+        (0, Proj::V, 'B', 3),
+        (1, Proj::O, 'A', 17),
+        (1, Proj::Gate, 'A', 40),
+        (0, Proj::Down, 'A', 9),
+        (1, Proj::Up, 'B', 11),
+    ] {
+        let key = peft_key(layer, p, which);
+        let g = grads[&key][idx];
+        let at = |m: &mut Model<Cpu>, delta: f32| {
+            let ad = m.lora.as_mut().unwrap().layers[layer][p.index()]
+                .as_mut()
+                .unwrap();
+            let w = if which == 'A' { &mut ad.a } else { &mut ad.b };
+            let v = read_f32(&b, &w.buf, idx + 1)[idx];
+            b.upload(&mut w.buf, idx * 4, &(v + delta).to_le_bytes())
+                .unwrap();
+        };
+        at(&mut m, h);
+        let (up, _) = dropout_pass(&b, &mut m, &mut t, &mb, scale);
+        at(&mut m, -2.0 * h);
+        let (down, _) = dropout_pass(&b, &mut m, &mut t, &mb, scale);
+        at(&mut m, h);
+        let fd = (up - down) / (2.0 * h) * scale;
+        let err = (fd - g).abs();
+        assert!(
+            err <= 2e-4 + 2e-2 * g.abs(),
+            "{key}[{idx}]: gradient {g} vs central difference {fd}"
+        );
+        checked += (g.abs() > 1e-3) as usize;
+    }
+    assert!(
+        checked >= 4,
+        "too few of the checked gradients are away from zero"
+    );
+}
+
 #[test]
 fn bad_micro_batches_are_errors() {
     let b = Cpu::new();
@@ -425,6 +532,27 @@ mod cuda {
         rel: 2e-3,
         weight_abs: 3e-2,
     };
+
+    #[test]
+    fn cuda_lora_dropout_draws_the_cpus_masks() {
+        let options = CudaOptions {
+            exact: true,
+            ..Default::default()
+        };
+        let Some(gpu) = common::cuda_with(options) else {
+            return;
+        };
+        let cpu = Cpu::new();
+        let (mut m, mut t, mb, scale) = dropout_setup(&cpu, 0.3);
+        let (loss, grads) = dropout_pass(&cpu, &mut m, &mut t, &mb, scale);
+        let (mut m, mut t, mb, scale) = dropout_setup(&gpu, 0.3);
+        let (gpu_loss, gpu_grads) = dropout_pass(&gpu, &mut m, &mut t, &mb, scale);
+        assert_rel("cuda dropout loss", gpu_loss, loss as f64, 2e-5);
+        for (key, g) in &grads {
+            let e = nmse(&gpu_grads[key], g);
+            assert!(e <= 1e-9, "cuda dropout gradient of {key}: NMSE {e:.2e}");
+        }
+    }
 
     #[test]
     fn cuda_matches_peft_and_torch() {

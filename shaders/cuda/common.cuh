@@ -78,6 +78,7 @@ struct SampleParams { u32 vocab, top_k; float top_p, min_p, temperature, uniform
 struct RopeRowsParams { u32 rows, n_heads, head_dim; float attn_scale; };
 struct PackedAttnParams { u32 rows, n_seqs, n_heads, n_kv_heads, head_dim; float scale; u32 _pad[2]; };
 struct AxpyParams { u32 n; float alpha; u32 _pad[2]; };
+struct DropoutParams { u32 n, threshold, seed; float scale; };
 struct CrossEntropyParams { u32 rows, vocab; float scale; u32 _pad; };
 struct AdamWParams { u32 n; float lr, beta1, beta2, eps, weight_decay, grad_scale, step_size, bc2_sqrt; u32 _pad[3]; };
 

@@ -403,6 +403,23 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn dropout(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        p: f32,
+        seed: u32,
+        n: usize,
+    ) -> Result<()> {
+        let (threshold, scale) = (super::dropout_threshold(p), 1.0 / (1.0 - p));
+        let x = &f32s(x)[..n];
+        for (i, (o, v)) in f32s_mut(out)[..n].iter_mut().zip(x).enumerate() {
+            let keep = super::dropout_hash(seed, i as u32) >= threshold;
+            *o = if keep { v * scale } else { 0.0 };
+        }
+        Ok(())
+    }
+
     fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
         let y = &f32s(y)[..n];
         f32s_mut(x)[..n]

@@ -270,6 +270,23 @@ pub trait Backend: Sized + 'static {
         -> Result<()>;
     /// x[i] += y[i] for i < n
     fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()>;
+    /// Inverted dropout with a counter-based mask: out[i] = x[i] / (1 - p) where
+    /// `dropout_hash(seed, i) >= dropout_threshold(p)`, else 0, for i < n. The mask depends only
+    /// on (seed, i), so a recompute (checkpointing, backward) and every backend draw the same
+    /// one. LoRA's dropout in training; backends that train override it.
+    fn dropout(
+        &self,
+        _out: &mut Buf<Self>,
+        _x: &Buf<Self>,
+        _p: f32,
+        _seed: u32,
+        _n: usize,
+    ) -> Result<()> {
+        Err(Error::Device(format!(
+            "the {} backend does not apply LoRA dropout; use --backend cpu or cuda",
+            self.name()
+        )))
+    }
     /// x[i] += alpha * y[i] for i < n (LoRA's scaled update). The default serves alpha = 1
     /// only; backends that run LoRA override it.
     fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
@@ -469,4 +486,20 @@ pub fn ffn_gate_up_unfused<B: Backend>(
         b.add_bias(up, b3, rows, n)?;
     }
     b.swiglu(out, gate, up, rows * n)
+}
+
+/// The integer hash of `Backend::dropout`'s mask (a murmur3-style finalizer of the element index
+/// mixed with the seed); shaders/cuda/add.cu computes the same bits.
+pub fn dropout_hash(seed: u32, i: u32) -> u32 {
+    let mut h = i.wrapping_mul(0x9E37_79B1) ^ seed;
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85EB_CA6B);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xC2B2_AE35);
+    h ^ (h >> 16)
+}
+
+/// Hashes at or above this keep their element: a fraction 1 - p of them (0 <= p < 1).
+pub fn dropout_threshold(p: f32) -> u32 {
+    (p.clamp(0.0, 1.0) as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32
 }

@@ -115,6 +115,8 @@ pub struct LoraConfig {
     pub alpha: f32,
     pub rslora: bool,
     pub targets: Vec<Proj>,
+    /// Dropout on each adapter's input in training (PEFT's lora_dropout), 0 <= p < 1.
+    pub dropout: f32,
 }
 
 impl Default for LoraConfig {
@@ -124,11 +126,27 @@ impl Default for LoraConfig {
             alpha: 16.0,
             rslora: false,
             targets: Proj::ALL.to_vec(),
+            dropout: 0.0,
         }
     }
 }
 
 impl LoraConfig {
+    pub fn check(&self) -> Result<()> {
+        if self.r == 0 || self.targets.is_empty() {
+            return Err(Error::Usage(
+                "LoRA needs a rank of at least 1 and at least one target projection".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Usage(format!(
+                "LoRA dropout {} is outside [0, 1)",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+
     pub fn scale(&self) -> f32 {
         if self.rslora {
             self.alpha / (self.r as f32).sqrt()
@@ -149,6 +167,9 @@ pub struct Lora<B: Backend> {
     pub scale: f32,
     /// Per layer, per projection (Proj::index), the adapter where the projection is a target.
     pub layers: Vec<[Option<Adapter<B>>; 7]>,
+    /// Set by the trainer for one micro-batch's forward and backward: the seed of its dropout
+    /// masks. None (inference): no dropout.
+    pub dropout_seed: Option<u32>,
 }
 
 fn f32_weight<B: Backend>(b: &B, rows: usize, cols: usize, data: &[f32]) -> Result<Weight<B>> {
@@ -165,11 +186,7 @@ fn f32_weight<B: Backend>(b: &B, rows: usize, cols: usize, data: &[f32]) -> Resu
 impl<B: Backend> Lora<B> {
     /// Fresh adapters with PEFT's initialization, from a seeded RNG.
     pub fn new(b: &B, model: &ModelConfig, cfg: LoraConfig, seed: u64) -> Result<Self> {
-        if cfg.r == 0 || cfg.targets.is_empty() {
-            return Err(Error::Usage(
-                "LoRA needs a rank of at least 1 and at least one target projection".into(),
-            ));
-        }
+        cfg.check()?;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut layers = Vec::with_capacity(model.n_layers);
         for _ in 0..model.n_layers {
@@ -191,6 +208,7 @@ impl<B: Backend> Lora<B> {
             scale: cfg.scale(),
             cfg,
             layers,
+            dropout_seed: None,
         })
     }
 
@@ -202,6 +220,7 @@ impl<B: Backend> Lora<B> {
         cfg: LoraConfig,
         mut get: impl FnMut(usize, Proj) -> Result<(Vec<f32>, Vec<f32>)>,
     ) -> Result<Self> {
+        cfg.check()?;
         let mut layers = Vec::with_capacity(model.n_layers);
         for i in 0..model.n_layers {
             let mut l: [Option<Adapter<B>>; 7] = Default::default();
@@ -230,11 +249,20 @@ impl<B: Backend> Lora<B> {
             scale: cfg.scale(),
             cfg,
             layers,
+            dropout_seed: None,
         })
     }
 
     pub fn adapter(&self, layer: usize, p: Proj) -> Option<&Adapter<B>> {
         self.layers[layer][p.index()].as_ref()
+    }
+
+    /// (p, seed) of the dropout mask on the input of layer i's projection p, when training
+    /// with dropout.
+    pub fn dropout(&self, layer: usize, p: Proj) -> Option<(f32, u32)> {
+        let seed = self.dropout_seed.filter(|_| self.cfg.dropout > 0.0)?;
+        let site = (layer * 7 + p.index()) as u32;
+        Some((self.cfg.dropout, crate::backend::dropout_hash(seed, site)))
     }
 
     /// Values of trained parameters.

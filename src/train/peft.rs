@@ -79,6 +79,7 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
         alpha: alpha as f32,
         rslora: v["use_rslora"].as_bool().unwrap_or(false),
         targets,
+        dropout: v["lora_dropout"].as_f64().unwrap_or(0.0) as f32,
     })
 }
 
@@ -189,7 +190,7 @@ pub fn save<B: Backend>(b: &B, lora: &Lora<B>, base_model: &str, dir: &Path) -> 
         "r": c.r,
         "lora_alpha": c.alpha,
         "use_rslora": c.rslora,
-        "lora_dropout": 0.0,
+        "lora_dropout": c.dropout,
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,

@@ -95,6 +95,10 @@ impl TrainPlan {
         let backward = r * 4 * (3 * d + 2 * q + 2 * kv + 3 * f + rank + 1);
         let proj = r * 4 * (d.max(q).max(kv).max(f) + rank + d.max(q).max(f));
         let residual = 2 * row; // the stream and the final norm's output
+        let dropout = match lora {
+            Some(l) if l.dropout > 0.0 => r * 4 * d.max(q).max(f), // the dropped-out input
+            _ => 0,
+        };
         let logits = (r * cfg.vocab_size as u64 * 4).min(CHUNK_SCRATCH);
         let widened = (d * cfg.vocab_size.max(cfg.ffn_dim) as u64 * 4).min(CHUNK_SCRATCH);
         let lora_bytes = if trained == Trained::Lora { n * 4 } else { 0 };
@@ -109,7 +113,7 @@ impl TrainPlan {
             grads: n * 4,
             optimizer: 2 * n * 4 + master,
             kept,
-            transient: backward + proj + residual + logits + widened,
+            transient: backward + proj + residual + dropout + logits + widened,
             rows,
             ckpt,
         }

@@ -88,6 +88,10 @@ pub struct Trainer<B: TrainBackend> {
     tokens: Buf<B>,
     labels: Buf<B>,
     loss: Buf<B>,
+    /// The base seed of LoRA dropout's masks, and micro-batches run so far (each draws its
+    /// masks from both).
+    pub dropout_seed: u32,
+    pub micro: u32,
 }
 
 /// What a training step did.
@@ -139,7 +143,13 @@ impl<B: TrainBackend> Trainer<B> {
                 _ => f(c.dim).map(Kept::Device),
             })
             .collect::<Result<_>>()?;
+        let mut ps = ProjScratch::new(b, c, rows, r)?;
+        if m.lora.as_ref().is_some_and(|l| l.cfg.dropout > 0.0) {
+            ps.lora.xd = Some(f(c.dim.max(c.q_dim()).max(c.ffn_dim))?);
+        }
         Ok(Trainer {
+            dropout_seed: 0,
+            micro: 0,
             ckpt,
             trained,
             grads: Grads::new(b, m, trained)?,
@@ -152,7 +162,7 @@ impl<B: TrainBackend> Trainer<B> {
             acts: (0..per_layer)
                 .map(|_| Acts::new(b, c, rows))
                 .collect::<Result<_>>()?,
-            ps: ProjScratch::new(b, c, rows, r)?,
+            ps,
             d: Back {
                 dx: f(c.dim)?,
                 dtmp: f(c.dim)?,
@@ -214,7 +224,27 @@ impl<B: TrainBackend> Trainer<B> {
         b.upload(&mut self.tokens, 0, bytemuck::cast_slice(&mb.tokens))?;
         b.upload(&mut self.labels, 0, bytemuck::cast_slice(&mb.labels))?;
         m.prepare_rope(b, batch.view().max_len)?;
-        let m = &*m;
+        // Each micro-batch draws its own dropout masks; forward and backward draw the same.
+        let seed = crate::backend::dropout_hash(self.dropout_seed, self.micro);
+        self.micro = self.micro.wrapping_add(1);
+        if let Some(l) = m.lora.as_mut() {
+            l.dropout_seed = Some(seed);
+        }
+        let loss = self.run_micro_batch(b, m, &batch, rows, scale);
+        if let Some(l) = m.lora.as_mut() {
+            l.dropout_seed = None;
+        }
+        loss
+    }
+
+    fn run_micro_batch(
+        &mut self,
+        b: &B,
+        m: &Model<B>,
+        batch: &Batch<B>,
+        rows: usize,
+        scale: f32,
+    ) -> Result<f32> {
         let (dim, eps, layers) = (m.cfg.dim, m.cfg.norm_eps, m.cfg.n_layers);
 
         // ---- forward ----
@@ -263,7 +293,7 @@ impl<B: TrainBackend> Trainer<B> {
         for i in (0..layers).rev() {
             let j = i.min(self.acts.len() - 1);
             if self.ckpt != Checkpointing::Off {
-                self.recompute(b, m, i, &batch, rows)?;
+                self.recompute(b, m, i, batch, rows)?;
             }
             let x_in = match &self.x_in[i] {
                 Kept::Device(x) => x,
@@ -272,7 +302,7 @@ impl<B: TrainBackend> Trainer<B> {
             let (a, lg) = (&self.acts[j], &mut self.grads.layers[i]);
             let ls = &mut self.ps.lora;
             ffn_backward(b, m, i, &mut self.d, a, &self.x_mid[j], lg, ls, rows)?;
-            attention_backward(b, m, i, &mut self.d, a, x_in, lg, ls, &batch, rows)?;
+            attention_backward(b, m, i, &mut self.d, a, x_in, lg, ls, batch, rows)?;
         }
         if let Some(demb) = self.grads.embedding.as_mut() {
             b.embedding_backward(demb, &self.d.dx, &self.tokens, rows, dim)?; // dtable += scatter(dx)
@@ -537,12 +567,22 @@ fn proj_backward<B: TrainBackend>(
     }
     if let (Some((ad, s)), Some((da, dbb))) = (m.adapter(i, p), g.lora[p.index()].as_mut()) {
         let r = ad.a.rows;
-        b.matmul(&mut ls.u, x, &ad.a, rows)?; // u = x . A^T   [rows, r] (recomputed)
+        let xl = m.lora_input(b, i, p, x, &mut ls.xd, rows)?; // x, or dropout(x) redrawn
+        b.matmul(&mut ls.u, xl, &ad.a, rows)?; // u = xl . A^T   [rows, r] (recomputed)
         b.matmul_dw(dbb, dy, &ls.u, rows, n, r, s)?; // dB += s dy^T . u   [n, r]
         b.matmul_dx(&mut dl.du, dy, &ad.b, rows, s)?; // du = s dy . B   [rows, r]
-        b.matmul_dw(da, &dl.du, x, rows, r, k, 1.0)?; // dA += du^T . x   [r, k]
-        b.matmul_dx(&mut ls.y, &dl.du, &ad.a, rows, 1.0)?; // du . A   [rows, k]
-        b.add(dx_in, &ls.y, rows * k)?;
+        b.matmul_dw(da, &dl.du, xl, rows, r, k, 1.0)?; // dA += du^T . xl   [r, k]
+        b.matmul_dx(&mut ls.y, &dl.du, &ad.a, rows, 1.0)?; // dxl = du . A   [rows, k]
+        match (
+            m.lora.as_ref().and_then(|l| l.dropout(i, p)),
+            ls.xd.as_mut(),
+        ) {
+            (Some((pr, seed)), Some(xd)) => {
+                b.dropout(xd, &ls.y, pr, seed, rows * k)?; // the same mask, the same scale
+                b.add(dx_in, xd, rows * k)?;
+            }
+            _ => b.add(dx_in, &ls.y, rows * k)?,
+        }
     }
     Ok(())
 }

@@ -783,6 +783,33 @@ impl Backend for Cuda {
         self.launch_1d("add", "add", n, BLOCK, &[arg(&xp), arg(&yp), arg(&p)])
     }
 
+    /// add.cu's dropout (LoRA's input dropout in training).
+    fn dropout(
+        &self,
+        out: &mut Buf<Self>,
+        x: &Buf<Self>,
+        p: f32,
+        seed: u32,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "dropout";
+        let op = self.ptr(out, n * 4, "out", OP)?;
+        let xp = self.ptr(x, n * 4, "x", OP)?;
+        let params = super::train_params::DropoutParams {
+            n: u32_of(n, "n", OP)?,
+            threshold: crate::backend::dropout_threshold(p),
+            seed,
+            scale: 1.0 / (1.0 - p),
+        };
+        self.launch_1d(
+            "add",
+            "dropout",
+            n,
+            BLOCK,
+            &[arg(&op), arg(&xp), arg(&params)],
+        )
+    }
+
     /// add.cu's axpy (LoRA's scaled product into its projection's output).
     fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
         crate::backend::train::TrainBackend::axpy(self, x, y, alpha, n)

@@ -37,6 +37,16 @@ pub struct AxpyParams {
     pub _pad: [u32; 2],
 }
 
+/// dropout: keep element i where dropout_hash(seed, i) >= threshold, scaled by `scale`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct DropoutParams {
+    pub n: u32,
+    pub threshold: u32,
+    pub seed: u32,
+    pub scale: f32,
+}
+
 /// One chunk of cross_entropy_rows: rows of vocab logits, dlogits scaled by `scale`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
