@@ -191,3 +191,54 @@ fn new_state<B: TrainBackend>(b: &B, p: &Param<'_, B>, n: usize) -> Result<State
         master,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The learning rate of each of 12 optimizer steps, warmup 3 of 10 steps, as transformers'
+    /// get_{cosine,linear,constant}_schedule_with_warmup (5.25) give them at lr 1.
+    #[test]
+    fn schedules_match_transformers() {
+        let hf = [
+            (
+                Schedule::Cosine,
+                [
+                    0.0, 0.3333333, 0.6666667, 1.0, 0.9504844, 0.8117449, 0.6112605, 0.3887395,
+                ]
+                .iter()
+                .chain(&[0.1882551, 0.0495156, 0.0, 0.0495156]),
+            ),
+            (
+                Schedule::Linear,
+                [
+                    0.0, 0.3333333, 0.6666667, 1.0, 0.8571429, 0.7142857, 0.5714286, 0.4285714,
+                ]
+                .iter()
+                .chain(&[0.2857143, 0.1428571, 0.0, 0.0]),
+            ),
+            (
+                Schedule::Constant,
+                [0.0, 0.3333333, 0.6666667, 1.0, 1.0, 1.0, 1.0, 1.0]
+                    .iter()
+                    .chain(&[1.0, 1.0, 1.0, 1.0]),
+            ),
+        ];
+        for (schedule, want) in hf {
+            let cfg = OptimConfig {
+                lr: 1.0,
+                schedule,
+                warmup_steps: 3,
+                total_steps: 10,
+                ..Default::default()
+            };
+            for (step, w) in want.enumerate() {
+                let got = cfg.lr_at(step);
+                assert!(
+                    (got - w).abs() < 1e-6,
+                    "{schedule:?} step {step}: {got} vs {w}"
+                );
+            }
+        }
+    }
+}
