@@ -5,8 +5,10 @@
 //! length (longer than a tile, and of one row), pos0 > 0, every head-size variant, every weight
 //! dtype of matmul_dx, a loss over more than one chunk of logits. Activation-gradient outputs
 //! are poisoned with NaN first (they must overwrite); parameter gradients start non-zero (they
-//! must accumulate). Any NaN fails; floats are compared by normalised MSE. All of CUDA's
-//! training math is f32, so one bound, TOL_F32, serves every op on both CUDA variants.
+//! must accumulate). Any NaN fails; floats are compared by normalised MSE. CUDA's training
+//! math is f32, so one bound, TOL_F32, serves every op on the exact variant and every op but the
+//! matmul backward on the default one, whose GEMMs round their operands to bf16 (bounds from
+//! parity's rounding estimate: matmul_dx_tolerance, matmul_dw_tolerance).
 //!
 //! Each case is one generic function run on the CPU and on the GPU with the same inputs.
 //! Without a CUDA driver the tests print SKIPPED and pass, except when ANYLLAMA_REQUIRE_CUDA is
@@ -21,14 +23,15 @@ mod parity;
 use anyllama::backend::cpu::Cpu;
 use anyllama::backend::cuda::Cuda;
 use anyllama::backend::train::{AdamW, TrainBackend};
+use anyllama::backend::Backend;
 use anyllama::batch::Batch;
 use anyllama::dtype::DType;
 use parity::*;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
-/// Runs `f(name, gpu, rng)` on both CUDA variants (their prefill GEMMs differ; training's ops
-/// are f32 in both, and either is what some caller trains on).
+/// Runs `f(name, gpu, rng)` on both CUDA variants (their prefill GEMMs and matmul backward
+/// differ; training's other ops are f32 in both, and either is what some caller trains on).
 fn on_cudas(seed: u64, mut f: impl FnMut(&str, &Cuda, &mut ChaCha8Rng)) {
     with_cudas(|cudas| {
         for (name, gpu) in cudas {
@@ -123,13 +126,60 @@ fn run_matmul_dx<B: TrainBackend>(
     read_f32(b, &dx, rows * k)
 }
 
+/// The bound for matmul_dx on variant `name`: the default variant runs on bf16 tensor cores
+/// for weights that are not f32 when both widths are whole octets, rounding dy (and the
+/// weight, unless stored as bf16) to bf16.
+fn matmul_dx_tolerance(name: &str, dtype: DType, n: usize, k: usize) -> f64 {
+    let half = name == CUDA_HALF_GEMM && dtype != DType::F32 && n % 8 == 0 && k % 8 == 0;
+    match dtype {
+        _ if !half => TOL_F32,
+        DType::BF16 => TOL_BF16_GEMM,
+        _ => TOL_BF16_TRAIN_GEMM,
+    }
+}
+
+/// The bound for matmul_dw on variant `name` (the default variant's size rule: parity's
+/// CUDA_HALF_DW_MIN_ROWS and CUDA_HALF_DW_MIN_SIDE).
+fn matmul_dw_tolerance(name: &str, [rows, n, k]: [usize; 3]) -> f64 {
+    let half = name == CUDA_HALF_GEMM
+        && rows >= CUDA_HALF_DW_MIN_ROWS
+        && n.min(k) >= CUDA_HALF_DW_MIN_SIDE
+        && n % 8 == 0
+        && k % 8 == 0;
+    if half {
+        TOL_BF16_TRAIN_GEMM
+    } else {
+        TOL_F32
+    }
+}
+
+/// Checks a matmul backward result, printing the normalised MSE of the bf16 cases.
+fn check_matmul_backward(what: &str, cpu: &[f32], gpu: &[f32], tol: f64) {
+    if tol > TOL_F32 {
+        eprintln!(
+            "{what}: normalised MSE {:.2e} (bound {tol:.0e})",
+            common::nmse(gpu, cpu)
+        );
+    }
+    assert_close(what, cpu, gpu, tol);
+}
+
 #[test]
 fn matmul_dx_every_weight_dtype() {
     on_cudas(2, |name, gpu, r| {
         let mut cases = vec![];
         for dtype in [DType::F32, DType::F16, DType::BF16] {
-            // k = 7 and 49: rows that are not whole octets (the scalar widening).
-            for shape in [[1, 5, 7], [3, 64, 48], [33, 96, 49], [64, 300, 576]] {
+            // k = 7 and 49: rows that are not whole octets (the scalar widening); n = 5 and
+            // 300 (and those) keep the default variant on f32; the rest take its bf16 GEMMs.
+            for shape in [
+                [1, 5, 7],
+                [3, 64, 48],
+                [33, 96, 49],
+                [64, 300, 576],
+                [1, 8, 8],
+                [130, 256, 320],
+                [9, 2048, 64],
+            ] {
                 cases.push((dtype, shape));
             }
         }
@@ -147,7 +197,7 @@ fn matmul_dx_every_weight_dtype() {
             let c = run_matmul_dx(&Cpu::new(), dtype, shape, &bytes, &dy);
             let g = run_matmul_dx(gpu, dtype, shape, &bytes, &dy);
             let what = format!("{name} matmul_dx {dtype} rows {rows} n {n} k {k}");
-            assert_close(&what, &c, &g, TOL_F32);
+            check_matmul_backward(&what, &c, &g, matmul_dx_tolerance(name, dtype, n, k));
         }
     });
 }
@@ -168,14 +218,93 @@ fn run_matmul_dw<B: TrainBackend>(
 #[test]
 fn matmul_dw_accumulates() {
     on_cudas(3, |name, gpu, r| {
-        for shape in [[1, 5, 3], [17, 96, 130], [64, 7, 576]] {
+        // The last three take the default variant's bf16 GEMM (its size rule), the first
+        // four do not (one row; 17 rows; n = 7; a side of 64, a LoRA rank).
+        for shape in [
+            [1, 5, 3],
+            [17, 96, 130],
+            [64, 7, 576],
+            [300, 64, 576],
+            [64, 72, 576],
+            [200, 96, 136],
+            [257, 512, 80],
+        ] {
             let [rows, n, k] = shape;
             let (dy, x) = (randn(r, rows * n, 1.0), randn(r, rows * k, 1.0));
             let dw0 = randn(r, n * k, 1.0);
             let c = run_matmul_dw(&Cpu::new(), shape, &dy, &x, &dw0);
             let g = run_matmul_dw(gpu, shape, &dy, &x, &dw0);
             let what = format!("{name} matmul_dw rows {rows} n {n} k {k}");
-            assert_close(&what, &c, &g, TOL_F32);
+            check_matmul_backward(&what, &c, &g, matmul_dw_tolerance(name, shape));
+        }
+    });
+}
+
+/// Milliseconds per call of `f`: 3 calls to warm up, then the mean of 20, the device synchronised
+/// before and after.
+fn time_ms(gpu: &Cuda, mut f: impl FnMut()) -> f64 {
+    const CALLS: usize = 20;
+    for _ in 0..3 {
+        f();
+    }
+    gpu.sync().unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..CALLS {
+        f();
+    }
+    gpu.sync().unwrap();
+    t.elapsed().as_secs_f64() * 1e3 / CALLS as f64
+}
+
+/// Times matmul_dx and matmul_dw on both CUDA variants at model sizes (the exact variant runs
+/// them in f32, the default one on bf16 tensor cores): run with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn matmul_backward_timing() {
+    on_cudas(12, |name, gpu, r| {
+        let dx_cases = [
+            (DType::BF16, [8192, 2048, 2048]),
+            (DType::BF16, [8192, 8192, 2048]),
+            (DType::BF16, [8192, 2048, 8192]),
+            (DType::F16, [8192, 2048, 2048]),
+            (DType::Q8_0, [8192, 8192, 2048]),
+            (DType::Q4K, [8192, 8192, 2048]),
+            (DType::BF16, [16, 2048, 2048]),
+        ];
+        for (dtype, [rows, n, k]) in dx_cases {
+            let w = raw_weight(gpu, dtype, n, k, &weight_bytes(r, dtype, n, k));
+            let dy = f32_buf(gpu, &randn(r, rows * n, 1.0));
+            let mut dx = gpu.alloc(rows * k * 4).unwrap();
+            let ms = time_ms(gpu, || {
+                gpu.matmul_dx(&mut dx, &dy, &w, rows, 1.0).unwrap();
+            });
+            let tflops = 2.0 * (rows * n * k) as f64 / (ms * 1e-3) / 1e12;
+            eprintln!(
+                "timing {name} matmul_dx {dtype} rows {rows} n {n} k {k}: {ms:.3} ms \
+                 ({tflops:.0} TFLOP/s)"
+            );
+        }
+        let dw_cases = [
+            [8192, 2048, 2048],
+            [8192, 8192, 2048],
+            [8192, 2048, 8192],
+            [8192, 72, 2048],
+            [8192, 2048, 72],
+            [8192, 16, 2048],
+            [64, 2048, 2048],
+            [128, 2048, 2048],
+        ];
+        for [rows, n, k] in dw_cases {
+            let dy = f32_buf(gpu, &randn(r, rows * n, 1.0));
+            let x = f32_buf(gpu, &randn(r, rows * k, 1.0));
+            let mut dw = f32_buf(gpu, &vec![0.0; n * k]);
+            let ms = time_ms(gpu, || {
+                gpu.matmul_dw(&mut dw, &dy, &x, rows, n, k, 1.0).unwrap();
+            });
+            let tflops = 2.0 * (rows * n * k) as f64 / (ms * 1e-3) / 1e12;
+            eprintln!(
+                "timing {name} matmul_dw rows {rows} n {n} k {k}: {ms:.3} ms ({tflops:.0} TFLOP/s)"
+            );
         }
     });
 }
@@ -335,6 +464,64 @@ fn rope_rows_and_backward() {
     });
 }
 
+/// Sequence layouts of the attention case: PACKINGS, and one that takes the tensor-core kernels
+/// past two tiles of 64 rows, with sequences of unequal length (one of a single row, one of
+/// exactly a tile).
+const ATTN_PACKINGS: [(&[usize], &[usize]); 5] = [
+    PACKINGS[0],
+    PACKINGS[1],
+    PACKINGS[2],
+    PACKINGS[3],
+    (&[150, 1, 64, 23], &[0, 0, 0, 0]),
+];
+
+/// Normalised MSE bound for the default variant's tensor-core attention (head sizes 64 and 128,
+/// shaders/cuda/attention_train_mma.cu), which rounds Q, K, V, dout and the weights P and dS to
+/// bf16 before f32-accumulated products. bf16 keeps 8 significant bits, so each rounding errs by
+/// a relative delta with E[delta^2] <= u^2 / 3 ~ 5.1e-6 (u = 2^-8; about half that for evenly
+/// spread mantissas). These inputs (uniform in [-1, 1], scale 1/sqrt(head_dim)) give scaled
+/// scores with E[s^2] = 1/9, and the roundings reach the outputs as follows:
+/// - out and dv: a rounded V (or dout) and P carry their delta straight through; rounded Q and
+///   K move each score by a variance 2 E[s^2] E[delta^2] and each weight by that relatively:
+///   ~2.2 E[delta^2] in all.
+/// - lse: the scores' error only, at most ~2 E[delta^2] (a one-row sequence, where lse = s).
+/// - dq and dk: dS = P (dP - D) takes the errors of P and of dP (dout and V rounded), then its
+///   own rounding and that of K (or Q) in the last product: ~5 E[delta^2].
+///
+/// So ~2.6e-5 at most; the bound leaves a margin of ~20x for the spread over small cases, and a
+/// single wrong value in the smallest case here (128 values) already exceeds it.
+const TOL_BF16_ATTENTION: f64 = 5e-4;
+
+/// The bound for attention_packed and attention_backward on variant `name`: the default
+/// variant's tensor-core kernels at head sizes 64 and 128, f32 everywhere else.
+fn packed_attention_tolerance(name: &str, head_dim: usize) -> f64 {
+    if name == CUDA_HALF_GEMM && (head_dim == 64 || head_dim == 128) {
+        TOL_BF16_ATTENTION
+    } else {
+        TOL_F32
+    }
+}
+
+/// As assert_close_floor at bound `tol` (floor 0: none), printing the normalised MSE (over the
+/// floor, where it applies) of the cases held to a half-precision bound.
+fn check_attention(what: &str, cpu: &[f32], gpu: &[f32], floor: f64, tol: f64) {
+    let den: f64 = cpu.iter().map(|v| (*v as f64).powi(2)).sum();
+    let floor_total = floor * cpu.len() as f64;
+    let widen = if den >= floor_total {
+        1.0
+    } else {
+        floor_total / den.max(1e-30)
+    };
+    if tol > TOL_F32 {
+        let floored = if widen > 1.0 { " over the floor" } else { "" };
+        eprintln!(
+            "{what}: normalised MSE {:.2e}{floored} (bound {tol:.0e})",
+            common::nmse(gpu, cpu) / widen
+        );
+    }
+    assert_close(what, cpu, gpu, tol * widen);
+}
+
 /// One attention case's inputs: q, k, v, dout.
 struct AttnInputs {
     q: Vec<f32>,
@@ -405,10 +592,12 @@ fn run_attention_backward<B: TrainBackend>(
 
 #[test]
 fn attention_packed_and_backward() {
-    // GQA ratios 1, 3, 4 (and 2 at the largest head size); head sizes of every kernel variant,
-    // and ones that are not multiples of 32 (or of 4).
+    // GQA ratios 1, 3, 4 (and 2 at the largest head size); head sizes of every kernel variant
+    // (64 and 128 on both the tensor-core and the f32 kernels, GQA 1 and 4 at 64), and ones
+    // that are not multiples of 32 (or of 4).
     let shapes = [
         heads(2, 2, 64),
+        heads(8, 2, 64),
         heads(6, 2, 32),
         heads(8, 2, 128),
         heads(3, 1, 10),
@@ -417,10 +606,11 @@ fn attention_packed_and_backward() {
     ];
     on_cudas(8, |name, gpu, r| {
         let cpu = Cpu::new();
-        for packing in PACKINGS {
+        for packing in ATTN_PACKINGS {
             for h in shapes {
                 let rows: usize = packing.0.iter().sum();
                 let (qw, kw) = (h.n_heads * h.head_dim, h.n_kv_heads * h.head_dim);
+                let tol = packed_attention_tolerance(name, h.head_dim);
                 let a = AttnInputs {
                     q: randn(r, rows * qw, 1.0),
                     k: randn(r, rows * kw, 1.0),
@@ -430,7 +620,9 @@ fn attention_packed_and_backward() {
                 let what = format!("{name} attention {h:?} {packing:?}");
                 let c = run_attention_packed(&cpu, packing, h, &a);
                 let g = run_attention_packed(gpu, packing, h, &a);
-                compare(&what, &["out", "lse", "out (no lse)"], &c, &g);
+                for (i, part) in ["out", "lse", "out (no lse)"].iter().enumerate() {
+                    check_attention(&format!("{what} {part}"), &c[i], &g[i], 0.0, tol);
+                }
                 // The backward of both from the CPU's forward: each is checked on its own.
                 let fwd = (&c[0][..], &c[1][..]);
                 let c = run_attention_backward(&cpu, packing, h, &a, fwd);
@@ -439,7 +631,7 @@ fn attention_packed_and_backward() {
                 let floor = mean_square(&c[2]);
                 for (i, part) in ["dq", "dk", "dv"].iter().enumerate() {
                     let what = format!("{what} backward {part}");
-                    assert_close_floor(&what, &c[i], &g[i], floor);
+                    check_attention(&what, &c[i], &g[i], floor, tol);
                 }
             }
         }

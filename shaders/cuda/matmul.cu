@@ -7,7 +7,9 @@
 // normed input in shared memory (one pass over x that also sums its squares), then the warps
 // stream their weight rows against it. Prefill (many rows) goes to cuBLAS: `widen_<dtype>` writes the
 // weights as f32 (exact path) or f16/bf16 (tensor-core path, with `round_x` rounding the
-// activations to the same type) into a scratch matrix the GEMM reads.
+// activations to the same type) into a scratch matrix the GEMM reads. Training's matmul backward
+// uses the same kernels: `widen_<dtype>_bf16` dequantizes slices of f16 and block-format weights
+// to bf16, and `round_x_bf16` rounds the f32 gradients and activations, for bf16 GEMMs.
 #include "common.cuh"
 
 #define MATVEC_WARPS 8
@@ -176,7 +178,8 @@ __device__ void matvec_swiglu(float* out, const float* x, const u8* w1, const u8
     }
 }
 
-// dst[o, e] = w[o, e] widened; OUT 0: f32, 1: f16, 2: bf16. One thread per octet.
+// dst[o, e] = w[o, e] widened (rounded to nearest even where OUT is narrower than the stored
+// values); OUT 0: f32, 1: f16, 2: bf16. One thread per octet.
 template <int DT, int OUT>
 __device__ void widen(void* dst, const u8* w, u32 n, u32 k) {
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -214,6 +217,9 @@ __device__ void widen(void* dst, const u8* w, u32 n, u32 k) {
     }                                                                                         \
     extern "C" __global__ void widen_##NAME##_f16(void* dst, const u8* w, u32 n, u32 k) {     \
         widen<DT, 1>(dst, w, n, k);                                                           \
+    }                                                                                         \
+    extern "C" __global__ void widen_##NAME##_bf16(void* dst, const u8* w, u32 n, u32 k) {    \
+        widen<DT, 2>(dst, w, n, k);                                                           \
     }
 
 MATMUL_KERNELS(f32, DT_F32)

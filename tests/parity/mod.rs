@@ -179,6 +179,18 @@ pub const CUDA_MATVEC_MAX_ROWS: usize = 8;
 pub const TOL_BF16_GEMM: f64 = 1e-4;
 pub const TOL_F16_GEMM: f64 = 1e-5;
 
+/// The bound for the `cuda` variant's matmul backward where both GEMM operands are rounded to
+/// bf16 (matmul_dx through f16 or block-format weights, dequantized to bf16, with dy rounded;
+/// matmul_dw with dy and x rounded): twice the ~5e-6 per rounded operand, margin 20x.
+/// matmul_dx through bf16 weights rounds dy alone and is held to TOL_BF16_GEMM.
+pub const TOL_BF16_TRAIN_GEMM: f64 = 2e-4;
+
+/// The `cuda` variant's size rule for matmul_dw on bf16 tensor cores (HALF_DW_MIN_ROWS and
+/// HALF_DW_MIN_SIDE in src/backend/cuda/train.rs): at least this many rows, both sides at
+/// least this wide, and both multiples of 8.
+pub const CUDA_HALF_DW_MIN_ROWS: usize = 64;
+pub const CUDA_HALF_DW_MIN_SIDE: usize = 65;
+
 /// The bound for matmul on variant `name`: f32 rounding everywhere, except the `cuda` variant's
 /// cuBLAS path (rows over CUDA_MATVEC_MAX_ROWS) on weights that are not f32.
 pub fn matmul_tolerance(name: &str, dtype: DType, rows: usize, n: usize) -> f64 {

@@ -7,6 +7,7 @@
 //! Projections that share an input (q/k/v, gate/up) round it once (`norm_for_gemm`: the
 //! rms_norm kernel writes the rounded copy itself), and a projection into the residual stream
 //! adds into it through the GEMM's beta = 1 (`accumulate`) instead of a temporary and an add.
+//! `round_half` and `half_gemm` serve training's matmul backward (train.rs) the same way.
 
 use super::launch::{arg, Scratch};
 use super::ops::u32_of;
@@ -135,6 +136,95 @@ impl Cuda {
         Ok(buf)
     }
 
+    /// The `count` f32 values at `x` rounded (to nearest even) to `elem` (f16 or bf16) in
+    /// scratch buffer `which`, whose address it returns: the half operand of a tensor-core GEMM.
+    pub(super) fn round_half(
+        &self,
+        which: Scratch,
+        x: u64,
+        count: usize,
+        elem: Elem,
+        op: &str,
+    ) -> Result<u64> {
+        let name = match elem {
+            Elem::F16 => "round_x_f16",
+            Elem::BF16 => "round_x_bf16",
+            Elem::F32 => return Err(Error::Device(format!("{op}: f32 operands are not rounded"))),
+        };
+        let buf = self.scratch(which, count * 2)?;
+        let n = u32_of(count, "elements", op)?;
+        self.launch_1d("matmul", name, count, 256, &[arg(&buf), arg(&x), arg(&n)])?;
+        Ok(buf)
+    }
+
+    /// C (m x n, f32) = alpha op(A) op(B) + beta C, column-major, with A and B in `elem`
+    /// (f16 or bf16): cublasGemmEx on tensor cores, f32 accumulation. `trans` says which of
+    /// A, B are transposed; operands are (device address, leading dimension) as in `sgemm`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn half_gemm(
+        &self,
+        elem: Elem,
+        trans: (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        beta: f32,
+        (c, ldc): (u64, usize),
+        op: &str,
+    ) -> Result<()> {
+        if self.graphs.recording() {
+            self.graphs.not_graphable();
+            return Ok(());
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let ty = match elem {
+            Elem::F16 => bsys::cudaDataType::CUDA_R_16F,
+            Elem::BF16 => bsys::cudaDataType::CUDA_R_16BF,
+            Elem::F32 => return Err(Error::Device(format!("{op}: half_gemm of f32 operands"))),
+        };
+        let dim = |v: usize| {
+            i32::try_from(v)
+                .map_err(|_| Error::Device(format!("{op}: GEMM dimension {v} past i32")))
+        };
+        let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
+        let (la, lb, lc) = (dim(lda)?, dim(ldb)?, dim(ldc)?);
+        let t = |yes: bool| {
+            if yes {
+                bsys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                bsys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let _exclusive = self.graphs.exclusive();
+        self.timed("cublas gemm (train)", || unsafe {
+            blas::gemm_ex(
+                self.blas.handle,
+                t(trans.0),
+                t(trans.1),
+                mi,
+                ni,
+                ki,
+                &alpha as *const f32 as *const c_void,
+                a as *const c_void,
+                ty,
+                la,
+                b as *const c_void,
+                ty,
+                lb,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                bsys::cudaDataType::CUDA_R_32F,
+                lc,
+                bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        })
+        .map_err(|e| Error::Device(format!("{op}: cuBLAS GEMM: {e:?}")))
+    }
+
     /// out[rows, n] = x[rows, k] . w^T on cuBLAS; `w` is `row_bytes` per row in `dtype`.
     /// `accumulate`: out += instead (beta = 1).
     #[allow(clippy::too_many_arguments)]
@@ -158,24 +248,7 @@ impl Cuda {
         let elem = self.gemm_elem(dtype);
         let xg = match elem {
             Elem::F32 => x,
-            _ => {
-                let buf = self.scratch(Scratch::GemmX, rows * k * 2)?;
-                let name = if elem == Elem::F16 {
-                    "round_x_f16"
-                } else {
-                    "round_x_bf16"
-                };
-                let count = u32::try_from(rows * k)
-                    .map_err(|_| Error::Device(format!("matmul: {rows} x {k} activations")))?;
-                self.launch_1d(
-                    "matmul",
-                    name,
-                    rows * k,
-                    256,
-                    &[arg(&buf), arg(&x), arg(&count)],
-                )?;
-                buf
-            }
+            _ => self.round_half(Scratch::GemmX, x, rows * k, elem, "matmul")?,
         };
         let w = GemmW {
             ptr: w,

@@ -34,6 +34,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../../shaders/cuda/attention_train.cu"),
     ),
     (
+        "attention_train_mma",
+        include_str!("../../../shaders/cuda/attention_train_mma.cu"),
+    ),
+    (
         "cross_entropy",
         include_str!("../../../shaders/cuda/cross_entropy.cu"),
     ),

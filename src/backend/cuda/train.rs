@@ -1,12 +1,18 @@
 //! `TrainBackend` for CUDA: the backward ops, the fused loss and the optimizer (train.rs has the
 //! contract). Kernels sit beside their forwards (rms_norm.cu, rope.cu, swiglu.cu, embedding.cu,
-//! add.cu) or in their own files (attention_train.cu, cross_entropy.cu, adamw.cu); the GEMMs of
-//! the matmul backward and of the loss are cuBLAS SGEMMs in f32 (no TF32), every weight dtype
-//! widened to f32 first, so gradients match the CPU reference to f32 rounding.
-//! Speed work goes later into bf16 GEMMs on tensor cores (the forward's `gemm_elem` choice) and
-//! a fused dequantize-in-GEMM for quantized frozen weights. Attention: train_attention.rs;
-//! the loss: train_loss.rs.
+//! add.cu) or in their own files (attention_train.cu, cross_entropy.cu, adamw.cu).
+//! The matmul backward's GEMMs: in exact mode cuBLAS SGEMMs in f32 (no TF32), every weight
+//! dtype widened to f32 first, so gradients match the CPU reference to f32 rounding. By default
+//! (not exact) they run on bf16 tensor cores with f32 accumulation and f32 output: matmul_dx
+//! reads bf16 weights as stored and dequantizes f16 and block-format weights to bf16 slices,
+//! with dy rounded to bf16; matmul_dw rounds dy and x to bf16 and adds into the f32 dW
+//! (beta = 1). bf16 rather than f16 for every half operand: gradients of a mean loss are
+//! routinely below f16's normal range (6e-5) and would lose their bits or flush to zero.
+//! f32 weights (LoRA adapters, f32 checkpoints), widths that are not multiples of 8, and
+//! small weight-gradient products (`half_dw`) stay on SGEMM. The loss's GEMMs (train_loss.rs)
+//! are f32. Attention: train_attention.rs; the loss: train_loss.rs.
 
+use super::gemm::Elem;
 use super::launch::{arg, Scratch};
 use super::ops::u32_of;
 use super::train_params::{AdamWParams, AxpyParams};
@@ -25,6 +31,11 @@ use cudarc::cublas::{result as blas, sys as bsys};
 const BLOCK: u32 = 256;
 /// Most bytes of a weight widened to f32 at once (matmul_dx, cross_entropy).
 const WIDEN_SCRATCH: usize = 256 << 20;
+/// Most bytes of a weight dequantized to bf16 at once (matmul_dx's tensor-core path).
+const HALF_SCRATCH: usize = 256 << 20;
+/// matmul_dw's rows and narrower side from which it runs on bf16 tensor cores (`half_dw`).
+const HALF_DW_MIN_ROWS: usize = 64;
+const HALF_DW_MIN_SIDE: usize = 65;
 /// Blocks of sum_squares_partial (a fixed grid, so the sum's order is fixed).
 const SUM_BLOCKS: usize = 512;
 /// Rows per chunk of rms_norm_backward's weight-gradient column sums (at most DW_CHUNKS).
@@ -153,6 +164,89 @@ impl Cuda {
     }
 }
 
+impl Cuda {
+    /// Whether matmul_dx through a weight of `dtype` [n, k] runs on bf16 tensor cores: not in
+    /// exact mode, not for f32 weights, and rows of both dy (n) and dx (k) whole octets, so
+    /// every half operand's rows and slices start 16-byte aligned. Always faster than the f32
+    /// path when it applies: the weight is read as 2-byte values (bf16 as stored, others
+    /// dequantized once per call into a 2-byte scratch) instead of widened to 4-byte ones.
+    fn half_dx(&self, dtype: DType, n: usize, k: usize) -> bool {
+        !self.exact && dtype != DType::F32 && n % 8 == 0 && k % 8 == 0
+    }
+
+    /// Whether matmul_dw of dy [rows, n] and x [rows, k] runs on bf16 tensor cores. Size rule:
+    /// rows >= 64 and min(n, k) >= 65 (and n, k multiples of 8), else f32 SGEMM. The bf16 path
+    /// moves ~8 bytes per operand value (the rounding pass reads 4 and writes 2, the GEMM reads
+    /// 2), while f32 SGEMM (~50 TFLOP/s, no tensor cores) spends 2 n k / (n + k) flops per
+    /// operand value: at ~4 TB/s they break even near n k / (n + k) = 50, a narrow side of ~50
+    /// against a wide one, so products with a LoRA rank (n or k <= 64) on one side stay f32.
+    /// With few rows both paths read and write dW (8 bytes per element) and the product adds
+    /// only 2 rows flops per element: below ~50 rows that traffic dominates either way.
+    fn half_dw(&self, rows: usize, n: usize, k: usize) -> bool {
+        !self.exact
+            && rows >= HALF_DW_MIN_ROWS
+            && n.min(k) >= HALF_DW_MIN_SIDE
+            && n % 8 == 0
+            && k % 8 == 0
+    }
+
+    /// matmul_dx on bf16 tensor cores (half_dx said yes): dx^T (k x rows) = alpha W^T-as-stored
+    /// (k x n) . dy^T (n x rows), W bf16 as stored (one GEMM) or dequantized to bf16 in row
+    /// slices of at most HALF_SCRATCH bytes (a multiple of 8 rows each), the slices after the
+    /// first adding in; dy rounded to bf16 once.
+    fn matmul_dx_half(
+        &self,
+        (dxp, dyp): (u64, u64),
+        w: &Weight<Cuda>,
+        rows: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        const OP: &str = "matmul_dx";
+        let (n, k) = (w.rows, w.cols);
+        let rb = checks::row_bytes(w.dtype, k, OP)?;
+        let wp = self.ptr(&w.buf, n * rb, "the weights", OP)?;
+        let dyg = self.round_half(Scratch::GemmX, dyp, rows * n, Elem::BF16, OP)?;
+        let gemm = |wg: u64, n0: usize, nc: usize| {
+            let beta = if n0 == 0 { 0.0 } else { 1.0 };
+            let dys = dyg + (n0 * 2) as u64;
+            self.half_gemm(
+                Elem::BF16,
+                (false, false),
+                (k, rows, nc),
+                alpha,
+                (wg, k),
+                (dys, n),
+                beta,
+                (dxp, k),
+                OP,
+            )
+        };
+        if w.dtype == DType::BF16 {
+            return gemm(wp, 0, n);
+        }
+        // n is a multiple of 8 (half_dx), so at least 8.
+        let chunk = (HALF_SCRATCH / (k * 2).max(1) / 8 * 8).clamp(8, n);
+        let name = by_dtype!("widen_", w.dtype, "_bf16");
+        let mut n0 = 0;
+        while n0 < n {
+            let nc = chunk.min(n - n0);
+            let src = wp + (n0 * rb) as u64;
+            let dst = self.scratch(Scratch::GemmW, nc * k * 2)?;
+            let (nn, kk) = (u32_of(nc, "rows", OP)?, u32_of(k, "cols", OP)?);
+            self.launch_1d(
+                "matmul",
+                name,
+                nc * k / 8,
+                BLOCK,
+                &[arg(&dst), arg(&src), arg(&nn), arg(&kk)],
+            )?;
+            gemm(dst, n0, nc)?;
+            n0 += nc;
+        }
+        Ok(())
+    }
+}
+
 impl TrainBackend for Cuda {
     fn zero(&self, x: &mut Buf<Self>, n: usize) -> Result<()> {
         const OP: &str = "zero";
@@ -194,7 +288,8 @@ impl TrainBackend for Cuda {
     }
 
     /// dx^T (k x rows) = alpha W^T-as-stored (k x n) . dy^T (n x rows) in cuBLAS's column-major
-    /// terms, one SGEMM per widened row slice of W, the slices after the first adding in.
+    /// terms: on bf16 tensor cores where half_dx says so (matmul_dx_half), else one SGEMM per
+    /// widened row slice of W, the slices after the first adding in.
     fn matmul_dx(
         &self,
         dx: &mut Buf<Self>,
@@ -209,6 +304,9 @@ impl TrainBackend for Cuda {
         let dyp = self.ptr(dy, rows * n * 4, "dy", OP)?;
         if n == 0 {
             return self.zero(dx, rows * k);
+        }
+        if self.half_dx(w.dtype, n, k) {
+            return self.matmul_dx_half((dxp, dyp), w, rows, alpha);
         }
         self.f32_weight_slices(w, OP, |n0, nc, wp| {
             let beta = if n0 == 0 { 0.0 } else { 1.0 };
@@ -227,7 +325,8 @@ impl TrainBackend for Cuda {
     }
 
     /// dw (k x n column-major: row-major [n, k]) += alpha x^T-as-stored (k x rows) .
-    /// dy (rows x n, the transpose of its stored n x rows).
+    /// dy (rows x n, the transpose of its stored n x rows): with x and dy rounded to bf16 on
+    /// tensor cores where half_dw says so, else in f32.
     fn matmul_dw(
         &self,
         dw: &mut Buf<Self>,
@@ -242,6 +341,21 @@ impl TrainBackend for Cuda {
         let dwp = self.ptr(dw, n * k * 4, "dw", OP)?;
         let dyp = self.ptr(dy, rows * n * 4, "dy", OP)?;
         let xp = self.ptr(x, rows * k * 4, "x", OP)?;
+        if self.half_dw(rows, n, k) {
+            let xg = self.round_half(Scratch::GemmX, xp, rows * k, Elem::BF16, OP)?;
+            let dyg = self.round_half(Scratch::GemmW, dyp, rows * n, Elem::BF16, OP)?;
+            return self.half_gemm(
+                Elem::BF16,
+                (false, true),
+                (k, n, rows),
+                alpha,
+                (xg, k),
+                (dyg, n),
+                1.0,
+                (dwp, k),
+                OP,
+            );
+        }
         self.sgemm(
             (false, true),
             (k, n, rows),

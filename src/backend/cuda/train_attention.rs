@@ -1,8 +1,16 @@
 //! The packed-batch ops of training on CUDA: rope_rows and its backward (shaders/cuda/rope.cu),
-//! attention_packed and attention_backward (shaders/cuda/attention_train.cu describes the
-//! kernels: flash-style tiles, f32, no score matrix in global memory). Launch shape: grid
-//! (tiles of 16 rows over the longest sequence, heads, sequences), 128 threads; blocks past
-//! their sequence's end exit at once.
+//! attention_packed and attention_backward. Two sets of attention kernels, neither writing a
+//! score matrix to memory:
+//! - shaders/cuda/attention_train_mma.cu: bf16 tiles on tensor cores (mma.sync, f32
+//!   accumulation) for head sizes 64 and 128 on the default variant. Grid (heads, tiles of 64
+//!   rows, sequences) for the forward and dq, 128 threads; (kv heads, tiles of 64 keys,
+//!   sequences) for dk/dv, 256 threads.
+//! - shaders/cuda/attention_train.cu: f32 on CUDA cores, for `CudaOptions::exact` and every
+//!   other head size (and buffers the mma kernels' 16-byte loads cannot read). Grid (tiles of
+//!   16 rows over the longest sequence, heads, sequences), 128 threads.
+//!
+//! Blocks past their sequence's end exit at once. Both backward paths share attention_bwd_delta
+//! (D = rowsum(dout * out), f32).
 
 use super::launch::{arg, Scratch};
 use super::ops::{u32_of, HEAD_DIM_MAX};
@@ -38,6 +46,58 @@ fn kernels(hd: usize) -> [&'static str; 3] {
             "attention_bwd_dq_256",
             "attention_bwd_dkdv_256",
         ],
+    }
+}
+
+/// attention_train_mma.cu: rows (queries or keys) a block owns.
+const MMA_ROWS: usize = 64;
+/// attention_train_mma.cu: bf16 padding per staged row.
+const MMA_PAD: usize = 8;
+/// attention_train_mma.cu: threads of the dk/dv kernel (two warpgroups).
+const MMA_DKDV_THREADS: u32 = 256;
+
+/// The tensor-core kernels of one head size, with the tiles that size their shared memory
+/// (DQ_KEYS and DKDV_QUERIES of attention_train_mma.cu).
+struct MmaKernels {
+    forward: &'static str,
+    dq: &'static str,
+    dkdv: &'static str,
+    dq_keys: usize,
+    dkdv_queries: usize,
+}
+
+impl MmaKernels {
+    fn of(hd: usize) -> Option<MmaKernels> {
+        match hd {
+            64 => Some(MmaKernels {
+                forward: "attention_packed_mma_64",
+                dq: "attention_bwd_dq_mma_64",
+                dkdv: "attention_bwd_dkdv_mma_64",
+                dq_keys: 64,
+                dkdv_queries: 64,
+            }),
+            128 => Some(MmaKernels {
+                forward: "attention_packed_mma_128",
+                dq: "attention_bwd_dq_mma_128",
+                dkdv: "attention_bwd_dkdv_mma_128",
+                dq_keys: 32,
+                dkdv_queries: 32,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Dynamic shared memory of each kernel: tiles of bf16 rows of hd + MMA_PAD values; dk/dv
+    /// has the block's K and V and, per warpgroup, a query tile of q and dout with its lse and
+    /// D.
+    fn shared(&self, hd: usize) -> [usize; 3] {
+        let row = (hd + MMA_PAD) * 2;
+        let bq = self.dkdv_queries;
+        [
+            2 * MMA_ROWS * row,
+            2 * self.dq_keys * row,
+            2 * MMA_ROWS * row + 2 * (2 * bq * row + 2 * bq * 4),
+        ]
     }
 }
 
@@ -104,14 +164,35 @@ impl Cuda {
         Ok((p, (tiles, h.n_heads as u32, batch.n_seqs as u32), cu))
     }
 
-    /// Kernel `name` with `shared` bytes of dynamic shared memory allowed (past 48 KiB a
-    /// kernel must opt in; the call costs far less than the kernel).
+    /// The tensor-core kernels for a call, when they apply: the default variant, head_dim 64 or
+    /// 128, every f32 buffer they read or write by vectors 16-byte aligned, and at most 65535
+    /// tiles of MMA_ROWS rows (the grid's y). With them, the number of tiles.
+    fn mma_path(
+        &self,
+        batch: &BatchView<'_, Cuda>,
+        h: Heads,
+        ptrs: &[u64],
+    ) -> Option<(MmaKernels, u32)> {
+        if self.exact {
+            return None;
+        }
+        let k = MmaKernels::of(h.head_dim)?;
+        let tiles = batch.max_len.div_ceil(MMA_ROWS);
+        if tiles > 65535 || ptrs.iter().any(|p| p % 16 != 0) {
+            return None;
+        }
+        Some((k, tiles as u32))
+    }
+
+    /// Kernel `name` of `stem`.cu with `shared` bytes of dynamic shared memory allowed (past
+    /// 48 KiB a kernel must opt in; the call costs far less than the kernel).
     fn with_shared(
         &self,
+        stem: &'static str,
         name: &'static str,
         shared: usize,
     ) -> Result<cudarc::driver::CudaFunction> {
-        let f = self.kernels.get("attention_train", name)?;
+        let f = self.kernels.get(stem, name)?;
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             shared as i32,
@@ -145,23 +226,24 @@ impl Cuda {
             None => 0,
         };
         let hd = h.head_dim;
+        let args = [
+            arg(&o),
+            arg(&lp),
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&cu),
+            arg(&p),
+        ];
+        if let Some((mk, tiles)) = self.mma_path(&batch, h, &[o, qp, kp, vp]) {
+            let shared = mk.shared(hd)[0];
+            let f = self.with_shared("attention_train_mma", mk.forward, shared)?;
+            let grid = (h.n_heads as u32, tiles, grid.2);
+            return self.launch(&f, grid, AT_THREADS, shared as u32, &args);
+        }
         let shared = (AT_BR * hd + AT_BC * (hd + 1) + AT_BC * hd) * 4;
-        let f = self.with_shared(kernels(hd)[0], shared)?;
-        self.launch(
-            &f,
-            grid,
-            AT_THREADS,
-            shared as u32,
-            &[
-                arg(&o),
-                arg(&lp),
-                arg(&qp),
-                arg(&kp),
-                arg(&vp),
-                arg(&cu),
-                arg(&p),
-            ],
-        )
+        let f = self.with_shared("attention_train", kernels(hd)[0], shared)?;
+        self.launch(&f, grid, AT_THREADS, shared as u32, &args)
     }
 
     /// attention_bwd_delta, then dq over query tiles and dk, dv over key tiles (one block per
@@ -198,45 +280,53 @@ impl Cuda {
             &[arg(&delta), arg(&dop), arg(&op), arg(&p)],
         )?;
         let hd = h.head_dim;
+        let dq_args = [
+            arg(&dqp),
+            arg(&dop),
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&lp),
+            arg(&delta),
+            arg(&cu),
+            arg(&p),
+        ];
+        let dkdv_args = [
+            arg(&dkp),
+            arg(&dvp),
+            arg(&dop),
+            arg(&qp),
+            arg(&kp),
+            arg(&vp),
+            arg(&lp),
+            arg(&delta),
+            arg(&cu),
+            arg(&p),
+        ];
+        let vectors = [dqp, dkp, dvp, dop, qp, kp, vp];
+        if let Some((mk, tiles)) = self.mma_path(&batch, h, &vectors) {
+            const STEM: &str = "attention_train_mma";
+            let [_, dq_shared, dkdv_shared] = mk.shared(hd);
+            let f = self.with_shared(STEM, mk.dq, dq_shared)?;
+            let grid_dq = (h.n_heads as u32, tiles, grid.2);
+            self.launch(&f, grid_dq, AT_THREADS, dq_shared as u32, &dq_args)?;
+            let f = self.with_shared(STEM, mk.dkdv, dkdv_shared)?;
+            let grid_dkdv = (h.n_kv_heads as u32, tiles, grid.2);
+            return self.launch(
+                &f,
+                grid_dkdv,
+                MMA_DKDV_THREADS,
+                dkdv_shared as u32,
+                &dkdv_args,
+            );
+        }
         let [_, dq_name, dkdv_name] = kernels(hd);
         let shared = (2 * AT_BR * hd + 2 * AT_BC * (hd + 1)) * 4;
-        let f = self.with_shared(dq_name, shared)?;
-        self.launch(
-            &f,
-            grid,
-            AT_THREADS,
-            shared as u32,
-            &[
-                arg(&dqp),
-                arg(&dop),
-                arg(&qp),
-                arg(&kp),
-                arg(&vp),
-                arg(&lp),
-                arg(&delta),
-                arg(&cu),
-                arg(&p),
-            ],
-        )?;
+        let f = self.with_shared("attention_train", dq_name, shared)?;
+        self.launch(&f, grid, AT_THREADS, shared as u32, &dq_args)?;
         let shared = shared + 2 * AT_BC * 4;
-        let f = self.with_shared(dkdv_name, shared)?;
-        self.launch(
-            &f,
-            (grid.0, h.n_kv_heads as u32, grid.2),
-            AT_THREADS,
-            shared as u32,
-            &[
-                arg(&dkp),
-                arg(&dvp),
-                arg(&dop),
-                arg(&qp),
-                arg(&kp),
-                arg(&vp),
-                arg(&lp),
-                arg(&delta),
-                arg(&cu),
-                arg(&p),
-            ],
-        )
+        let f = self.with_shared("attention_train", dkdv_name, shared)?;
+        let grid_dkdv = (grid.0, h.n_kv_heads as u32, grid.2);
+        self.launch(&f, grid_dkdv, AT_THREADS, shared as u32, &dkdv_args)
     }
 }
