@@ -544,12 +544,15 @@ def cmd_hf(a):
         t = time.perf_counter()
         n_lab = sum(sum(1 for x in s["labels"] if x != -100) for s in step)
         total = 0.0
-        for s in step:
-            ids = torch.tensor([s["tokens"]], device=a.device)
-            labels = torch.tensor(s["labels"], device=a.device)
-            pos = torch.arange(ids.shape[1], device=a.device)[None]
-            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0].float()
-            ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        # Sequences of one length run as one [B, T] batch (no padding, so no mask: the same
+        # products as one at a time); others one by one, their gradients summed.
+        same = len({len(s["tokens"]) for s in step}) == 1
+        for group in ([step] if same else [[s] for s in step]):
+            ids = torch.tensor([s["tokens"] for s in group], device=a.device)
+            labels = torch.tensor([s["labels"] for s in group], device=a.device).flatten()
+            pos = torch.arange(ids.shape[1], device=a.device)[None].expand(ids.shape[0], -1)
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits.float()
+            ce = F.cross_entropy(logits.flatten(0, 1), labels, ignore_index=-100, reduction="sum")
             (ce / n_lab).backward()
             total += ce.item()
         if max_norm is not None and max_norm > 0:

@@ -315,8 +315,7 @@ impl<B: Backend> Model<B> {
         if let Some((ad, scale)) = self.adapter(i, p) {
             let x = self.lora_input(b, i, p, x, &mut ls.xd, rows)?;
             b.matmul(&mut ls.u, x, &ad.a, rows)?; // u = x . A^T [rows, r]
-            b.matmul(&mut ls.y, &ls.u, &ad.b, rows)?; // u . B^T [rows, n]
-            b.add_scaled(out, &ls.y, scale, rows * w.rows)?;
+            b.matmul_add_scaled(out, &mut ls.y, &ls.u, &ad.b, rows, scale)?; // out += s u . B^T
         }
         Ok(())
     }

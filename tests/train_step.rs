@@ -42,7 +42,10 @@ const FULL_FIXTURES: [&str; 3] = ["mha-f32", "gqa4-f32-tied", "bias-f32"];
 #[derive(Clone, Copy, Debug)]
 struct Tol {
     grad_nmse: f64,
+    /// The first step's loss and gradient norm (one pass over the initial weights).
     rel: f64,
+    /// The later steps' (after updates that carry the first steps' differences along).
+    rel_later: f64,
     weight_abs: f32,
 }
 
@@ -51,6 +54,7 @@ struct Tol {
 const CPU: Tol = Tol {
     grad_nmse: 1e-10,
     rel: 1e-5,
+    rel_later: 1e-5,
     weight_abs: 2e-5,
 };
 
@@ -202,15 +206,36 @@ fn run<B: TrainBackend>(
     }
 }
 
+fn rel_err(got: f32, want: f64) -> f64 {
+    if got.is_finite() {
+        (got as f64 - want).abs() / want.abs().max(1e-12)
+    } else {
+        f64::INFINITY
+    }
+}
+
 fn assert_rel(what: &str, got: f32, want: f64, tol: f64) {
-    let err = (got as f64 - want).abs() / want.abs().max(1e-12);
+    let err = rel_err(got, want);
     assert!(
-        got.is_finite() && err <= tol,
+        err <= tol,
         "{what}: {got} vs {want} (relative error {err:.2e} > {tol:.0e})"
     );
 }
 
-/// Compares a run with the reference json and safetensors (`grad.<name>`, `<step>.<name>`).
+/// The worst of a set of measurements and where it was.
+#[derive(Default)]
+struct Worst(f64, String);
+
+impl Worst {
+    fn see(&mut self, e: f64, at: impl Into<String>) {
+        if e.is_nan() || e > self.0 {
+            *self = Worst(e, at.into());
+        }
+    }
+}
+
+/// Compares a run with the reference json and safetensors (`grad.<name>`, `<step>.<name>`):
+/// every measure first (printed, so a failing run shows them all), then the bounds.
 fn check(backend: &str, name: &str, trained: Trained, r: &Run, tol: Tol) {
     let d = dir(name);
     let (file, after) = match trained {
@@ -223,61 +248,49 @@ fn check(backend: &str, name: &str, trained: Trained, r: &Run, tol: Tol) {
     let losses = expected["losses"].as_array().unwrap();
     let norms = expected["grad_norms"].as_array().unwrap();
     assert_eq!(r.losses.len(), losses.len(), "{what}: steps");
+    assert_eq!(r.grads.len() * 2, tensors.len(), "{what}: trained tensors");
+    let (mut first, mut later) = (Worst::default(), Worst::default());
     for (k, (l, n)) in losses.iter().zip(norms).enumerate() {
-        assert_rel(
-            &format!("{what} loss {k}"),
-            r.losses[k],
-            l.as_f64().unwrap(),
-            tol.rel,
+        let worst = if k == 0 { &mut first } else { &mut later };
+        worst.see(
+            rel_err(r.losses[k], l.as_f64().unwrap()),
+            format!("loss {k}"),
         );
         let norm = n.as_f64().unwrap();
-        assert_rel(
-            &format!("{what} grad norm {k}"),
-            r.grad_norms[k],
-            norm,
-            tol.rel,
-        );
+        worst.see(rel_err(r.grad_norms[k], norm), format!("grad norm {k}"));
     }
-    assert_eq!(r.grads.len() * 2, tensors.len(), "{what}: trained tensors");
-    let mut worst_grad: (f64, &str) = (0.0, "");
-    let mut worst_weight: (f32, &str) = (0.0, "");
+    let (mut grad, mut weight) = (Worst::default(), Worst::default());
     for (key, g) in &r.grads {
-        let want = &tensors[&format!("grad.{key}")];
-        let e = nmse(g, want);
-        assert!(
-            e <= tol.grad_nmse,
-            "{what}: gradient of {key}: NMSE {e:.2e} > {:.0e}",
-            tol.grad_nmse
-        );
-        if e > worst_grad.0 {
-            worst_grad = (e, key);
-        }
+        grad.see(nmse(g, &tensors[&format!("grad.{key}")]), key);
         let want = &tensors[&format!("{after}.{key}")];
-        let got = &r.values[key];
-        let diff = got
+        let diff = r.values[key]
             .iter()
             .zip(want)
             .map(|(a, b)| {
                 if a.is_finite() {
-                    (a - b).abs()
+                    (a - b).abs() as f64
                 } else {
-                    f32::INFINITY
+                    f64::INFINITY
                 }
             })
-            .fold(0.0f32, f32::max);
-        assert!(
-            diff <= tol.weight_abs,
-            "{what}: {key} after the steps differs by {diff:.2e} > {:.0e}",
-            tol.weight_abs
-        );
-        if diff > worst_weight.0 {
-            worst_weight = (diff, key);
-        }
+            .fold(0.0, f64::max);
+        weight.see(diff, key);
     }
     eprintln!(
-        "{what}: losses {:?}, worst gradient NMSE {:.1e} ({}), worst weight diff {:.1e} ({})",
-        r.losses, worst_grad.0, worst_grad.1, worst_weight.0, worst_weight.1
+        "{what}: losses {:?}, worst relative error of the first step's loss and gradient norm \
+         {:.1e} ({}), of the later steps' {:.1e} ({}), worst gradient NMSE {:.1e} ({}), \
+         worst weight diff {:.1e} ({})",
+        r.losses, first.0, first.1, later.0, later.1, grad.0, grad.1, weight.0, weight.1
     );
+    let bounds = [
+        ("first step's relative error", first, tol.rel),
+        ("later steps' relative error", later, tol.rel_later),
+        ("gradient NMSE", grad, tol.grad_nmse),
+        ("weight difference", weight, tol.weight_abs as f64),
+    ];
+    for (measure, Worst(e, at), bound) in bounds {
+        assert!(e <= bound, "{what}: {measure} {e:.2e} ({at}) > {bound:.0e}");
+    }
 }
 
 /// Every fixture, LoRA and full, one micro-batch, checkpointing off.
@@ -519,17 +532,22 @@ mod cuda {
     const CUDA_EXACT: Tol = Tol {
         grad_nmse: 1e-9,
         rel: 2e-5,
+        rel_later: 2e-5,
         weight_abs: 5e-5,
     };
 
-    /// The default variant rounds GEMM operands to the weights' half type (bf16: 8 significant
-    /// bits, a relative error of up to 2^-9 per operand; none for f32 weights, where it meets
-    /// CUDA_EXACT): measured on gqa3-bf16, the loss moves by 2.6e-4 relative. Adam normalises
-    /// each update, so an element whose gradient is near zero can move by up to lr per step
-    /// whatever its rounding: 3 steps at lr 1e-2 bound the weights' difference at 3e-2.
+    /// The default variant rounds the operands of its GEMMs (forward and backward, the loss's)
+    /// and of attention at head sizes 64 and 128 to bf16 where the weights are not f32 (8
+    /// significant bits, a relative error of up to 2^-9 per operand; f32 weights keep the f32
+    /// paths and meet CUDA_EXACT). Adam normalises each update, so an element whose gradient
+    /// is near zero moves by up to lr per step whatever the sign its rounding gives it: the
+    /// later steps' losses and gradient norms drift further (measured on the H200, gqa3-bf16:
+    /// 6.7e-3 on the second step's gradient norm, where the first step met 2e-3), and 3 steps
+    /// at lr 1e-2 bound the weights' difference at 3e-2.
     const CUDA_HALF: Tol = Tol {
         grad_nmse: 1e-4,
         rel: 2e-3,
+        rel_later: 2e-2,
         weight_abs: 3e-2,
     };
 

@@ -287,6 +287,21 @@ pub trait Backend: Sized + 'static {
             self.name()
         )))
     }
+    /// out[rows, w.rows] += alpha * x[rows, w.cols] . w^T: a LoRA adapter's second product
+    /// added into its projection's output. The default composes matmul into `tmp` and
+    /// add_scaled; a backend may run it as one GEMM that accumulates into out.
+    fn matmul_add_scaled(
+        &self,
+        out: &mut Buf<Self>,
+        tmp: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        self.matmul(tmp, x, w, rows)?;
+        self.add_scaled(out, tmp, alpha, rows * w.rows)
+    }
     /// x[i] += alpha * y[i] for i < n (LoRA's scaled update). The default serves alpha = 1
     /// only; backends that run LoRA override it.
     fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {

@@ -49,6 +49,21 @@ pub trait TrainBackend: Backend {
         rows: usize,
         alpha: f32,
     ) -> Result<()>;
+    /// dx[rows, w.cols] += alpha * dy[rows, w.rows] . W: matmul_dx adding into dx (a LoRA
+    /// adapter's input gradient into its frozen projection's). The default runs matmul_dx into
+    /// `tmp`, then add; a backend may run it as one GEMM that accumulates into dx.
+    fn matmul_dx_add(
+        &self,
+        dx: &mut Buf<Self>,
+        tmp: &mut Buf<Self>,
+        dy: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        self.matmul_dx(tmp, dy, w, rows, alpha)?;
+        self.add(dx, tmp, rows * w.cols)
+    }
     /// dw[n, k] += alpha * dy[rows, n]^T . x[rows, k] (f32 gradient of a trained weight).
     #[allow(clippy::too_many_arguments)]
     fn matmul_dw(

@@ -99,7 +99,8 @@ impl TrainPlan {
             Some(l) if l.dropout > 0.0 => r * 4 * d.max(q).max(f), // the dropped-out input
             _ => 0,
         };
-        let logits = (r * cfg.vocab_size as u64 * 4).min(CHUNK_SCRATCH);
+        // The f32 logits of a chunk, and (CUDA's tensor-core loss) their bf16 copy.
+        let logits = (r * cfg.vocab_size as u64 * 4).min(CHUNK_SCRATCH) * 3 / 2;
         let widened = (d * cfg.vocab_size.max(cfg.ffn_dim) as u64 * 4).min(CHUNK_SCRATCH);
         let lora_bytes = if trained == Trained::Lora { n * 4 } else { 0 };
         let master = if trained == Trained::Full && half_weights {

@@ -572,16 +572,16 @@ fn proj_backward<B: TrainBackend>(
         b.matmul_dw(dbb, dy, &ls.u, rows, n, r, s)?; // dB += s dy^T . u   [n, r]
         b.matmul_dx(&mut dl.du, dy, &ad.b, rows, s)?; // du = s dy . B   [rows, r]
         b.matmul_dw(da, &dl.du, xl, rows, r, k, 1.0)?; // dA += du^T . xl   [r, k]
-        b.matmul_dx(&mut ls.y, &dl.du, &ad.a, rows, 1.0)?; // dxl = du . A   [rows, k]
         match (
             m.lora.as_ref().and_then(|l| l.dropout(i, p)),
             ls.xd.as_mut(),
         ) {
             (Some((pr, seed)), Some(xd)) => {
+                b.matmul_dx(&mut ls.y, &dl.du, &ad.a, rows, 1.0)?; // dxl = du . A   [rows, k]
                 b.dropout(xd, &ls.y, pr, seed, rows * k)?; // the same mask, the same scale
                 b.add(dx_in, xd, rows * k)?;
             }
-            _ => b.add(dx_in, &ls.y, rows * k)?,
+            _ => b.matmul_dx_add(dx_in, &mut ls.y, &dl.du, &ad.a, rows, 1.0)?, // dx_in += du . A
         }
     }
     Ok(())

@@ -47,6 +47,8 @@ pub enum Scratch {
     TrainPartials,
     TrainRstd,
     TrainDelta,
+    /// Training: one chunk's dlogits rounded to bf16 (the loss's tensor-core products).
+    TrainHalfLogits,
 }
 
 #[derive(Default)]

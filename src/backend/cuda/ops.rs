@@ -810,6 +810,30 @@ impl Backend for Cuda {
         )
     }
 
+    /// Prefill through f32 weights (LoRA's B): one SGEMM with alpha and beta = 1 into out;
+    /// otherwise (decode's mat-vecs, other dtypes) matmul and add_scaled.
+    fn matmul_add_scaled(
+        &self,
+        out: &mut Buf<Self>,
+        tmp: &mut Buf<Self>,
+        x: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        const OP: &str = "matmul_add_scaled";
+        let (n, k) = (w.rows, w.cols);
+        if !takes_gemm(rows, w) || w.dtype != DType::F32 || k == 0 {
+            self.matmul(tmp, x, w, rows)?;
+            return self.add_scaled(out, tmp, alpha, rows * n);
+        }
+        let op = self.ptr(out, rows * n * 4, "out", OP)?;
+        let xp = self.ptr(x, rows * k * 4, "x", OP)?;
+        let wp = self.ptr(&w.buf, n * k * 4, "the weights", OP)?;
+        let (a, b) = ((wp, k), (xp, k));
+        self.sgemm((true, false), (n, rows, k), alpha, a, b, 1.0, (op, n), OP)
+    }
+
     /// add.cu's axpy (LoRA's scaled product into its projection's output).
     fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
         crate::backend::train::TrainBackend::axpy(self, x, y, alpha, n)

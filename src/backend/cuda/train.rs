@@ -170,7 +170,7 @@ impl Cuda {
     /// every half operand's rows and slices start 16-byte aligned. Always faster than the f32
     /// path when it applies: the weight is read as 2-byte values (bf16 as stored, others
     /// dequantized once per call into a 2-byte scratch) instead of widened to 4-byte ones.
-    fn half_dx(&self, dtype: DType, n: usize, k: usize) -> bool {
+    pub(super) fn half_dx(&self, dtype: DType, n: usize, k: usize) -> bool {
         !self.exact && dtype != DType::F32 && n % 8 == 0 && k % 8 == 0
     }
 
@@ -190,10 +190,47 @@ impl Cuda {
             && k % 8 == 0
     }
 
+    /// Runs `f(n0, nc, w)` over row slices n0..n0 + nc of `w` with `w` a bf16 [nc, w.cols]
+    /// matrix: bf16 weights as stored (one slice), f16 and block-format weights dequantized
+    /// to bf16 into scratch, at most HALF_SCRATCH bytes (and a multiple of 8 rows) at a time.
+    /// The caller has checked that rows are whole octets (w.cols % 8 == 0) and that `w` is
+    /// not f32.
+    pub(super) fn bf16_weight_slices(
+        &self,
+        w: &Weight<Cuda>,
+        op: &str,
+        mut f: impl FnMut(usize, usize, u64) -> Result<()>,
+    ) -> Result<()> {
+        let (n, k) = (w.rows, w.cols);
+        let rb = checks::row_bytes(w.dtype, k, op)?;
+        let wp = self.ptr(&w.buf, n * rb, "the weights", op)?;
+        if w.dtype == DType::BF16 {
+            return f(0, n, wp);
+        }
+        let chunk = (HALF_SCRATCH / (k * 2).max(1) / 8 * 8).clamp(8, n.max(8));
+        let name = by_dtype!("widen_", w.dtype, "_bf16");
+        let mut n0 = 0;
+        while n0 < n {
+            let nc = chunk.min(n - n0);
+            let src = wp + (n0 * rb) as u64;
+            let dst = self.scratch(Scratch::GemmW, nc * k * 2)?;
+            let (nn, kk) = (u32_of(nc, "rows", op)?, u32_of(k, "cols", op)?);
+            self.launch_1d(
+                "matmul",
+                name,
+                nc * k / 8,
+                BLOCK,
+                &[arg(&dst), arg(&src), arg(&nn), arg(&kk)],
+            )?;
+            f(n0, nc, dst)?;
+            n0 += nc;
+        }
+        Ok(())
+    }
+
     /// matmul_dx on bf16 tensor cores (half_dx said yes): dx^T (k x rows) = alpha W^T-as-stored
-    /// (k x n) . dy^T (n x rows), W bf16 as stored (one GEMM) or dequantized to bf16 in row
-    /// slices of at most HALF_SCRATCH bytes (a multiple of 8 rows each), the slices after the
-    /// first adding in; dy rounded to bf16 once.
+    /// (k x n) . dy^T (n x rows), one GEMM per bf16 slice of W (bf16_weight_slices), the slices
+    /// after the first adding in; dy rounded to bf16 once.
     fn matmul_dx_half(
         &self,
         (dxp, dyp): (u64, u64),
@@ -203,10 +240,8 @@ impl Cuda {
     ) -> Result<()> {
         const OP: &str = "matmul_dx";
         let (n, k) = (w.rows, w.cols);
-        let rb = checks::row_bytes(w.dtype, k, OP)?;
-        let wp = self.ptr(&w.buf, n * rb, "the weights", OP)?;
         let dyg = self.round_half(Scratch::GemmX, dyp, rows * n, Elem::BF16, OP)?;
-        let gemm = |wg: u64, n0: usize, nc: usize| {
+        self.bf16_weight_slices(w, OP, |n0, nc, wg| {
             let beta = if n0 == 0 { 0.0 } else { 1.0 };
             let dys = dyg + (n0 * 2) as u64;
             self.half_gemm(
@@ -220,30 +255,7 @@ impl Cuda {
                 (dxp, k),
                 OP,
             )
-        };
-        if w.dtype == DType::BF16 {
-            return gemm(wp, 0, n);
-        }
-        // n is a multiple of 8 (half_dx), so at least 8.
-        let chunk = (HALF_SCRATCH / (k * 2).max(1) / 8 * 8).clamp(8, n);
-        let name = by_dtype!("widen_", w.dtype, "_bf16");
-        let mut n0 = 0;
-        while n0 < n {
-            let nc = chunk.min(n - n0);
-            let src = wp + (n0 * rb) as u64;
-            let dst = self.scratch(Scratch::GemmW, nc * k * 2)?;
-            let (nn, kk) = (u32_of(nc, "rows", OP)?, u32_of(k, "cols", OP)?);
-            self.launch_1d(
-                "matmul",
-                name,
-                nc * k / 8,
-                BLOCK,
-                &[arg(&dst), arg(&src), arg(&nn), arg(&kk)],
-            )?;
-            gemm(dst, n0, nc)?;
-            n0 += nc;
-        }
-        Ok(())
+        })
     }
 }
 
@@ -322,6 +334,29 @@ impl TrainBackend for Cuda {
                 OP,
             )
         })
+    }
+
+    /// f32 weights (LoRA's A): one SGEMM with beta = 1 into dx; others compose.
+    fn matmul_dx_add(
+        &self,
+        dx: &mut Buf<Self>,
+        tmp: &mut Buf<Self>,
+        dy: &Buf<Self>,
+        w: &Weight<Self>,
+        rows: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        const OP: &str = "matmul_dx_add";
+        let (n, k) = (w.rows, w.cols);
+        if w.dtype != DType::F32 || n == 0 {
+            self.matmul_dx(tmp, dy, w, rows, alpha)?;
+            return self.add(dx, tmp, rows * k);
+        }
+        let dxp = self.ptr(dx, rows * k * 4, "dx", OP)?;
+        let dyp = self.ptr(dy, rows * n * 4, "dy", OP)?;
+        let wp = self.ptr(&w.buf, n * k * 4, "the weights", OP)?;
+        let (a, b) = ((wp, k), (dyp, n));
+        self.sgemm((false, false), (k, rows, n), alpha, a, b, 1.0, (dxp, k), OP)
     }
 
     /// dw (k x n column-major: row-major [n, k]) += alpha x^T-as-stored (k x rows) .

@@ -3,9 +3,15 @@
 //! logits = x_c . W^T (SGEMM per widened slice of W) into scratch, cross_entropy_rows turns
 //! them into dlogits in place and writes each row's loss, dx_c = dlogits . W, and with a
 //! trained classifier dw += dlogits^T . x_c. The rows' losses are summed in order at the end.
-//! Speed work goes here later: bf16 logits GEMMs on tensor cores, W widened once per step
-//! rather than per chunk for quantized classifiers.
+//! The three GEMMs run on bf16 tensor cores with f32 accumulation and f32 logits where
+//! `half_dx` allows (not exact mode, a classifier that is not f32, vocab and dim whole octets):
+//! W as stored (bf16) or dequantized to bf16 slices, x_c and dlogits rounded to bf16, as the
+//! forward's prefill GEMMs round their operands; elsewhere SGEMMs over W widened to f32. The
+//! softmax, the loss and dlogits are f32 either way. Quantized classifiers are dequantized
+//! per chunk of rows (twice: the logits and dx); a per-step copy would cost vocab x dim more
+//! bytes of device memory.
 
+use super::gemm::Elem;
 use super::launch::{arg, Scratch};
 use super::ops::u32_of;
 use super::train_params::CrossEntropyParams;
@@ -14,8 +20,20 @@ use crate::backend::Weight;
 use crate::error::Result;
 use crate::pool::Buf;
 
+const OP: &str = "cross_entropy";
+/// The half type of the tensor-core products.
+const BF: Elem = Elem::BF16;
 /// Most bytes of one chunk's logits.
 const LOGITS_SCRATCH: usize = 256 << 20;
+
+/// One chunk of rows of the loss: its logits' scratch, x_c, dx_c, dw, the chunk's rows.
+struct Chunk {
+    logits: u64,
+    xc: u64,
+    dxc: u64,
+    dw: Option<u64>,
+    rows: usize,
+}
 
 impl Cuda {
     /// TrainBackend::cross_entropy (train.rs has the contract).
@@ -31,7 +49,6 @@ impl Cuda {
         rows: usize,
         scale: f32,
     ) -> Result<()> {
-        const OP: &str = "cross_entropy";
         let (vocab, dim) = (w.rows, w.cols);
         let lossp = self.ptr(loss, 4, "loss", OP)?;
         let dxp = self.ptr(dx, rows * dim * 4, "dx", OP)?;
@@ -44,26 +61,17 @@ impl Cuda {
         let row_loss = self.scratch(Scratch::TrainRowLoss, rows.max(1) * 4)?;
         let chunk = (LOGITS_SCRATCH / (vocab * 4).max(1)).clamp(1, rows.max(1));
         let rows_kernel = self.kernels.get("cross_entropy", "cross_entropy_rows")?;
+        let half = self.half_dx(w.dtype, vocab, dim);
         let mut r0 = 0;
         while r0 < rows {
             let cr = chunk.min(rows - r0);
-            let logits = self.scratch(Scratch::TrainLogits, cr * vocab * 4)?;
-            let (xc, dxc) = (xp + (r0 * dim * 4) as u64, dxp + (r0 * dim * 4) as u64);
-            // logits (vocab x cr column-major) = W_slice^T-as-stored . x_c, slice by slice.
-            self.f32_weight_slices(w, OP, |n0, nc, wp| {
-                let dst = logits + (n0 * 4) as u64;
-                let ab = ((wp, dim), (xc, dim));
-                self.sgemm(
-                    (true, false),
-                    (nc, cr, dim),
-                    1.0,
-                    ab.0,
-                    ab.1,
-                    0.0,
-                    (dst, vocab),
-                    OP,
-                )
-            })?;
+            let c = Chunk {
+                logits: self.scratch(Scratch::TrainLogits, cr * vocab * 4)?,
+                xc: xp + (r0 * dim * 4) as u64,
+                dxc: dxp + (r0 * dim * 4) as u64,
+                dw: dwp,
+                rows: cr,
+            };
             let p = CrossEntropyParams {
                 rows: u32_of(cr, "rows", OP)?,
                 vocab: u32_of(vocab, "vocab", OP)?,
@@ -71,41 +79,15 @@ impl Cuda {
                 _pad: 0,
             };
             let (lc, rl) = (lp + (r0 * 4) as u64, row_loss + (r0 * 4) as u64);
-            self.launch(
-                &rows_kernel,
-                (p.rows, 1, 1),
-                1024,
-                0,
-                &[arg(&logits), arg(&rl), arg(&lc), arg(&p)],
-            )?;
-            // dx_c (dim x cr) = W_slice-as-stored (dim x nc) . dlogits_slice (nc x cr).
-            self.f32_weight_slices(w, OP, |n0, nc, wp| {
-                let beta = if n0 == 0 { 0.0 } else { 1.0 };
-                let dl = (logits + (n0 * 4) as u64, vocab);
-                self.sgemm(
-                    (false, false),
-                    (dim, cr, nc),
-                    1.0,
-                    (wp, dim),
-                    dl,
-                    beta,
-                    (dxc, dim),
-                    OP,
-                )
-            })?;
-            if let Some(dwp) = dwp {
-                // dw (dim x vocab) += x_c (dim x cr) . dlogits^T (cr x vocab).
-                let (a, b) = ((xc, dim), (logits, vocab));
-                self.sgemm(
-                    (false, true),
-                    (dim, vocab, cr),
-                    1.0,
-                    a,
-                    b,
-                    1.0,
-                    (dwp, dim),
-                    OP,
-                )?;
+            // logits -> dlogits in place, and each row's loss.
+            let softmax = || {
+                let args = [arg(&c.logits), arg(&rl), arg(&lc), arg(&p)];
+                self.launch(&rows_kernel, (p.rows, 1, 1), 1024, 0, &args)
+            };
+            if half {
+                self.loss_chunk_bf16(w, &c, softmax)?;
+            } else {
+                self.loss_chunk_f32(w, &c, softmax)?;
             }
             r0 += cr;
         }
@@ -117,6 +99,91 @@ impl Cuda {
             1024,
             0,
             &[arg(&lossp), arg(&row_loss), arg(&n)],
+        )
+    }
+
+    /// A chunk's three products on bf16 tensor cores (f32 accumulation, f32 results).
+    fn loss_chunk_bf16(
+        &self,
+        w: &Weight<Cuda>,
+        c: &Chunk,
+        softmax: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let (vocab, dim, cr) = (w.rows, w.cols, c.rows);
+        let xg = self.round_half(Scratch::GemmX, c.xc, cr * dim, BF, OP)?;
+        // logits (vocab x cr column-major) = W_slice^T-as-stored . x_c, slice by slice.
+        self.bf16_weight_slices(w, OP, |n0, nc, wg| {
+            let dst = (c.logits + (n0 * 4) as u64, vocab);
+            let (a, b) = ((wg, dim), (xg, dim));
+            self.half_gemm(BF, (true, false), (nc, cr, dim), 1.0, a, b, 0.0, dst, OP)
+        })?;
+        softmax()?;
+        let dl = self.round_half(Scratch::TrainHalfLogits, c.logits, cr * vocab, BF, OP)?;
+        // dx_c (dim x cr) = W_slice-as-stored (dim x nc) . dlogits_slice (nc x cr).
+        self.bf16_weight_slices(w, OP, |n0, nc, wg| {
+            let beta = if n0 == 0 { 0.0 } else { 1.0 };
+            let (a, b) = ((wg, dim), (dl + (n0 * 2) as u64, vocab));
+            let dst = (c.dxc, dim);
+            self.half_gemm(BF, (false, false), (dim, cr, nc), 1.0, a, b, beta, dst, OP)
+        })?;
+        let Some(dwp) = c.dw else { return Ok(()) };
+        // dw (dim x vocab) += x_c (dim x cr) . dlogits^T (cr x vocab).
+        let (a, b) = ((xg, dim), (dl, vocab));
+        self.half_gemm(
+            BF,
+            (false, true),
+            (dim, vocab, cr),
+            1.0,
+            a,
+            b,
+            1.0,
+            (dwp, dim),
+            OP,
+        )
+    }
+
+    /// A chunk's three products as f32 SGEMMs over W widened to f32 slice by slice.
+    fn loss_chunk_f32(
+        &self,
+        w: &Weight<Cuda>,
+        c: &Chunk,
+        softmax: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        let (vocab, dim, cr) = (w.rows, w.cols, c.rows);
+        // logits (vocab x cr column-major) = W_slice^T-as-stored . x_c, slice by slice.
+        self.f32_weight_slices(w, OP, |n0, nc, wp| {
+            let dst = (c.logits + (n0 * 4) as u64, vocab);
+            let (a, b) = ((wp, dim), (c.xc, dim));
+            self.sgemm((true, false), (nc, cr, dim), 1.0, a, b, 0.0, dst, OP)
+        })?;
+        softmax()?;
+        // dx_c (dim x cr) = W_slice-as-stored (dim x nc) . dlogits_slice (nc x cr).
+        self.f32_weight_slices(w, OP, |n0, nc, wp| {
+            let beta = if n0 == 0 { 0.0 } else { 1.0 };
+            let (a, b) = ((wp, dim), (c.logits + (n0 * 4) as u64, vocab));
+            self.sgemm(
+                (false, false),
+                (dim, cr, nc),
+                1.0,
+                a,
+                b,
+                beta,
+                (c.dxc, dim),
+                OP,
+            )
+        })?;
+        let Some(dwp) = c.dw else { return Ok(()) };
+        // dw (dim x vocab) += x_c (dim x cr) . dlogits^T (cr x vocab).
+        let (a, b) = ((c.xc, dim), (c.logits, vocab));
+        self.sgemm(
+            (false, true),
+            (dim, vocab, cr),
+            1.0,
+            a,
+            b,
+            1.0,
+            (dwp, dim),
+            OP,
         )
     }
 }
