@@ -682,6 +682,24 @@ fn cross_entropy_tolerance(name: &str, dtype: DType, vocab: usize, dim: usize) -
     }
 }
 
+/// x scaled so that x . W^T (on the cpu) has an rms of 2.
+fn logits_of_a_few_units(
+    dtype: DType,
+    (rows, vocab, dim): (usize, usize, usize),
+    w_bytes: &[u8],
+    x: Vec<f32>,
+) -> Vec<f32> {
+    let cpu = Cpu::new();
+    let w = raw_weight(&cpu, dtype, vocab, dim, w_bytes);
+    let mut logits = poisoned(&cpu, rows * vocab);
+    cpu.matmul(&mut logits, &f32_buf(&cpu, &x), &w, rows)
+        .unwrap();
+    let l = read_f32(&cpu, &logits, rows * vocab);
+    let rms = (l.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / l.len() as f64).sqrt();
+    let s = (2.0 / rms.max(1e-12)) as f32;
+    x.into_iter().map(|v| v * s).collect()
+}
+
 #[test]
 fn cross_entropy_loss_dx_dw() {
     // (rows, vocab, dim, dtype, dw): the f32 case of 300k x 230 logits takes two chunks of the
@@ -702,9 +720,11 @@ fn cross_entropy_loss_dx_dw() {
     on_cudas(9, |name, gpu, r| {
         for (rows, vocab, dim, dtype, with_dw) in cases {
             let bytes = weight_bytes(r, dtype, vocab, dim);
-            // Logits of a few units: a peaked softmax would turn the f32 rounding of its
-            // logits (relative to their size) into large relative errors of dx.
-            let x = randn(r, rows * dim, 0.5);
+            // Logits of a few units (x scaled to an rms logit of 2 over the dequantized weight):
+            // a peaked softmax would turn the rounding of its logits (relative to their size)
+            // into large relative errors of dx.
+            let x =
+                logits_of_a_few_units(dtype, (rows, vocab, dim), &bytes, randn(r, rows * dim, 1.0));
             let mut labels: Vec<i32> = (0..rows).map(|_| r.random_range(0..vocab as i32)).collect();
             if rows > 2 {
                 labels[1] = -100;

@@ -114,16 +114,44 @@ fn lora_trains_on_a_q8_0_gguf_and_on_q4_k_blocks() {
     let q4k = losses(&b, &mut load_q4k(&b));
     assert_falls("cpu q4_k", &q4k);
     #[cfg(feature = "cuda")]
-    if let Some(gpu) = common::cuda_with(Default::default()) {
+    for exact in [true, false] {
+        use anyllama::backend::cuda::CudaOptions;
+        let options = CudaOptions {
+            exact,
+            ..Default::default()
+        };
+        let Some(gpu) = common::cuda_with(options) else {
+            break;
+        };
+        // The exact variant's f32 products match the cpu's up to summation order. The default
+        // one rounds GEMM and attention operands to bf16: its first loss is one pass of that
+        // rounding, and Adam carries the differences along (train_step's CUDA_HALF says why).
+        let (first_tol, later_tol) = if exact { (1e-5, 1e-4) } else { (2e-3, 2e-2) };
         for (what, cpu, gpu_losses) in [
             ("q8_0", &q8, losses(&gpu, &mut load_q8(&gpu, &path))),
             ("q4_k", &q4k, losses(&gpu, &mut load_q4k(&gpu))),
         ] {
-            for (k, (c, g)) in cpu.iter().zip(&gpu_losses).enumerate() {
-                let err = ((c - g) / c).abs();
-                assert!(err < 2e-3, "cuda {what} step {k}: loss {g} vs cpu {c}");
-            }
-            eprintln!("cuda {what}: {gpu_losses:?}");
+            let what = format!("cuda exact={exact} {what}");
+            let errs: Vec<f32> = cpu
+                .iter()
+                .zip(&gpu_losses)
+                .map(|(c, g)| ((c - g) / c).abs())
+                .collect();
+            let worst_later = errs[1..].iter().cloned().fold(0.0, f32::max);
+            eprintln!(
+                "{what}: {gpu_losses:?}; relative error of the first loss {:.1e}, of the later ones {:.1e}",
+                errs[0], worst_later
+            );
+            assert!(
+                errs[0] <= first_tol,
+                "{what}: first loss off by {:.2e}",
+                errs[0]
+            );
+            assert!(
+                errs.iter().all(|e| *e <= later_tol),
+                "{what}: losses off by up to {worst_later:.2e} > {later_tol:.0e}"
+            );
+            assert_falls(&what, &gpu_losses);
         }
     }
     std::fs::remove_file(&path).unwrap();

@@ -542,10 +542,12 @@ mod cuda {
     /// paths and meet CUDA_EXACT). Adam normalises each update, so an element whose gradient
     /// is near zero moves by up to lr per step whatever the sign its rounding gives it: the
     /// later steps' losses and gradient norms drift further (measured on the H200, gqa3-bf16:
-    /// 6.7e-3 on the second step's gradient norm, where the first step met 2e-3), and 3 steps
-    /// at lr 1e-2 bound the weights' difference at 3e-2.
+    /// 9.2e-3 on the third step's gradient norm, where the first step met 2.9e-4), and 3 steps
+    /// at lr 1e-2 bound the weights' difference at 3e-2. The first step's gradients: NMSE
+    /// 1.1e-4 measured (gqa3-bf16's k_proj lora_A, the end of the longest rounded path), held
+    /// to 1e-3; a wrong gradient is off by NMSE ~1.
     const CUDA_HALF: Tol = Tol {
-        grad_nmse: 1e-4,
+        grad_nmse: 1e-3,
         rel: 2e-3,
         rel_later: 2e-2,
         weight_abs: 3e-2,
