@@ -251,13 +251,8 @@ impl<B: Backend> Model<B> {
                 b.attention_packed(&mut a.att, lse, &a.q, &a.k, &a.v, batch, heads)?;
             }
         }
-        // x += att . wo^T (+ bo)
-        if plain {
-            self.project(b, i, Proj::O, &mut ps.out, &a.att, &mut ps.lora, rows)?;
-            b.add(x, &ps.out, rows * c.dim)
-        } else {
-            b.matmul_residual(x, &mut ps.out, &a.att, &l.wo, l.bo.as_ref(), rows)
-        }
+        // x += att . wo^T (+ bo) (+ the adapter's product)
+        self.project_residual(b, i, Proj::O, x, ps, &a.att, rows)
     }
 
     /// Layer i's feed-forward block: x += swiglu(h . w1^T, h . w3^T) . w2^T, h = rms_norm(x).
@@ -279,9 +274,8 @@ impl<B: Backend> Model<B> {
             self.project(b, i, Proj::Gate, &mut a.gate, &a.h, &mut ps.lora, rows)?; // gate [rows, ffn]
             self.project(b, i, Proj::Up, &mut a.up, &a.h, &mut ps.lora, rows)?; // up [rows, ffn]
             b.swiglu(&mut a.hb, &a.gate, &a.up, rows * c.ffn_dim)?; // hb [rows, ffn]
-                                                                    // x += hb . w2^T (+ b2)
-            self.project(b, i, Proj::Down, &mut ps.out, &a.hb, &mut ps.lora, rows)?;
-            return b.add(x, &ps.out, rows * c.dim);
+                                                                    // x += hb . w2^T (+ b2) (+ the adapter's product)
+            return self.project_residual(b, i, Proj::Down, x, ps, &a.hb, rows);
         }
         let normed = RmsNormed {
             x,
@@ -312,6 +306,40 @@ impl<B: Backend> Model<B> {
         if let Some(bias) = bias {
             b.add_bias(out, bias, rows, w.rows)?;
         }
+        self.add_adapter(b, i, p, out, x, ls, rows)
+    }
+
+    /// resid += x . W^T (+ bias) (+ the adapter's product): a projection into the residual
+    /// stream, added by the matmul itself where the backend can (a GEMM's beta = 1), with no
+    /// temporary output and no separate add pass.
+    #[allow(clippy::too_many_arguments)]
+    fn project_residual(
+        &self,
+        b: &B,
+        i: usize,
+        p: Proj,
+        resid: &mut Buf<B>,
+        ps: &mut ProjScratch<B>,
+        x: &Buf<B>,
+        rows: usize,
+    ) -> Result<()> {
+        let (w, bias) = p.of(&self.w.layers[i]);
+        b.matmul_residual(resid, &mut ps.out, x, w, bias, rows)?; // resid [rows, dim]
+        self.add_adapter(b, i, p, resid, x, &mut ps.lora, rows)
+    }
+
+    /// out += s (x . A^T) . B^T where projection p of layer i has an adapter.
+    #[allow(clippy::too_many_arguments)]
+    fn add_adapter(
+        &self,
+        b: &B,
+        i: usize,
+        p: Proj,
+        out: &mut Buf<B>,
+        x: &Buf<B>,
+        ls: &mut LoraScratch<B>,
+        rows: usize,
+    ) -> Result<()> {
         if let Some((ad, scale)) = self.adapter(i, p) {
             let x = self.lora_input(b, i, p, x, &mut ls.xd, rows)?;
             b.matmul(&mut ls.u, x, &ad.a, rows)?; // u = x . A^T [rows, r]

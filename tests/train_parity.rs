@@ -674,11 +674,16 @@ fn run_cross_entropy<B: TrainBackend>(
 /// products (matmul_dx's rule over the classifier), the logits carry x's rounding (and the
 /// weight's, unless stored as bf16) into the softmax, and dx and dw round dlogits too: two
 /// rounded operands per product, as TOL_BF16_TRAIN_GEMM assumes.
+///
+/// On f32, dx sums `vocab` terms dlogit * W per element, and dlogits sum to zero over a row: the
+/// result is a cancellation whose rounding variance grows with the number of terms, so the
+/// bound (TOL_F32, set for reductions of about a thousand) grows with the vocabulary too. At
+/// 300k the H200's SGEMM and the cpu's loop differ by 9.4e-9.
 fn cross_entropy_tolerance(name: &str, dtype: DType, vocab: usize, dim: usize) -> f64 {
     if matmul_dx_tolerance(name, dtype, vocab, dim) > TOL_F32 {
         TOL_BF16_TRAIN_GEMM
     } else {
-        TOL_F32
+        TOL_F32 * (vocab as f64 / 1000.0).max(1.0)
     }
 }
 

@@ -243,13 +243,27 @@ extern "C" __global__ void widen1_bf16_f32(float* dst, const u16* w, u32 n) {
     if (i < n) dst[i] = bf16_to_f32(w[i]);
 }
 
-// dst[i] = x[i] rounded to f16 (OUT 1) or bf16 (OUT 2), for the tensor-core GEMM's input.
-extern "C" __global__ void round_x_f16(u16* dst, const float* x, u32 n) {
-    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = f32_to_f16(x[i]);
+// dst[i] = x[i] rounded to f16 or bf16, for a tensor-core GEMM's operand. One thread per four
+// values: one 16-byte load and one 8-byte store where both addresses are aligned for them (the
+// pool's buffers always are), so the pass streams at the copy rate; a tail of fewer than four
+// values, or unaligned addresses, take the scalar loop.
+template <bool BF16>
+__device__ __forceinline__ void round_x4(u16* dst, const float* x, u32 n) {
+    const u32 i = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (i >= n) return;
+    const bool aligned = (((size_t)x | ((size_t)dst << 1)) & 15) == 0;
+    if (aligned && i + 4 <= n) {
+        const float4 v = *(const float4*)(x + i);
+        const u16 a = BF16 ? f32_to_bf16(v.x) : f32_to_f16(v.x);
+        const u16 b = BF16 ? f32_to_bf16(v.y) : f32_to_f16(v.y);
+        const u16 c = BF16 ? f32_to_bf16(v.z) : f32_to_f16(v.z);
+        const u16 d = BF16 ? f32_to_bf16(v.w) : f32_to_f16(v.w);
+        *(uint2*)(dst + i) = make_uint2(a | ((u32)b << 16), c | ((u32)d << 16));
+        return;
+    }
+    for (u32 j = i; j < n && j < i + 4; ++j) dst[j] = BF16 ? f32_to_bf16(x[j]) : f32_to_f16(x[j]);
 }
 
-extern "C" __global__ void round_x_bf16(u16* dst, const float* x, u32 n) {
-    const u32 i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = f32_to_bf16(x[i]);
-}
+extern "C" __global__ void round_x_f16(u16* dst, const float* x, u32 n) { round_x4<false>(dst, x, n); }
+
+extern "C" __global__ void round_x_bf16(u16* dst, const float* x, u32 n) { round_x4<true>(dst, x, n); }

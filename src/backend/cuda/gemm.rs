@@ -153,7 +153,9 @@ impl Cuda {
         };
         let buf = self.scratch(which, count * 2)?;
         let n = u32_of(count, "elements", op)?;
-        self.launch_1d("matmul", name, count, 256, &[arg(&buf), arg(&x), arg(&n)])?;
+        // One thread per four values (round_x4).
+        let threads = count.div_ceil(4);
+        self.launch_1d("matmul", name, threads, 256, &[arg(&buf), arg(&x), arg(&n)])?;
         Ok(buf)
     }
 
