@@ -2,6 +2,7 @@
 //! adapters), step (forward keeping what backward needs, loss, backward, optimizer), optim
 //! (AdamW state, schedules, clipping), plan (a step's device memory, checked before it runs).
 
+pub mod data;
 pub mod lora;
 pub mod optim;
 pub mod params;
