@@ -2,10 +2,14 @@
 //! adapters), step (forward keeping what backward needs, loss, backward, optimizer), optim
 //! (AdamW state, schedules, clipping), plan (a step's device memory, checked before it runs).
 
+pub mod checkpoint;
 pub mod data;
+pub mod log;
 pub mod lora;
 pub mod optim;
 pub mod params;
 pub mod peft;
 pub mod plan;
+pub mod plot;
+pub mod run;
 pub mod step;

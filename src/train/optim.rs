@@ -161,6 +161,64 @@ impl<B: TrainBackend> Optimizer<B> {
     }
 }
 
+/// One tensor's optimizer state on the host, as a checkpoint holds it: the moments and, for an
+/// f16 / bf16 weight, its f32 master copy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedState {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub master: Option<Vec<f32>>,
+}
+
+impl<B: TrainBackend> Optimizer<B> {
+    /// Every tensor's state read back, by name, in name order (empty before the first step).
+    pub fn save_state(&self, b: &B) -> Result<Vec<(String, SavedState)>> {
+        let read = |buf: &Buf<B>| -> Result<Vec<f32>> {
+            let mut raw = vec![0u8; buf.len()];
+            b.read(buf, 0, &mut raw)?;
+            Ok(bytemuck::pod_collect_to_vec(&raw))
+        };
+        let mut names: Vec<&String> = self.state.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .map(|name| {
+                let s = &self.state[name];
+                let master = s.master.as_ref().map(read).transpose()?;
+                Ok((
+                    name.clone(),
+                    SavedState {
+                        m: read(&s.m)?,
+                        v: read(&s.v)?,
+                        master,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// Replaces the state with saved one (a resumed run); `steps` is set by the caller. The
+    /// names and sizes are the checkpoint reader's to check against the model.
+    pub fn load_state(&mut self, b: &B, saved: Vec<(String, SavedState)>) -> Result<()> {
+        let upload = |v: &[f32]| -> Result<Buf<B>> {
+            let mut buf = Buf::exact(b, v.len() * 4)?;
+            b.upload(&mut buf, 0, bytemuck::cast_slice(v))?;
+            Ok(buf)
+        };
+        self.state.clear();
+        for (name, s) in saved {
+            let master = s.master.as_deref().map(upload).transpose()?;
+            let state = State {
+                m: upload(&s.m)?,
+                v: upload(&s.v)?,
+                master,
+            };
+            self.state.insert(name, state);
+        }
+        Ok(())
+    }
+}
+
 fn new_state<B: TrainBackend>(b: &B, p: &Param<'_, B>, n: usize) -> Result<State<B>> {
     let zero = |n: usize| -> Result<Buf<B>> {
         let mut z = Buf::exact(b, n * 4)?;

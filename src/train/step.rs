@@ -237,6 +237,45 @@ impl<B: TrainBackend> Trainer<B> {
         loss
     }
 
+    /// The summed loss of one micro-batch's labelled rows at the current weights, forward
+    /// only (evaluation): no gradient, no dropout, and the dropout counter `micro` untouched,
+    /// so evaluating between steps leaves training's masks (and a resumed run) unchanged. The
+    /// layers run as in training (`keep`: the same kernels), so the loss is the one
+    /// `forward_backward` would report; acts[0] serves every layer.
+    pub fn loss(&mut self, b: &B, m: &mut Model<B>, mb: &MicroBatch) -> Result<f32> {
+        let rows = mb.tokens.len();
+        check_micro_batch(mb, self.max_rows, m.cfg.vocab_size)?;
+        let pos0 = vec![0; mb.lens.len()];
+        let batch = Batch::new(b, &mb.lens, &pos0)?;
+        b.upload(&mut self.tokens, 0, bytemuck::cast_slice(&mb.tokens))?;
+        b.upload(&mut self.labels, 0, bytemuck::cast_slice(&mb.labels))?;
+        m.prepare_rope(b, batch.view().max_len)?;
+        let (dim, eps) = (m.cfg.dim, m.cfg.norm_eps);
+        b.embedding(&mut self.x, &self.tokens, &m.w.tok_embeddings, rows)?; // x [rows, dim]
+        for i in 0..m.cfg.n_layers {
+            let (a, ps) = (&mut self.acts[0], &mut self.ps);
+            m.attention_block(b, i, &mut self.x, a, ps, Attend::Packed(batch.view()), rows)?;
+            m.ffn_block(b, i, &mut self.x, a, ps, rows, true)?;
+        }
+        b.rms_norm(&mut self.xf, &self.x, &m.w.norm, rows, dim, eps)?; // xf [rows, dim]
+
+        // The loss only: dxf lands in d.dh unused, and no classifier gradient is taken.
+        let (out, labels) = (m.w.output(), &self.labels);
+        b.cross_entropy(
+            &mut self.loss,
+            &mut self.d.dh,
+            None,
+            &self.xf,
+            out,
+            labels,
+            rows,
+            1.0,
+        )?;
+        let mut loss = [0u8; 4];
+        b.read(&self.loss, 0, &mut loss)?;
+        Ok(f32::from_le_bytes(loss))
+    }
+
     fn run_micro_batch(
         &mut self,
         b: &B,
