@@ -19,7 +19,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::train::lora::LoraConfig;
-use crate::train::optim::{OptimConfig, SavedState, Schedule};
+use crate::train::optim::{OptimConfig, SavedState};
 use crate::train::params::{visit, Param, Trained};
 use crate::train::peft;
 use crate::train::step::Trainer;
@@ -106,41 +106,6 @@ impl LoraState {
     }
 }
 
-/// The optimizer's settings as a checkpoint records them (OptimConfig, in JSON's terms).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct OptimState {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
-    pub weight_decay: f32,
-    pub max_grad_norm: Option<f32>,
-    pub schedule: String,
-    pub warmup_steps: usize,
-    pub total_steps: usize,
-}
-
-impl OptimState {
-    pub fn of(c: &OptimConfig) -> OptimState {
-        OptimState {
-            lr: c.lr,
-            beta1: c.beta1,
-            beta2: c.beta2,
-            eps: c.eps,
-            weight_decay: c.weight_decay,
-            max_grad_norm: c.max_grad_norm,
-            schedule: match c.schedule {
-                Schedule::Constant => "constant",
-                Schedule::Linear => "linear",
-                Schedule::Cosine => "cosine",
-            }
-            .into(),
-            warmup_steps: c.warmup_steps,
-            total_steps: c.total_steps,
-        }
-    }
-}
-
 /// `trainer_state.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct State {
@@ -153,7 +118,7 @@ pub struct State {
     pub trained: String,
     pub model: Shape,
     pub lora: Option<LoraState>,
-    pub optim: OptimState,
+    pub optim: OptimConfig,
     /// The run's settings (run.rs's RunConfig), kept for the record.
     pub run: serde_json::Value,
 }
@@ -242,7 +207,7 @@ pub fn save<B: TrainBackend>(
         trained: trained_name(t.trained).into(),
         model: Shape::of(&m.cfg),
         lora: m.lora.as_ref().map(|l| LoraState::of(&l.cfg)),
-        optim: OptimState::of(&t.optim.cfg),
+        optim: t.optim.cfg,
         run,
     };
     let text = serde_json::to_string_pretty(&state).expect("the state serializes");

@@ -218,12 +218,7 @@ impl<B: TrainBackend> Trainer<B> {
         scale: f32,
     ) -> Result<f32> {
         let rows = mb.tokens.len();
-        check_micro_batch(mb, self.max_rows, m.cfg.vocab_size)?;
-        let pos0 = vec![0; mb.lens.len()];
-        let batch = Batch::new(b, &mb.lens, &pos0)?;
-        b.upload(&mut self.tokens, 0, bytemuck::cast_slice(&mb.tokens))?;
-        b.upload(&mut self.labels, 0, bytemuck::cast_slice(&mb.labels))?;
-        m.prepare_rope(b, batch.view().max_len)?;
+        let batch = self.load_micro_batch(b, m, mb)?;
         // Each micro-batch draws its own dropout masks; forward and backward draw the same.
         let seed = crate::backend::dropout_hash(self.dropout_seed, self.micro);
         self.micro = self.micro.wrapping_add(1);
@@ -237,6 +232,18 @@ impl<B: TrainBackend> Trainer<B> {
         loss
     }
 
+    /// Checks micro-batch `mb`, uploads its tokens and labels, and returns its Batch (every
+    /// sequence from position 0) with the RoPE tables covering its longest sequence.
+    fn load_micro_batch(&mut self, b: &B, m: &mut Model<B>, mb: &MicroBatch) -> Result<Batch<B>> {
+        check_micro_batch(mb, self.max_rows, m.cfg.vocab_size)?;
+        let pos0 = vec![0; mb.lens.len()];
+        let batch = Batch::new(b, &mb.lens, &pos0)?;
+        b.upload(&mut self.tokens, 0, bytemuck::cast_slice(&mb.tokens))?;
+        b.upload(&mut self.labels, 0, bytemuck::cast_slice(&mb.labels))?;
+        m.prepare_rope(b, batch.view().max_len)?;
+        Ok(batch)
+    }
+
     /// The summed loss of one micro-batch's labelled rows at the current weights, forward
     /// only (evaluation): no gradient, no dropout, and the dropout counter `micro` untouched,
     /// so evaluating between steps leaves training's masks (and a resumed run) unchanged. The
@@ -244,12 +251,7 @@ impl<B: TrainBackend> Trainer<B> {
     /// `forward_backward` would report; acts[0] serves every layer.
     pub fn loss(&mut self, b: &B, m: &mut Model<B>, mb: &MicroBatch) -> Result<f32> {
         let rows = mb.tokens.len();
-        check_micro_batch(mb, self.max_rows, m.cfg.vocab_size)?;
-        let pos0 = vec![0; mb.lens.len()];
-        let batch = Batch::new(b, &mb.lens, &pos0)?;
-        b.upload(&mut self.tokens, 0, bytemuck::cast_slice(&mb.tokens))?;
-        b.upload(&mut self.labels, 0, bytemuck::cast_slice(&mb.labels))?;
-        m.prepare_rope(b, batch.view().max_len)?;
+        let batch = self.load_micro_batch(b, m, mb)?;
         let (dim, eps) = (m.cfg.dim, m.cfg.norm_eps);
         b.embedding(&mut self.x, &self.tokens, &m.w.tok_embeddings, rows)?; // x [rows, dim]
         for i in 0..m.cfg.n_layers {
