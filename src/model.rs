@@ -100,14 +100,17 @@ pub struct Scratch<B: Backend> {
 }
 
 impl<B: Backend> Scratch<B> {
-    /// `all_logits`: keep the logits of every row (tests), not just of the last.
-    pub fn new(b: &B, cfg: &ModelConfig, rows: usize, all_logits: bool) -> Result<Self> {
+    /// `all_logits`: keep the logits of every row (tests), not just of the last. Sized for the
+    /// model's adapters, if it has any.
+    pub fn new(b: &B, m: &Model<B>, rows: usize, all_logits: bool) -> Result<Self> {
+        let cfg = &m.cfg;
+        let lora_rank = m.lora.as_ref().map_or(0, |l| l.cfg.r);
         Ok(Scratch {
             rows,
             tokens: b.alloc(rows * 4)?,
             x: b.alloc(rows * cfg.dim * 4)?,
             acts: Acts::new(b, cfg, rows)?,
-            proj: ProjScratch::new(b, cfg, rows, 0)?,
+            proj: ProjScratch::new(b, cfg, rows, lora_rank)?,
             logits: b.alloc(if all_logits { rows } else { 1 } * cfg.vocab_size * 4)?,
         })
     }
