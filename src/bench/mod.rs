@@ -79,6 +79,8 @@ pub struct BenchOptions {
     /// is spent. 0: no limit.
     pub max_seconds: f64,
     pub seed: u64,
+    /// A LoRA adapter applied unmerged to a model from files (its cost is measured with it).
+    pub lora: Option<crate::train::adapter::AdapterSpec>,
 }
 
 impl Default for BenchOptions {
@@ -96,6 +98,7 @@ impl Default for BenchOptions {
             copy_bytes: 1 << 30,
             max_seconds: 300.0,
             seed: 0,
+            lora: None,
         }
     }
 }
@@ -109,12 +112,18 @@ pub fn bench_backend<B: Backend>(b: &B, spec: &ModelSpec, opts: &BenchOptions) -
         }
         ModelSpec::Files(f) => f.load(b, true)?,
     };
+    if let Some(adapter) = &opts.lora {
+        adapter.apply(b, &mut model)?;
+    }
     b.sync()?;
     let mut row = Row {
         harness: "anyllama".into(),
         backend: b.name().into(),
         device: b.device_name(),
-        model: spec.name(),
+        model: match &opts.lora {
+            Some(a) => format!("{} + LoRA {}", spec.name(), a.dir.display()),
+            None => spec.name(),
+        },
         dtype: spec.dtype_label(&model),
         kv_dtype: opts.kv_dtype.to_string(),
         weights_bytes: Some(model.w.bytes() as u64),

@@ -5,6 +5,11 @@
 //! exactly those the forward pass uses, found by role, checked against the config's shapes, and
 //! decoded to f32 one at a time before being written in the target storage type. Outputs are
 //! written under a temporary name and renamed into place only when complete.
+//!
+//! The writers (`to_gguf::write_gguf`, `to_hf::write_hf`) take any [`Input`]: an HF folder, a
+//! GGUF file or a model on a device (train::export), and a per-tensor [`Transform`] applied to
+//! each tensor's f32 values in HF row order before it is encoded (train::merge adds LoRA
+//! products there).
 
 mod gguf_vocab;
 mod gguf_writer;
@@ -13,26 +18,127 @@ mod to_gguf;
 mod to_hf;
 
 pub use to_gguf::hf_to_gguf;
+pub(crate) use to_gguf::write_gguf;
 pub use to_hf::gguf_to_hf;
+#[cfg(test)]
+pub(crate) use to_hf::shard_groups;
+pub(crate) use to_hf::{write_hf, write_tokenizer_files, SHARD_LIMIT};
 
 use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::generation_config::GenerationConfig;
+use crate::loader::ModelFiles;
 use crate::quant::dequantize;
 use crate::quant_blocks::quantize_blocks;
+use crate::tokenizer::Tokenizer;
+use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::{load::tensor_roles, tensor_name, HostTensor, TensorSource};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 /// One tensor the model uses, found in the source.
-struct Planned {
-    role: &'static str,
-    layer: usize,
+pub(crate) struct Planned {
+    /// Its role in `weights::load`'s table and its layer (0 for the global tensors).
+    pub role: &'static str,
+    pub layer: usize,
     /// Its name in the source and in the output naming.
-    src: String,
-    dst: String,
+    pub src: String,
+    pub dst: String,
     /// HF order: `[rows, cols]` for a matrix.
-    shape: Vec<usize>,
+    pub shape: Vec<usize>,
+}
+
+/// Called with each tensor's values (decoded to f32, HF row order, `Planned::shape`) before
+/// they are encoded; it may change them in place.
+pub(crate) type Transform<'a> = &'a dyn Fn(&Planned, &mut [f32]) -> Result<()>;
+
+/// The transform that leaves every tensor as it is (plain conversion).
+pub(crate) fn unchanged(_: &Planned, _: &mut [f32]) -> Result<()> {
+    Ok(())
+}
+
+/// A model to write: its config, its tensors, and where its tokenizer and side files come from.
+pub(crate) struct Input<'a> {
+    /// The file or folder it was read from: named in messages, `general.name` of a GGUF output,
+    /// and never overwritten.
+    pub path: &'a Path,
+    pub cfg: &'a ModelConfig,
+    pub tensors: &'a dyn TensorSource,
+    /// The tensors go by GGUF names (else HF names).
+    pub gguf_names: bool,
+    pub tokenizer: Option<&'a Tokenizer>,
+    pub generation: Option<&'a GenerationConfig>,
+    /// An HF folder whose tokenizer and generation files an HF output copies as they are (else
+    /// they are written from `tokenizer` and `generation`).
+    pub hf_dir: Option<&'a Path>,
+}
+
+impl<'a> Input<'a> {
+    /// The model of opened files (an HF folder or a GGUF file).
+    pub fn of_files(files: &'a ModelFiles) -> Input<'a> {
+        Input {
+            path: &files.path,
+            cfg: &files.cfg,
+            tensors: files.source.as_ref(),
+            gguf_names: files.gguf,
+            tokenizer: Some(&files.tokenizer),
+            generation: files.generation.as_ref(),
+            hf_dir: (!files.gguf).then_some(files.path.as_path()),
+        }
+    }
+
+    /// Stop tokens: the generation config's, else the model config's.
+    fn eos_ids(&self) -> Vec<u32> {
+        match self.generation.map(|g| &g.eos_token_ids) {
+            Some(ids) if !ids.is_empty() => ids.clone(),
+            _ => self.cfg.eos_token_ids.clone(),
+        }
+    }
+}
+
+/// An HF model folder opened for conversion: unlike `ModelFiles::open`, a folder without a
+/// tokenizer is accepted (its output then has none either).
+pub(crate) struct HfFolder {
+    pub path: PathBuf,
+    pub cfg: ModelConfig,
+    pub source: SafetensorsSource,
+    pub tokenizer: Option<Tokenizer>,
+    pub generation: Option<GenerationConfig>,
+}
+
+impl HfFolder {
+    pub fn open(dir: &Path) -> Result<HfFolder> {
+        if !dir.is_dir() {
+            return Err(Error::load(dir, "not an HF model folder"));
+        }
+        let cfg = ModelConfig::from_hf_dir(dir)?;
+        let source = SafetensorsSource::open(dir)?;
+        let tokenizer = if dir.join("tokenizer.json").is_file() {
+            Some(Tokenizer::from_hf_dir(dir)?)
+        } else {
+            None
+        };
+        Ok(HfFolder {
+            path: dir.into(),
+            cfg,
+            source,
+            tokenizer,
+            generation: GenerationConfig::from_hf_dir(dir)?,
+        })
+    }
+
+    pub fn input(&self) -> Input<'_> {
+        Input {
+            path: &self.path,
+            cfg: &self.cfg,
+            tensors: &self.source,
+            gguf_names: false,
+            tokenizer: self.tokenizer.as_ref(),
+            generation: self.generation.as_ref(),
+            hf_dir: Some(&self.path),
+        }
+    }
 }
 
 /// The shape the config implies for a role.
@@ -65,12 +171,14 @@ fn role_use(role: &str, c: &ModelConfig, src_gguf: bool) -> (bool, bool) {
     }
 }
 
-/// The tensors of the model in `src`, in a stable order, with their output names. Tensors of the
-/// source the model does not use are reported and left out.
+/// The tensors of the model in `src`, in a stable order, with their names in the output naming
+/// (GGUF when `dst_gguf`). Tensors of the source the model does not use are reported and left
+/// out.
 fn plan(
     src: &dyn TensorSource,
     cfg: &ModelConfig,
     src_gguf: bool,
+    dst_gguf: bool,
     src_path: &Path,
 ) -> Result<Vec<Planned>> {
     let mut out = Vec::new();
@@ -83,7 +191,7 @@ fn plan(
     for (role, layer) in wanted {
         let name = tensor_name(role, layer, src_gguf);
         let (used, required) = role_use(role, cfg, src_gguf);
-        let t = if used { src.get(&name)? } else { None };
+        let t = if used { src.meta(&name)? } else { None };
         let Some(t) = t else {
             if required {
                 return Err(Error::load(src_path, format!("tensor {name} is missing")));
@@ -104,7 +212,7 @@ fn plan(
             role,
             layer,
             src: name,
-            dst: tensor_name(role, layer, !src_gguf),
+            dst: tensor_name(role, layer, dst_gguf),
             shape: want,
         });
     }
@@ -199,6 +307,29 @@ fn encode(values: &[f32], dtype: DType, name: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Refuses a storage type the output format (GGUF when `gguf`, else an HF folder) cannot hold
+/// or that we cannot write.
+pub(crate) fn check_dtype(dtype: DType, gguf: bool) -> Result<()> {
+    use DType::*;
+    if gguf && !matches!(dtype, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1) {
+        return Err(Error::Usage(format!(
+            "cannot write {dtype} weights; choose f32, f16, bf16, q8_0, q4_0 or q4_1"
+        )));
+    }
+    if !gguf && !matches!(dtype, F32 | F16 | BF16) {
+        return Err(Error::Usage(format!(
+            "an HF folder stores weights as f32, f16 or bf16, not {dtype}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `path` names a GGUF file (ends in `.gguf`, any case).
+pub(crate) fn is_gguf_path(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 /// Sum of `sizes`, refusing overflow.
 fn total_bytes(mut sizes: impl Iterator<Item = Option<usize>>, what: &str) -> Result<usize> {
     sizes
@@ -214,7 +345,7 @@ fn partial_path(out: &Path) -> PathBuf {
 }
 
 /// Refuses to write over something that exists, or into the source itself.
-fn check_output(src: &Path, out: &Path) -> Result<()> {
+pub(crate) fn check_output(src: &Path, out: &Path) -> Result<()> {
     if out.file_name().is_none() {
         return Err(Error::Usage(format!(
             "output path {} has no file or folder name",

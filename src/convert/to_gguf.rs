@@ -7,15 +7,15 @@
 
 use super::gguf_vocab::vocab_metadata;
 use super::gguf_writer::{GgufWriter, Metadata};
-use super::{check_output, encode, partial_path, plan, to_f32, total_bytes, Planned};
+use super::{
+    check_dtype, check_output, encode, is_gguf_path, partial_path, plan, to_f32, total_bytes,
+    unchanged, HfFolder, Input, Planned, Transform,
+};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::generation_config::GenerationConfig;
-use crate::tokenizer::Tokenizer;
 use crate::weights::gguf::rope_freqs::{llama3_divisors, llama3_from_divisors};
 use crate::weights::gguf::Value;
-use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::TensorSource;
 use std::io::BufWriter;
 use std::path::Path;
@@ -29,48 +29,52 @@ pub fn hf_to_gguf(
     dtype: DType,
     progress: &dyn Fn(usize, usize),
 ) -> Result<()> {
-    use DType::*;
-    if !matches!(dtype, F32 | F16 | BF16 | Q8_0 | Q4_0 | Q4_1) {
-        return Err(Error::Usage(format!(
-            "cannot write {dtype} weights; choose f32, f16, bf16, q8_0, q4_0 or q4_1"
-        )));
-    }
+    check_dtype(dtype, true)?;
     if !src.is_dir() {
         return Err(Error::load(src, "not an HF model folder"));
     }
-    if !out
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-    {
+    check_gguf_output(src, out)?;
+    let hf = HfFolder::open(src)?;
+    write_gguf(&hf.input(), out, dtype, &unchanged, progress)
+}
+
+/// Refuses an output that does not end in `.gguf`, exists, or is the source itself.
+fn check_gguf_output(src: &Path, out: &Path) -> Result<()> {
+    if !is_gguf_path(out) {
         return Err(Error::Usage(format!(
             "output {} must end in .gguf",
             out.display()
         )));
     }
-    check_output(src, out)?;
-    let cfg = ModelConfig::from_hf_dir(src)?;
-    let source = SafetensorsSource::open(src)?;
-    let tokenizer = if src.join("tokenizer.json").is_file() {
-        Some(Tokenizer::from_hf_dir(src)?)
-    } else {
+    check_output(src, out)
+}
+
+/// Writes `input` as the GGUF file `out` (see `hf_to_gguf`), each tensor passed through
+/// `transform` before it is encoded.
+pub(crate) fn write_gguf(
+    input: &Input,
+    out: &Path,
+    dtype: DType,
+    transform: Transform,
+    progress: &dyn Fn(usize, usize),
+) -> Result<()> {
+    use DType::*;
+    check_dtype(dtype, true)?;
+    check_gguf_output(input.path, out)?;
+    let (src, cfg) = (input.path, input.cfg);
+    if input.tokenizer.is_none() {
         tracing::warn!(
             "{} has no tokenizer.json: the GGUF file gets no vocabulary, which llama.cpp and \
              `anyllama run` need",
             src.display()
         );
-        None
-    };
-    let generation = GenerationConfig::from_hf_dir(src)?;
-    let planned = plan(&source, &cfg, false, src)?;
+    }
+    let planned = plan(input.tensors, cfg, input.gguf_names, true, src)?;
 
     let name = src.file_name().map(|n| n.to_string_lossy().into_owned());
-    let (mut metadata, rope_freqs) = model_metadata(&cfg, dtype, name, src)?;
-    if let Some(tok) = &tokenizer {
-        let eos = match generation.as_ref().map(|g| &g.eos_token_ids) {
-            Some(ids) if !ids.is_empty() => ids.clone(),
-            _ => cfg.eos_token_ids.clone(),
-        };
-        metadata.extend(vocab_metadata(tok, cfg.vocab_size, &eos, src)?);
+    let (mut metadata, rope_freqs) = model_metadata(cfg, dtype, name, src)?;
+    if let Some(tok) = input.tokenizer {
+        metadata.extend(vocab_metadata(tok, cfg.vocab_size, &input.eos_ids(), src)?);
     }
 
     let mut entries: Vec<(String, Vec<usize>, DType)> = Vec::new();
@@ -108,7 +112,7 @@ pub fn hf_to_gguf(
             .iter()
             .zip(&entries[rope_freqs.is_some() as usize..])
         {
-            let bytes = tensor_bytes(&source, p, &cfg, *stored, src)?;
+            let bytes = tensor_bytes(input.tensors, p, cfg, *stored, src, transform)?;
             w.write_tensor(&bytes)?;
             done += bytes.len();
             progress(done, total);
@@ -143,18 +147,22 @@ fn stored_dtype(p: &Planned, dtype: DType) -> DType {
     dtype
 }
 
-/// One tensor's bytes in GGUF form: decoded, Q/K rows interleaved, encoded as `stored`.
+/// One tensor's bytes in GGUF form: decoded, transformed, Q/K rows interleaved, encoded as
+/// `stored`.
 fn tensor_bytes(
-    src: &SafetensorsSource,
+    src: &dyn TensorSource,
     p: &Planned,
     cfg: &ModelConfig,
     stored: DType,
     path: &Path,
+    transform: Transform,
 ) -> Result<Vec<u8>> {
     let t = src
         .get(&p.src)?
         .ok_or_else(|| Error::load(path, format!("tensor {} vanished", p.src)))?;
     let mut values = to_f32(&t, &p.src, path)?;
+    drop(t);
+    transform(p, &mut values)?;
     let heads = match p.role {
         "wq" | "bq" => Some(cfg.n_heads),
         "wk" | "bk" => Some(cfg.n_kv_heads),

@@ -1,5 +1,7 @@
-//! GGUF file -> HF folder (transformers 5 form): config.json, model.safetensors, tokenizer.json,
-//! tokenizer_config.json and generation_config.json.
+//! GGUF file -> HF folder (transformers 5 form): config.json, model.safetensors (sharded past
+//! 5 GB, with model.safetensors.index.json), tokenizer.json, tokenizer_config.json and
+//! generation_config.json. An input that comes from an HF folder (train::merge, train::export)
+//! gets that folder's tokenizer, chat-template and generation files copied as they are.
 //!
 //! The weights come from the GGUF reader, which already put llama.cpp's interleaved Q/K rows back
 //! in HF order; they are decoded to f32 and stored in the chosen float type. The config is the
@@ -7,14 +9,30 @@
 //! the tokenizer is the `tokenizers` pipeline rebuilt from the GGUF vocabulary, serialized as is.
 
 use super::safetensors_writer::SafetensorsWriter;
-use super::{check_output, encode, partial_path, plan, to_f32, total_bytes, Planned};
+use super::{
+    check_dtype, check_output, encode, is_gguf_path, partial_path, plan, to_f32, total_bytes,
+    unchanged, Input, Planned, Transform,
+};
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::loader::ModelFiles;
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::io::BufWriter;
+use std::ops::Range;
 use std::path::Path;
+
+/// transformers' default `max_shard_size` ("5GB"): weights past it are split into shards.
+pub(crate) const SHARD_LIMIT: usize = 5_000_000_000;
+
+/// The tokenizer files of an HF folder that an HF output copies as they are.
+const TOKENIZER_FILES: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
 
 /// Writes the model in the GGUF file `src` as an HF folder `out_dir` (created; it must not exist
 /// or be empty) with weights stored as `dtype` (F32, F16 or BF16). `progress(done, total)` is
@@ -25,20 +43,43 @@ pub fn gguf_to_hf(
     dtype: DType,
     progress: &dyn Fn(usize, usize),
 ) -> Result<()> {
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(Error::Usage(format!(
-            "an HF folder stores weights as f32, f16 or bf16, not {dtype}"
-        )));
-    }
-    let is_gguf = src
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    if !is_gguf || !src.is_file() {
+    check_dtype(dtype, false)?;
+    if !is_gguf_path(src) || !src.is_file() {
         return Err(Error::load(src, "not a .gguf file"));
     }
     check_output(src, out_dir)?;
     let files = ModelFiles::open(src)?;
-    let planned = plan(files.source.as_ref(), &files.cfg, true, src)?;
+    write_hf(
+        &Input::of_files(&files),
+        out_dir,
+        dtype,
+        &unchanged,
+        progress,
+        SHARD_LIMIT,
+    )
+}
+
+/// Writes `input` as an HF folder `out_dir` (see `gguf_to_hf`), each tensor passed through
+/// `transform` before it is encoded; weights over `shard_limit` bytes are split into shards
+/// `model-0000N-of-0000M.safetensors` with `model.safetensors.index.json`, as transformers'
+/// `save_pretrained` does.
+pub(crate) fn write_hf(
+    input: &Input,
+    out_dir: &Path,
+    dtype: DType,
+    transform: Transform,
+    progress: &dyn Fn(usize, usize),
+    shard_limit: usize,
+) -> Result<()> {
+    check_dtype(dtype, false)?;
+    check_output(input.path, out_dir)?;
+    let planned = plan(
+        input.tensors,
+        input.cfg,
+        input.gguf_names,
+        false,
+        input.path,
+    )?;
 
     let tmp = partial_path(out_dir);
     if tmp.exists() {
@@ -48,7 +89,16 @@ pub fn gguf_to_hf(
         )));
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::load(&tmp, e.to_string()))?;
-    let written = write_folder(&files, &planned, dtype, &tmp, progress).and_then(|()| {
+    let written = write_folder(
+        input,
+        &planned,
+        dtype,
+        &tmp,
+        transform,
+        progress,
+        shard_limit,
+    )
+    .and_then(|()| {
         if out_dir.is_dir() {
             std::fs::remove_dir(out_dir)?; // checked empty above
         }
@@ -60,31 +110,87 @@ pub fn gguf_to_hf(
     written
 }
 
+fn write_json(dir: &Path, name: &str, v: &Value) -> Result<()> {
+    let path = dir.join(name);
+    let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
+    std::fs::write(&path, text + "\n").map_err(|e| Error::load(&path, e.to_string()))
+}
+
 fn write_folder(
-    files: &ModelFiles,
+    input: &Input,
     planned: &[Planned],
     dtype: DType,
     dir: &Path,
+    transform: Transform,
     progress: &dyn Fn(usize, usize),
+    shard_limit: usize,
 ) -> Result<()> {
-    let tok = &files.tokenizer;
-    let sp = tok.specials();
-    let write_json = |name: &str, v: &Value| -> Result<()> {
-        let path = dir.join(name);
-        let text = serde_json::to_string_pretty(v).expect("JSON values serialize");
-        std::fs::write(&path, text + "\n").map_err(|e| Error::load(&path, e.to_string()))
-    };
-    let pad_id = sp.pad.as_ref().map(|t| t.id);
-    write_json("config.json", &hf_config(&files.cfg, dtype, pad_id))?;
+    let pad_id = input
+        .tokenizer
+        .and_then(|t| t.specials().pad.as_ref().map(|t| t.id));
+    write_json(dir, "config.json", &hf_config(input.cfg, dtype, pad_id))?;
+    write_generation_config(input, dir, pad_id)?;
+    write_tokenizer_files(input, dir)?;
+    write_weights(input, planned, dtype, dir, transform, progress, shard_limit)
+}
 
+/// Copies `name` from the folder `src` into `dir` byte for byte; false when `src` has none.
+fn copy_side_file(src: &Path, name: &str, dir: &Path) -> Result<bool> {
+    let from = src.join(name);
+    if !from.is_file() {
+        return Ok(false);
+    }
+    let text =
+        crate::weights::read_text_file(&from).map_err(|e| Error::load(&from, e.to_string()))?;
+    let to = dir.join(name);
+    std::fs::write(&to, text).map_err(|e| Error::load(&to, e.to_string()))?;
+    Ok(true)
+}
+
+/// generation_config.json: the source folder's as it is, else one with the stop tokens.
+fn write_generation_config(input: &Input, dir: &Path, pad_id: Option<u32>) -> Result<()> {
+    if let Some(src) = input.hf_dir {
+        copy_side_file(src, "generation_config.json", dir)?;
+        return Ok(());
+    }
+    let mut eos = input.eos_ids();
+    if eos.is_empty() {
+        eos = input.tokenizer.map(|t| t.eos_ids()).unwrap_or_default();
+    }
     let mut generation = Map::new();
-    generation.insert("bos_token_id".into(), json!(files.cfg.bos_token_id));
-    generation.insert("eos_token_id".into(), id_or_list(&files.eos_ids()));
+    generation.insert("bos_token_id".into(), json!(input.cfg.bos_token_id));
+    generation.insert("eos_token_id".into(), id_or_list(&eos));
     if let Some(pad) = pad_id {
         generation.insert("pad_token_id".into(), json!(pad));
     }
-    write_json("generation_config.json", &Value::Object(generation))?;
+    write_json(dir, "generation_config.json", &Value::Object(generation))
+}
 
+/// The tokenizer files into `dir` (which must exist; files of the same names are replaced):
+/// from an HF folder, its tokenizer.json, tokenizer_config.json, special_tokens_map.json and
+/// chat_template.jinja as they are; otherwise tokenizer.json serialized from the loaded
+/// pipeline (a GGUF vocabulary rebuilt for `tokenizers`) and a tokenizer_config.json with the
+/// special tokens and the chat template.
+pub(crate) fn write_tokenizer_files(input: &Input, dir: &Path) -> Result<()> {
+    if let Some(src) = input.hf_dir {
+        for name in TOKENIZER_FILES {
+            if !copy_side_file(src, name, dir)? && name == "tokenizer.json" {
+                tracing::warn!(
+                    "{} has no tokenizer.json: the output gets no tokenizer either",
+                    src.display()
+                );
+            }
+        }
+        return Ok(());
+    }
+    let Some(tok) = input.tokenizer else {
+        tracing::warn!(
+            "{} has no tokenizer: the output gets none either",
+            input.path.display()
+        );
+        return Ok(());
+    };
+    let sp = tok.specials();
     let tokenizer_json = dir.join("tokenizer.json");
     let text = tok
         .inner()
@@ -103,42 +209,96 @@ fn write_folder(
     config.insert("add_eos_token".into(), json!(sp.add_eos));
     // Our decoder keeps text as the vocabulary spells it; so must transformers'.
     config.insert("clean_up_tokenization_spaces".into(), json!(false));
-    config.insert("model_max_length".into(), json!(files.cfg.max_seq_len));
+    config.insert("model_max_length".into(), json!(input.cfg.max_seq_len));
     if let Some(t) = tok.chat_template() {
         config.insert("chat_template".into(), json!(t));
     }
-    write_json("tokenizer_config.json", &Value::Object(config))?;
+    write_json(dir, "tokenizer_config.json", &Value::Object(config))
+}
 
-    // Weights, one tensor at a time.
+/// Groups consecutive tensors of `sizes` bytes into shards of at most `limit` bytes each (a
+/// tensor larger than the limit gets a shard of its own), as huggingface_hub splits a state
+/// dict; always at least one group.
+pub(crate) fn shard_groups(sizes: &[usize], limit: usize) -> Vec<Range<usize>> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, &s) in sizes.iter().enumerate() {
+        if i > start && bytes.saturating_add(s) > limit {
+            groups.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(s);
+    }
+    groups.push(start..sizes.len());
+    groups
+}
+
+/// The weights, one tensor at a time, in one file or in shards with an index.
+fn write_weights(
+    input: &Input,
+    planned: &[Planned],
+    dtype: DType,
+    dir: &Path,
+    transform: Transform,
+    progress: &dyn Fn(usize, usize),
+    shard_limit: usize,
+) -> Result<()> {
     let entries: Vec<(String, Vec<usize>, DType)> = planned
         .iter()
         .map(|p| (p.dst.clone(), p.shape.clone(), dtype))
         .collect();
-    let total = total_bytes(
-        entries
-            .iter()
-            .map(|(_, s, d)| d.bytes_for(s.iter().product())),
-        "model.safetensors",
-    )?;
-    let path = dir.join("model.safetensors");
-    let file = std::fs::File::create(&path).map_err(|e| Error::load(&path, e.to_string()))?;
-    let mut w = SafetensorsWriter::begin(BufWriter::with_capacity(1 << 20, file), &entries)?;
+    let sizes = entries
+        .iter()
+        .map(|(name, s, d)| {
+            s.iter()
+                .try_fold(1usize, |a, &n| a.checked_mul(n))
+                .and_then(|n| d.bytes_for(n))
+                .ok_or_else(|| Error::Config(format!("tensor {name}: size overflows")))
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    let total = total_bytes(sizes.iter().map(|&s| Some(s)), "the weights")?;
+    let groups = shard_groups(&sizes, shard_limit);
+    let n = groups.len();
+    let file_name = |i: usize| {
+        if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+        }
+    };
     let mut done = 0;
     progress(0, total);
-    for p in planned {
-        let t = files
-            .source
-            .get(&p.src)?
-            .ok_or_else(|| Error::load(&files.path, format!("tensor {} vanished", p.src)))?;
-        let bytes = encode(&to_f32(&t, &p.src, &files.path)?, dtype, &p.dst)?;
-        w.write_tensor(&bytes)?;
-        done += bytes.len();
-        progress(done, total);
+    let mut weight_map = BTreeMap::new();
+    for (i, group) in groups.into_iter().enumerate() {
+        let path = dir.join(file_name(i));
+        let file = std::fs::File::create(&path).map_err(|e| Error::load(&path, e.to_string()))?;
+        let mut w = SafetensorsWriter::begin(
+            BufWriter::with_capacity(1 << 20, file),
+            &entries[group.clone()],
+        )?;
+        for p in &planned[group] {
+            let t = input
+                .tensors
+                .get(&p.src)?
+                .ok_or_else(|| Error::load(input.path, format!("tensor {} vanished", p.src)))?;
+            let mut values = to_f32(&t, &p.src, input.path)?;
+            drop(t);
+            transform(p, &mut values)?;
+            let bytes = encode(&values, dtype, &p.dst)?;
+            w.write_tensor(&bytes)?;
+            done += bytes.len();
+            progress(done, total);
+            weight_map.insert(p.dst.clone(), file_name(i));
+        }
+        w.finish()?
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
     }
-    w.finish()?
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
+    if n > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_json(dir, "model.safetensors.index.json", &index)?;
+    }
     Ok(())
 }
 

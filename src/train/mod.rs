@@ -2,10 +2,13 @@
 //! adapters), step (forward keeping what backward needs, loss, backward, optimizer), optim
 //! (AdamW state, schedules, clipping), plan (a step's device memory, checked before it runs).
 
+pub mod adapter;
 pub mod checkpoint;
 pub mod data;
+pub mod export;
 pub mod log;
 pub mod lora;
+pub mod merge;
 pub mod optim;
 pub mod params;
 pub mod peft;

@@ -41,6 +41,32 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
             "a DoRA adapter (use_dora): only plain LoRA loads",
         ));
     }
+    // PEFT scales (alpha_pattern) or sizes (rank_pattern) the modules they name differently
+    // from r / lora_alpha; reading only r and lora_alpha would mis-scale those silently.
+    for key in ["alpha_pattern", "rank_pattern"] {
+        if v[key].as_object().is_some_and(|m| !m.is_empty()) {
+            return Err(load_err(
+                &path,
+                format!("`{key}` gives some modules their own alpha or rank: only one r and lora_alpha for every module load"),
+            ));
+        }
+    }
+    // Per-module ranks and alphas, or adapters on some layers only, are not read: refuse them
+    // rather than apply the wrong scale.
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if v[key].as_object().is_some_and(|m| !m.is_empty()) {
+            return Err(load_err(
+                &path,
+                format!("`{key}` (per-module ranks or alphas) is not supported"),
+            ));
+        }
+    }
+    if !v["layers_to_transform"].is_null() {
+        return Err(load_err(
+            &path,
+            "`layers_to_transform` (adapters on some layers only) is not supported",
+        ));
+    }
     let r = v["r"]
         .as_u64()
         .filter(|&r| r > 0)
@@ -112,43 +138,104 @@ fn f32_values(
     })
 }
 
-/// Reads a PEFT LoRA adapter folder for a model of config `model`.
-pub fn load<B: Backend>(b: &B, model: &ModelConfig, dir: &Path) -> Result<Lora<B>> {
+/// A PEFT LoRA adapter read into host memory and checked against a model's shapes.
+pub struct HostAdapter {
+    pub cfg: LoraConfig,
+    /// Per layer, per projection (`Proj::index`): (A [r * in], B [out * r]) as f32, where the
+    /// projection is a target.
+    pub layers: Vec<[Option<(Vec<f32>, Vec<f32>)>; 7]>,
+}
+
+impl HostAdapter {
+    /// A and B of layer `layer`'s projection `p`, if it is a target.
+    pub fn get(&self, layer: usize, p: Proj) -> Option<(&[f32], &[f32])> {
+        self.layers
+            .get(layer)?
+            .get(p.index())?
+            .as_ref()
+            .map(|(a, b)| (a.as_slice(), b.as_slice()))
+    }
+}
+
+/// Reads a PEFT LoRA adapter folder for a model of config `model` into host memory: every
+/// tensor must be the `lora_A` / `lora_B` matrix of a target projection of one of the model's
+/// layers, with the shape the model and the rank imply. Errors name the file and the tensor.
+pub fn read(dir: &Path, model: &ModelConfig) -> Result<HostAdapter> {
     let cfg = read_config(dir)?;
+    cfg.check()
+        .map_err(|e| load_err(&dir.join(CONFIG_FILE), e.to_string()))?;
     let path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&path).map_err(|e| load_err(&path, e.to_string()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| load_err(&path, e.to_string()))?;
-    let expected = 2 * model.n_layers * cfg.targets.len();
-    if st.len() != expected {
+    let expected: std::collections::HashSet<String> = (0..model.n_layers)
+        .flat_map(|i| {
+            cfg.targets
+                .iter()
+                .flat_map(move |&p| [peft_key(i, p, 'A'), peft_key(i, p, 'B')])
+        })
+        .collect();
+    let mut unknown: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| !expected.contains(*n))
+        .map(str::to_string)
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        let targets: Vec<&str> = cfg.targets.iter().map(|p| p.module()).collect();
         return Err(load_err(
             &path,
             format!(
-                "{} tensors, the config's {} targets over {} layers need {expected}",
-                st.len(),
-                cfg.targets.len(),
-                model.n_layers
+                "{} tensor(s) are not LoRA matrices of this model (lora_A / lora_B of the \
+                 config's target modules {} in layers 0..{}): {}",
+                unknown.len(),
+                targets.join(", "),
+                model.n_layers,
+                unknown.join(", ")
             ),
         ));
     }
-    let get = |name: String, shape: [usize; 2]| -> Result<Vec<f32>> {
+    let get = |name: String, shape: [usize; 2], base: String| -> Result<Vec<f32>> {
         let t = st
             .tensor(&name)
             .map_err(|_| load_err(&path, format!("{name} is missing")))?;
         if t.shape() != shape {
             return Err(load_err(
                 &path,
-                format!("{name} is {:?}, this model needs {shape:?}", t.shape()),
+                format!(
+                    "{name} is {:?}, this model needs {shape:?} (rank {}, base weight {base})",
+                    t.shape(),
+                    cfg.r
+                ),
             ));
         }
         f32_values(&path, &name, &t)
     };
     let r = cfg.r;
+    let mut layers = Vec::with_capacity(model.n_layers);
+    for i in 0..model.n_layers {
+        let mut l: [Option<(Vec<f32>, Vec<f32>)>; 7] = Default::default();
+        for &p in &cfg.targets {
+            let (out, inp) = p.shape(model);
+            let base = format!("{}.weight [{out}, {inp}]", p.hf_path(i));
+            l[p.index()] = Some((
+                get(peft_key(i, p, 'A'), [r, inp], base.clone())?,
+                get(peft_key(i, p, 'B'), [out, r], base)?,
+            ));
+        }
+        layers.push(l);
+    }
+    Ok(HostAdapter { cfg, layers })
+}
+
+/// Reads a PEFT LoRA adapter folder for a model of config `model` (see [`read`]) and uploads it.
+pub fn load<B: Backend>(b: &B, model: &ModelConfig, dir: &Path) -> Result<Lora<B>> {
+    let mut host = read(dir, model)?;
+    let cfg = host.cfg.clone();
     Lora::from_values(b, model, cfg, |i, p| {
-        let (out, inp) = p.shape(model);
-        Ok((
-            get(peft_key(i, p, 'A'), [r, inp])?,
-            get(peft_key(i, p, 'B'), [out, r])?,
-        ))
+        host.layers[i][p.index()]
+            .take()
+            .ok_or_else(|| Error::Usage(format!("no adapter for {}", p.hf_path(i))))
     })
 }
 

@@ -74,6 +74,9 @@ pub struct RunConfig {
     /// Draw loss.png at each save and at the end.
     pub plot: bool,
     pub progress: Progress,
+    /// The caller's own settings (the command line's data and model flags), recorded in every
+    /// checkpoint so that a resume can check it continues the same run.
+    pub settings: serde_json::Value,
 }
 
 impl Default for RunConfig {
@@ -90,6 +93,7 @@ impl Default for RunConfig {
             base_model: String::new(),
             plot: true,
             progress: Progress::Auto,
+            settings: serde_json::Value::Null,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Command-line flags (llama.cpp-style names where they exist).
 
 use anyllama::backend::select::BackendChoice;
+use anyllama::train::adapter::AdapterSpec;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +31,10 @@ pub enum Command {
     /// Measure speed: decode and prefill tokens/s, time to first token, peak memory and the
     /// fraction of memory bandwidth used, per backend (bench/NOTES.md has the timing rules).
     Bench(BenchArgs),
+    /// Fine-tune a model on a JSONL dataset: LoRA adapters (PEFT format) or every weight.
+    Train(Box<TrainArgs>),
+    /// Merge a LoRA adapter into its base model: an HF folder or, for OUT.gguf, a GGUF file.
+    Merge(MergeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -55,6 +61,10 @@ pub struct ModelArgs {
     /// Print load details and timings (prompt and decode tokens/s) on stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// Apply a LoRA adapter (a PEFT folder, ours or PEFT's) unmerged; SCALE multiplies its
+    /// alpha/r scale (default 1).
+    #[arg(long, value_name = "DIR[:SCALE]")]
+    pub lora: Option<AdapterSpec>,
 }
 
 #[derive(Args, Clone)]
@@ -235,9 +245,13 @@ pub struct BenchArgs {
     /// With --train: most measured steps (after two warm-up steps).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Apply a LoRA adapter (a PEFT folder) to the -m model, unmerged.
+    #[arg(long, value_name = "DIR[:SCALE]", requires = "model")]
+    pub lora: Option<AdapterSpec>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CheckpointingArg {
     /// Keep every layer's activations.
     Off,
@@ -264,7 +278,8 @@ pub enum BenchDtype {
     Q6K,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendArg {
     Auto,
     Wgpu,
@@ -287,4 +302,163 @@ impl From<BackendArg> for BackendChoice {
 pub enum KvDtypeArg {
     F16,
     F32,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Base model: an HF folder, a .gguf file (quantized bases train through: QLoRA), or
+    /// org/name in the local HF cache.
+    #[arg(short = 'm', long = "model")]
+    pub model: String,
+    /// Training data, JSONL: {"messages": [...]}, {"prompt", "completion"}, Alpaca
+    /// {"instruction", "input", "output"} or {"text"}, detected per line.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Where the adapter (or the fine-tuned model), checkpoints, log.jsonl and loss.png go.
+    #[arg(long, default_value = "train-out")]
+    pub out: PathBuf,
+    /// Continue a run: a checkpoint folder, or a run's --out folder (its latest checkpoint).
+    /// The other flags must be the run's own.
+    #[arg(long, value_name = "DIR")]
+    pub resume: Option<PathBuf>,
+    /// Where to train (wgpu does not train yet).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// CUDA device index.
+    #[arg(long)]
+    pub adapter: Option<usize>,
+
+    /// LoRA rank.
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    /// LoRA alpha (the adapter's output is scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f32,
+    /// Dropout on the adapters' inputs.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f32,
+    /// Projections that get adapters, comma-separated (q,k,v,o,gate,up,down; HF names such as
+    /// q_proj work too).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub targets: Vec<String>,
+    /// Rank-stabilized LoRA: scale alpha / sqrt(r).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Fine-tune every weight instead of LoRA adapters (writes an HF folder).
+    #[arg(long)]
+    pub full: bool,
+
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f32,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Cosine)]
+    pub schedule: ScheduleArg,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Passes over the data (ignored with --max-steps).
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Optimizer steps to run instead of whole epochs.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Sequences per micro-batch (with --packing: batch * seq tokens per micro-batch).
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Tokens per sample at most; longer samples are truncated.
+    #[arg(long, default_value_t = 2048)]
+    pub seq: usize,
+    /// Pack samples one after another into each micro-batch (attention stays inside each
+    /// sample), instead of batching samples of similar length.
+    #[arg(long)]
+    pub packing: bool,
+    /// Loss on the answers (assistant turns, completions, outputs) or on every token.
+    #[arg(long, value_enum, default_value_t = LossOnArg::Answers)]
+    pub loss_on: LossOnArg,
+    /// Skip and count lines that cannot be used instead of stopping at the first.
+    #[arg(long)]
+    pub skip_bad_lines: bool,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Clip the gradient norm to this (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+    /// Seed of the adapters' initialization, the data order and dropout.
+    #[arg(long, default_value_t = 3407)]
+    pub seed: u64,
+    /// Gradient checkpointing (default: the least the memory plan needs).
+    #[arg(long, value_enum)]
+    pub checkpointing: Option<CheckpointingArg>,
+
+    /// Held-out JSONL (same formats) to evaluate on.
+    #[arg(long, value_name = "FILE")]
+    pub eval: Option<PathBuf>,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long, default_value_t = 100, requires = "eval")]
+    pub eval_every: usize,
+    /// Save a checkpoint every N steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 500)]
+    pub save_every: usize,
+    /// Keep only the newest N checkpoints.
+    #[arg(long)]
+    pub keep_checkpoints: Option<usize>,
+    /// Write a log line (and log.jsonl entry) every N steps.
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    /// Progress: a bar on a terminal, plain lines otherwise.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+    /// Storage type of the fine-tuned model's weights (--full).
+    #[arg(long, value_enum, default_value_t = FloatDtype::Bf16)]
+    pub save_dtype: FloatDtype,
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Base model: an HF folder or a .gguf file.
+    #[arg(short = 'm', long = "model")]
+    pub model: String,
+    /// The adapter to merge (a PEFT folder); SCALE multiplies its alpha/r scale.
+    #[arg(long, value_name = "DIR[:SCALE]")]
+    pub lora: AdapterSpec,
+    /// Output: a folder (HF) or a file ending in .gguf.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage type of the merged weights: f32, f16, bf16, or for GGUF also q8_0, q4_0, q4_1.
+    #[arg(long, value_enum, default_value_t = OutDtype::Bf16)]
+    pub dtype: OutDtype,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleArg {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossOnArg {
+    Answers,
+    All,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressArg {
+    Auto,
+    Bar,
+    Lines,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FloatDtype {
+    F32,
+    F16,
+    Bf16,
 }

@@ -68,6 +68,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         copy_bytes: a.copy_mib.max(1) << 20,
         max_seconds: a.max_seconds,
         seed: a.seed,
+        lora: a.lora.clone(),
     };
     let dtype_label = match &spec {
         ModelSpec::Synthetic { dtype, .. } => dtype.to_string(),

@@ -1,4 +1,4 @@
-//! The anyllama command line: generate, chat, info, devices, convert, bench.
+//! The anyllama command line: generate, chat, info, devices, convert, bench, train, merge.
 //!
 //! Every failure ends as one line `error: <what>: <why>` on stderr (plus a `hint:` line where
 //! one helps) and a non-zero exit code. A panic anywhere is a bug: it is reported the same way
@@ -7,6 +7,7 @@
 mod args;
 mod bench;
 mod run;
+mod train;
 
 use args::{Cli, Command};
 use clap::Parser;
@@ -41,6 +42,8 @@ fn main() -> ExitCode {
         Command::Devices => run::devices(),
         Command::Convert(a) => run::convert(a),
         Command::Bench(a) => bench::bench(a),
+        Command::Train(a) => train::train(*a),
+        Command::Merge(a) => run::merge(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

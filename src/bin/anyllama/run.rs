@@ -1,7 +1,8 @@
 //! What each subcommand does, on whichever backend `--backend` picks.
 
 use crate::args::{
-    ChatArgs, ConvertArgs, GenerateArgs, InfoArgs, KvDtypeArg, ModelArgs, OutDtype, SamplingArgs,
+    ChatArgs, ConvertArgs, GenerateArgs, InfoArgs, KvDtypeArg, MergeArgs, ModelArgs, OutDtype,
+    SamplingArgs,
 };
 use anyllama::backend::select::{with_backend, WithBackend};
 use anyllama::backend::Backend;
@@ -89,11 +90,15 @@ fn ctx_len(files: &ModelFiles, m: &ModelArgs) -> usize {
 }
 
 /// Checks that the model and its KV cache fit the device, then uploads the weights with a
-/// progress bar; `verbose` adds a line saying what went where.
+/// progress bar and applies --lora; `verbose` adds a line saying what went where.
 fn load<B: Backend>(files: &ModelFiles, b: &B, m: &ModelArgs) -> Result<anyllama::model::Model<B>> {
     let verbose = m.verbose;
     files.check_fits(b, ctx_len(files, m), kv_dtype(m), PREFILL_CHUNK)?;
-    let model = files.load(b, true)?;
+    let mut model = files.load(b, true)?;
+    if let Some(adapter) = &m.lora {
+        adapter.apply(b, &mut model)?;
+        eprintln!("adapter: {}", adapter.describe(&model));
+    }
     if verbose {
         let mb = model.w.bytes() as f64 / 1e6;
         eprintln!(
@@ -324,6 +329,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         truncate: false,
         kv_dtype: KvDtypeArg::F16,
         verbose: false,
+        lora: None,
     };
     let files = open(&m, true)?;
     print!("{}", files.describe());
@@ -335,21 +341,33 @@ pub fn devices() -> Result<()> {
     Ok(())
 }
 
-pub fn convert(a: ConvertArgs) -> Result<()> {
-    let dtype = match a.dtype {
+fn out_dtype(d: OutDtype) -> DType {
+    match d {
         OutDtype::F32 => DType::F32,
         OutDtype::F16 => DType::F16,
         OutDtype::Bf16 => DType::BF16,
         OutDtype::Q8_0 => DType::Q8_0,
         OutDtype::Q4_0 => DType::Q4_0,
         OutDtype::Q4_1 => DType::Q4_1,
-    };
+    }
+}
+
+/// A byte-count progress bar for writing model files, and its callback.
+fn bytes_bar(what: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("converting [{bar:30}] {bytes}/{total_bytes}")
-            .expect("valid template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} [{{bar:30}}] {{bytes}}/{{total_bytes}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
     );
+    bar
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    let dtype = out_dtype(a.dtype);
+    let bar = bytes_bar("converting");
     let progress = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -362,5 +380,23 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     eprintln!("wrote {}", a.output.display());
+    Ok(())
+}
+
+pub fn merge(a: MergeArgs) -> Result<()> {
+    let bar = bytes_bar("merging");
+    let progress = |done: usize, total: usize| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    };
+    let base = anyllama::hub::resolve_model_path(&a.model)?;
+    let dtype = out_dtype(a.dtype);
+    anyllama::train::merge::merge(&base, &a.lora.dir, a.lora.scale, &a.out, dtype, &progress)?;
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} (adapter {} merged)",
+        a.out.display(),
+        a.lora.dir.display()
+    );
     Ok(())
 }
