@@ -112,7 +112,7 @@ impl<'a, B: Backend> Generator<'a, B> {
         let n_blocks = ctx_len.div_ceil(crate::backend::params::KV_BLOCK);
         let kv = KvCache::new(b, &model.cfg, n_blocks, kv_dtype)?;
         let seq = kv.new_sequence(b, ctx_len)?;
-        let scratch = Scratch::new(b, &model, chunk.clamp(1, ctx_len), false)?;
+        let scratch = Scratch::new(b, model, chunk.clamp(1, ctx_len), false)?;
         Ok(Generator {
             b,
             model,
@@ -325,7 +325,7 @@ impl<'a, B: Backend> Generator<'a, B> {
     /// Logits of every position of `tokens` run from an empty cache (for parity tests).
     pub fn all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.reset();
-        let mut s = Scratch::new(self.b, &self.model, tokens.len(), true)?;
+        let mut s = Scratch::new(self.b, self.model, tokens.len(), true)?;
         self.kv.reserve(self.b, &mut self.seq, tokens.len())?;
         self.model.prepare_rope(self.b, tokens.len())?;
         self.b

@@ -1,9 +1,10 @@
-//! HF folder -> GGUF v3 file, as llama.cpp's converter lays it out: `llama.*` hyperparameters,
-//! RoPE scaling as metadata (linear, yarn) or as a `rope_freqs.weight` tensor (llama3), the
-//! byte-level vocabulary, and the tensors under GGUF names with the rows of every query/key
-//! projection interleaved per head (llama.cpp rotates adjacent pairs, transformers the two
-//! halves of a head; the GGUF reader undoes this). Vectors are stored as f32, matrices in the
-//! chosen type; a matrix whose rows are not whole blocks of a block type is stored as f16.
+//! HF folder (or any `Input`: a GGUF file being merged) -> GGUF v3 file, as llama.cpp's
+//! converter lays it out: `llama.*` hyperparameters, RoPE scaling as metadata (linear, yarn) or
+//! as a `rope_freqs.weight` tensor (llama3), the byte-level vocabulary, and the tensors under
+//! GGUF names with the rows of every query/key projection interleaved per head (llama.cpp
+//! rotates adjacent pairs, transformers the two halves of a head; the GGUF reader undoes this).
+//! Vectors are stored as f32, matrices in the chosen type; a matrix whose rows are not whole
+//! blocks of a block type is stored as f16.
 
 use super::gguf_vocab::vocab_metadata;
 use super::gguf_writer::{GgufWriter, Metadata};
@@ -71,7 +72,13 @@ pub(crate) fn write_gguf(
     }
     let planned = plan(input.tensors, cfg, input.gguf_names, true, src)?;
 
-    let name = src.file_name().map(|n| n.to_string_lossy().into_owned());
+    // The folder's name, or a GGUF file's without `.gguf` (a folder name may hold dots).
+    let name = if is_gguf_path(src) {
+        src.file_stem()
+    } else {
+        src.file_name()
+    };
+    let name = name.map(|n| n.to_string_lossy().into_owned());
     let (mut metadata, rope_freqs) = model_metadata(cfg, dtype, name, src)?;
     if let Some(tok) = input.tokenizer {
         metadata.extend(vocab_metadata(tok, cfg.vocab_size, &input.eos_ids(), src)?);

@@ -1,7 +1,8 @@
 //! LoRA adapters in HF PEFT's on-disk format: `adapter_config.json` (r, lora_alpha, use_rslora,
 //! target_modules) and `adapter_model.safetensors` with keys
 //! `base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight` (A [r, in], B [out, r]).
-//! Read: f32, f16 or bf16 tensors, widened to f32. Written: f32, the way PEFT saves an adapter
+//! Read (`read` into host memory, checked against the model's shapes; `load` then uploads it):
+//! f32, f16 or bf16 tensors, widened to f32. Written: f32, the way PEFT saves an adapter
 //! trained in f32, so `PeftModel.from_pretrained` loads it unchanged.
 
 use crate::backend::Backend;
@@ -40,16 +41,6 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
             &path,
             "a DoRA adapter (use_dora): only plain LoRA loads",
         ));
-    }
-    // PEFT scales (alpha_pattern) or sizes (rank_pattern) the modules they name differently
-    // from r / lora_alpha; reading only r and lora_alpha would mis-scale those silently.
-    for key in ["alpha_pattern", "rank_pattern"] {
-        if v[key].as_object().is_some_and(|m| !m.is_empty()) {
-            return Err(load_err(
-                &path,
-                format!("`{key}` gives some modules their own alpha or rank: only one r and lora_alpha for every module load"),
-            ));
-        }
     }
     // Per-module ranks and alphas, or adapters on some layers only, are not read: refuse them
     // rather than apply the wrong scale.
@@ -138,12 +129,14 @@ fn f32_values(
     })
 }
 
+/// One projection's adapter on the host: (A [r * in], B [out * r]) as f32.
+pub type HostMatrices = (Vec<f32>, Vec<f32>);
+
 /// A PEFT LoRA adapter read into host memory and checked against a model's shapes.
 pub struct HostAdapter {
     pub cfg: LoraConfig,
-    /// Per layer, per projection (`Proj::index`): (A [r * in], B [out * r]) as f32, where the
-    /// projection is a target.
-    pub layers: Vec<[Option<(Vec<f32>, Vec<f32>)>; 7]>,
+    /// Per layer, per projection (`Proj::index`), the adapter where the projection is a target.
+    pub layers: Vec<[Option<HostMatrices>; 7]>,
 }
 
 impl HostAdapter {
@@ -214,7 +207,7 @@ pub fn read(dir: &Path, model: &ModelConfig) -> Result<HostAdapter> {
     let r = cfg.r;
     let mut layers = Vec::with_capacity(model.n_layers);
     for i in 0..model.n_layers {
-        let mut l: [Option<(Vec<f32>, Vec<f32>)>; 7] = Default::default();
+        let mut l: [Option<HostMatrices>; 7] = Default::default();
         for &p in &cfg.targets {
             let (out, inp) = p.shape(model);
             let base = format!("{}.weight [{out}, {inp}]", p.hf_path(i));

@@ -107,7 +107,7 @@ impl WithTrainBackend for Job {
         };
         let mut t = Trainer::new(&b, &model, trained, ckpt, rows, optim)?;
         t.dropout_seed = a.seed as u32;
-        eprintln!("{}", describe(&b, &model, trained, ckpt, &self.data, a));
+        eprintln!("{}", describe(&b, &model, ckpt, &self.data, a));
 
         let (seed, batch, packing) = (a.seed, a.batch, a.packing);
         let data = &self.data;
@@ -169,7 +169,8 @@ fn check_flags(a: &TrainArgs) -> Result<()> {
     if !(a.lr.is_finite() && a.lr > 0.0) {
         return bad(format!("--lr {} must be a positive number", a.lr));
     }
-    if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) || !a.max_grad_norm.is_finite() {
+    let non_negative = |x: f32| x.is_finite() && x >= 0.0;
+    if !non_negative(a.weight_decay) || !non_negative(a.max_grad_norm) {
         return bad("--weight-decay and --max-grad-norm must be finite and >= 0".into());
     }
     if a.max_steps == Some(0) || (a.max_steps.is_none() && a.epochs == 0) {
@@ -328,7 +329,6 @@ fn checkpointing<B: TrainBackend>(
 fn describe<B: TrainBackend>(
     b: &B,
     m: &Model<B>,
-    trained: Trained,
     ckpt: Checkpointing,
     data: &Dataset,
     a: &TrainArgs,
@@ -349,17 +349,17 @@ fn describe<B: TrainBackend>(
         ),
         None => "every weight".to_string(),
     };
-    let _ = trained;
     let tokens_per_step = a.batch * a.seq * a.grad_accum;
     format!(
         "train: {what} on {}; {} samples, batch {} x seq {}{} x grad-accum {} (<= {tokens_per_step} \
-         tokens per step), checkpointing {ckpt:?}",
+         tokens per step), checkpointing {}",
         b.device_name(),
         data.samples().len(),
         a.batch,
         a.seq,
         if a.packing { " packed" } else { "" },
         a.grad_accum,
+        format!("{ckpt:?}").to_lowercase(),
     )
 }
 
