@@ -587,3 +587,39 @@ fn bad_input_is_one_error_line_naming_it() {
         stderr(&o)
     );
 }
+
+/// `--backend cuda` trains to the cpu run's losses: within f32 noise with ANYLLAMA_CUDA_EXACT=1,
+/// within bf16 rounding on the default tensor-core path (tiny-chat's weights are bf16).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_training_follows_the_cpu_run() {
+    if let Some(why) = anyllama::backend::cuda::unavailable_reason() {
+        return common::skip_or_fail_cuda("train --backend cuda", &why);
+    }
+    let file = data("train_data/many.jsonl");
+    let flags = ["--max-steps", "6", "--packing", "--batch", "4"];
+    let cpu = scratch("cuda-ref-cpu");
+    ok(train(&cpu, &file, &flags));
+    let want = log_losses(&cpu);
+    for (exact, bound) in [("1", 1e-4), ("0", 3e-2)] {
+        let out = scratch(&format!("cuda-exact-{exact}"));
+        let mut args = flags.to_vec();
+        args.extend(["--backend", "cuda"]);
+        let (model, out_s) = (tiny_chat(), s(&out));
+        let mut cmd = vec!["train", "-m", &model, "--data", &file, "--out", &out_s];
+        cmd.extend(["--seq", "96", "--lora-r", "4", "--lr", "1e-2", "--log-every", "1"]);
+        cmd.extend(args);
+        let o = Command::new(bin())
+            .args(&cmd)
+            .env("ANYLLAMA_CUDA_EXACT", exact)
+            .output()
+            .unwrap();
+        let o = ok(o);
+        let got = log_losses(&out);
+        assert_eq!(got.len(), want.len(), "{}", stderr(&o));
+        for (g, w) in got.iter().zip(&want) {
+            let rel = (g - w).abs() / w.abs();
+            assert!(rel <= bound, "exact={exact}: cuda {got:?} vs cpu {want:?}");
+        }
+    }
+}
