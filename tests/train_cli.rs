@@ -607,7 +607,16 @@ fn cuda_training_follows_the_cpu_run() {
         args.extend(["--backend", "cuda"]);
         let (model, out_s) = (tiny_chat(), s(&out));
         let mut cmd = vec!["train", "-m", &model, "--data", &file, "--out", &out_s];
-        cmd.extend(["--seq", "96", "--lora-r", "4", "--lr", "1e-2", "--log-every", "1"]);
+        cmd.extend([
+            "--seq",
+            "96",
+            "--lora-r",
+            "4",
+            "--lr",
+            "1e-2",
+            "--log-every",
+            "1",
+        ]);
         cmd.extend(args);
         let o = Command::new(bin())
             .args(&cmd)

@@ -90,8 +90,12 @@ impl WithTrainBackend for Job {
             }
             None => Trained::Full,
         };
-        // Packed micro-batches hold batch * seq rows; batched ones batch samples of <= seq.
-        let rows = a.batch * a.seq;
+        let rows = [Some(&self.data), self.eval.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|d| max_rows(d, a.batch, a.packing))
+            .max()
+            .unwrap_or(1);
         let ckpt = checkpointing(&b, &model, trained, rows, a.checkpointing)?;
         let optim = OptimConfig {
             lr: a.lr,
@@ -294,6 +298,16 @@ fn load_data(file: &Path, files: &ModelFiles, opts: &DataOptions, out: &Path) ->
     Ok(data)
 }
 
+/// The most rows a micro-batch of `data` can have: packed, batch * seq tokens (or all of
+/// them); batched, `batch` samples of the longest length. The step's buffers are sized by it.
+fn max_rows(data: &Dataset, batch: usize, packing: bool) -> usize {
+    let lens = data.samples().iter().map(|s| s.tokens.len());
+    match packing {
+        true => (batch * data.seq()).min(lens.sum()),
+        false => batch * lens.max().unwrap_or(1),
+    }
+}
+
 /// --checkpointing, else the least recomputation whose memory plan fits the device.
 fn checkpointing<B: TrainBackend>(
     b: &B,
@@ -352,7 +366,7 @@ fn describe<B: TrainBackend>(
     let tokens_per_step = a.batch * a.seq * a.grad_accum;
     format!(
         "train: {what} on {}; {} samples, batch {} x seq {}{} x grad-accum {} (<= {tokens_per_step} \
-         tokens per step), checkpointing {}",
+         tokens a step), checkpointing {}",
         b.device_name(),
         data.samples().len(),
         a.batch,
