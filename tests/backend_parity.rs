@@ -170,6 +170,20 @@ fn check_elementwise<B: Backend>(name: &str, gpu: &B, r: &mut ChaCha8Rng) {
         gpu.add(&mut xg, &f32_buf(gpu, &b), n).unwrap();
         let what = format!("{name} add n {n}");
         assert_close(&what, &read_f32(&cpu, &xc, n), &read_f32(gpu, &xg, n), 0.0);
+
+        // LoRA's scaled update: one rounding of alpha * y, then the add (a GPU may fuse them).
+        let mut xc = f32_buf(&cpu, &a);
+        cpu.add_scaled(&mut xc, &f32_buf(&cpu, &b), 0.37, n)
+            .unwrap();
+        let mut xg = f32_buf(gpu, &a);
+        gpu.add_scaled(&mut xg, &f32_buf(gpu, &b), 0.37, n).unwrap();
+        let what = format!("{name} add_scaled n {n}");
+        assert_close(
+            &what,
+            &read_f32(&cpu, &xc, n),
+            &read_f32(gpu, &xg, n),
+            TOL_F32,
+        );
     }
     for (rows, n) in [(1, 576), (3, 49), (9, 1536)] {
         let (x, bias) = (randn(r, rows * n, 2.0), randn(r, n, 1.0));

@@ -25,7 +25,7 @@ fn params_size(stem: &str) -> Option<usize> {
         ("kv_append", size_of::<KvAppendParams>()),
         ("attention", size_of::<AttentionParams>()),
         ("swiglu", size_of::<ElementwiseParams>()),
-        ("add", size_of::<ElementwiseParams>()),
+        ("add", size_of::<AddParams>()),
         ("sample", size_of::<SampleParams>()),
     ];
     table

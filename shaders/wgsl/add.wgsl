@@ -1,11 +1,12 @@
-// add: x[i] += y[i] (the residual stream update).
+// add: x[i] += alpha * y[i]: the residual stream update (alpha 1, where 1 * y is y exactly)
+// and a LoRA adapter's scaled output added into its projection's (alpha = the adapter's scale).
 // One thread per element over a 2D grid of 1D workgroups.
 
 struct Params {
     n: u32,
+    alpha: f32,
     _pad0: u32,
     _pad1: u32,
-    _pad2: u32,
 }
 
 override WG: u32 = 256u;
@@ -22,6 +23,6 @@ fn main(
 ) {
     let g = (wg.y * nwg.x + wg.x) * WG + lid;
     if (g < params.n) {
-        x[g] += y[g];
+        x[g] += params.alpha * y[g];
     }
 }

@@ -121,6 +121,16 @@ pub struct ElementwiseParams {
     pub _pad: [u32; 3],
 }
 
+/// x[i] += alpha * y[i] for i < n (add.wgsl: the residual update with alpha 1, LoRA's scaled
+/// update otherwise).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct AddParams {
+    pub n: u32,
+    pub alpha: f32,
+    pub _pad: [u32; 2],
+}
+
 /// Picks one token from logits[vocab] and writes it to out[out_index].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]

@@ -702,11 +702,17 @@ impl Backend for Wgpu {
     }
 
     fn add(&self, x: &mut Buf<Self>, y: &Buf<Self>, n: usize) -> Result<()> {
+        self.add_scaled(x, y, 1.0, n)
+    }
+
+    /// add.wgsl with alpha: LoRA's scaled update, and the plain add at alpha 1.
+    fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
         const OP: &str = "add";
         let binds = [self.bind(x, n * 4, "x", OP)?, self.bind(y, n * 4, "y", OP)?];
-        let params = ElementwiseParams {
+        let params = AddParams {
             n: n as u32,
-            _pad: [0; 3],
+            alpha,
+            _pad: [0; 2],
         };
         self.run(Kernel::Add, &params, &binds, self.grid(n as u64, WG))
     }
