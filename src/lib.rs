@@ -4,7 +4,7 @@
 //! trait, the cpu reference, wgpu), pool and kv_cache (memory), model (the forward pass),
 //! sample and generate (the decode loop), tokenizer and chat_template (text <-> ids), loader
 //! (a model folder or GGUF file -> everything above), convert (GGUF <-> HF folder), bench
-//! (speed measurements over any backend).
+//! (speed measurements over any backend), serve (the OpenAI-compatible server).
 
 pub mod config;
 pub mod generation_config;
@@ -28,6 +28,7 @@ pub mod bench;
 
 pub mod generate;
 pub mod sample;
+pub mod serve;
 pub mod stop;
 
 pub mod chat_template;

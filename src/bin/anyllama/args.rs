@@ -35,6 +35,8 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Merge a LoRA adapter into its base model: an HF folder or, for OUT.gguf, a GGUF file.
     Merge(MergeArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming).
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -130,6 +132,33 @@ pub struct ChatArgs {
     /// System message.
     #[arg(long)]
     pub system: Option<String>,
+}
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the one taken is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every request but /health.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Sequences generated at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_seqs: usize,
+    /// Context per sequence in tokens (same as -c; default: the model's, at most 4096).
+    #[arg(long = "ctx")]
+    pub ctx: Option<usize>,
+    /// Blocks of 16 positions in the shared KV cache (default: --max-seqs full contexts).
+    #[arg(long)]
+    pub kv_blocks: Option<usize>,
+    /// Requests that may wait for a free sequence; beyond them the server answers 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
 }
 
 #[derive(Args)]

@@ -1,4 +1,5 @@
-//! The anyllama command line: generate, chat, info, devices, convert, bench, train, merge.
+//! The anyllama command line: generate, chat, info, devices, convert, bench, train, merge,
+//! serve.
 //!
 //! Every failure ends as one line `error: <what>: <why>` on stderr (plus a `hint:` line where
 //! one helps) and a non-zero exit code. A panic anywhere is a bug: it is reported the same way
@@ -7,6 +8,7 @@
 mod args;
 mod bench;
 mod run;
+mod serve;
 mod train;
 
 use args::{Cli, Command};
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::bench(a),
         Command::Train(a) => train::train(*a),
         Command::Merge(a) => run::merge(a),
+        Command::Serve(a) => serve::serve(a),
     });
     match result {
         Ok(Ok(())) => ExitCode::SUCCESS,

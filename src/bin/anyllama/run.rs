@@ -20,9 +20,9 @@ use std::sync::Arc;
 /// Tokens prefilled per forward call: long prompts run as GEMMs of this many rows (on an H100
 /// an 8B prompt of 2048 tokens prefills 13% faster in one call than in four of 512; the
 /// activations of 2048 rows take ~0.5 GB at the 8B shape).
-const PREFILL_CHUNK: usize = 2048;
+pub const PREFILL_CHUNK: usize = 2048;
 
-fn open(m: &ModelArgs, default_if_missing: bool) -> Result<ModelFiles> {
+pub fn open(m: &ModelArgs, default_if_missing: bool) -> Result<ModelFiles> {
     let path = match &m.model {
         Some(arg) => anyllama::hub::resolve_model_path(arg)?,
         None if default_if_missing => anyllama::default_model::ensure_default_model()?,
@@ -36,7 +36,7 @@ fn open(m: &ModelArgs, default_if_missing: bool) -> Result<ModelFiles> {
 }
 
 /// The user's flags over generation_config.json's values over llama.cpp's defaults.
-fn sampling(files: &ModelFiles, s: &SamplingArgs) -> SamplingParams {
+pub fn sampling(files: &ModelFiles, s: &SamplingArgs) -> SamplingParams {
     let mut p = SamplingParams {
         seed: s.seed,
         penalty_last_n: s.repeat_last_n,
@@ -78,14 +78,14 @@ fn options(files: &ModelFiles, s: &SamplingArgs) -> GenerateOptions {
     }
 }
 
-fn kv_dtype(m: &ModelArgs) -> DType {
+pub fn kv_dtype(m: &ModelArgs) -> DType {
     match m.kv_dtype {
         KvDtypeArg::F16 => DType::F16,
         KvDtypeArg::F32 => DType::F32,
     }
 }
 
-fn ctx_len(files: &ModelFiles, m: &ModelArgs) -> usize {
+pub fn ctx_len(files: &ModelFiles, m: &ModelArgs) -> usize {
     m.ctx_size.unwrap_or(files.cfg.max_seq_len.min(4096))
 }
 

@@ -1,0 +1,645 @@
+//! The OpenAI-compatible HTTP API over the engine: /v1/chat/completions, /v1/completions (JSON
+//! or server-sent events), /v1/models and /health.
+//!
+//! Requests are parsed, tokenized and checked here, so that everything wrong with one is an
+//! OpenAI error body with the right status before it reaches the engine. Each accepted request
+//! gets its own channel; when the client goes away, the response (and with it the receiver) is
+//! dropped, and the engine frees the sequence at its next step. Tokenizing runs inline on the
+//! tokio worker; BODY_LIMIT bounds what it can cost.
+
+use super::engine::{blocks_for, Event, Finish, Handle, Refused, Request};
+use crate::chat_template::Message;
+use crate::sample::SamplingParams;
+use crate::tokenizer::Tokenizer;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// Request bodies larger than this are refused (413): a whole context of text is far smaller.
+pub const BODY_LIMIT: usize = 4 << 20;
+
+pub struct ServerState {
+    pub engine: Handle,
+    pub tokenizer: Tokenizer,
+    pub model_id: String,
+    pub ctx_len: usize,
+    pub kv_blocks: usize,
+    pub api_key: Option<String>,
+    /// The model's defaults (generation_config.json), which request fields override.
+    pub defaults: SamplingParams,
+    pub created: u64,
+    next_id: AtomicU64,
+}
+
+impl ServerState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: Handle,
+        tokenizer: Tokenizer,
+        model_id: String,
+        ctx_len: usize,
+        kv_blocks: usize,
+        api_key: Option<String>,
+        defaults: SamplingParams,
+    ) -> Self {
+        ServerState {
+            engine,
+            tokenizer,
+            model_id,
+            ctx_len,
+            kv_blocks,
+            api_key,
+            defaults,
+            created: now(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+type AppState = Arc<ServerState>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            param: None,
+        }
+    }
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param),
+            ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let kind = match self.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_server_error() => "server_error",
+            _ => "invalid_request_error",
+        };
+        let body = json!({"error": {
+            "message": self.message, "type": kind, "param": self.param, "code": self.code,
+        }});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// `--api-key`: every route but /health wants `Authorization: Bearer KEY`.
+async fn auth(State(s): State<AppState>, req: HttpRequest, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if req.uri().path() != "/health" && given != Some(key.as_str()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "missing or wrong API key: send `Authorization: Bearer <key>`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    let st = &s.engine.status;
+    axum::Json(json!({
+        "status": if st.ready.load(Ordering::SeqCst) { "ok" } else { "loading" },
+        "model": s.model_id,
+        "running": st.running.load(Ordering::SeqCst),
+        "waiting": st.waiting.load(Ordering::SeqCst),
+        "kv_blocks_total": st.total_blocks.load(Ordering::SeqCst),
+        "kv_blocks_free": st.free_blocks.load(Ordering::SeqCst),
+    }))
+    .into_response()
+}
+
+async fn models(State(s): State<AppState>) -> Response {
+    axum::Json(json!({"object": "list", "data": [{
+        "id": s.model_id, "object": "model", "created": s.created, "owned_by": "anyllama",
+    }]}))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// The fields both endpoints share. Unknown fields are ignored, as OpenAI's clients send more.
+#[derive(Deserialize)]
+struct Common {
+    model: Option<String>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<usize>,
+    min_p: Option<f32>,
+    max_tokens: Option<usize>,
+    max_completion_tokens: Option<usize>,
+    stop: Option<OneOrMany>,
+    seed: Option<u64>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    repetition_penalty: Option<f32>,
+    n: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    common: Common,
+}
+
+#[derive(Deserialize)]
+struct CompletionBody {
+    prompt: OneOrMany,
+    #[serde(flatten)]
+    common: Common,
+}
+
+/// The body as JSON of type T: 413 past the limit, 400 when it is not JSON of that shape.
+fn parse<T: serde::de::DeserializeOwned>(
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_body"
+        };
+        ApiError::new(
+            status,
+            code,
+            format!("{} (the limit is {BODY_LIMIT} bytes)", e.body_text()),
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the request body is not valid: {e}"),
+        )
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// A request ready for the engine, with what the response needs.
+struct Prepared {
+    prompt: Vec<u32>,
+    sampling: SamplingParams,
+    max_tokens: usize,
+    stops: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Checks the shared fields against the model and context; `what` names the prompt's field.
+fn prepare(
+    s: &ServerState,
+    c: Common,
+    prompt: Vec<u32>,
+    what: &'static str,
+) -> Result<Prepared, ApiError> {
+    if let Some(m) = &c.model {
+        if m != &s.model_id {
+            return Err(ApiError {
+                param: Some("model"),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    format!(
+                        "the model `{m}` does not exist; this server has `{}`",
+                        s.model_id
+                    ),
+                )
+            });
+        }
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    }
+    let ctx = s.ctx_len;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(what, "the prompt is empty"));
+    }
+    if prompt.len() >= ctx {
+        return Err(ApiError::invalid(
+            what,
+            format!(
+                "the prompt has {} tokens but the context holds {ctx}",
+                prompt.len()
+            ),
+        ));
+    }
+    let room = ctx - prompt.len();
+    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+        None => room,
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ))
+        }
+        Some(n) if n > room => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!(
+                    "max_tokens {n} plus the prompt's {} tokens is beyond the context of {ctx}",
+                    prompt.len()
+                ),
+            ))
+        }
+        Some(n) => n,
+    };
+    if blocks_for(prompt.len(), max_tokens) > s.kv_blocks {
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "prompt plus max_tokens is larger than the whole KV cache",
+        ));
+    }
+    let mut p = s.defaults.clone();
+    p.temperature = c.temperature.unwrap_or(p.temperature);
+    p.top_p = c.top_p.unwrap_or(p.top_p);
+    p.top_k = c.top_k.unwrap_or(p.top_k);
+    p.min_p = c.min_p.unwrap_or(p.min_p);
+    p.presence_penalty = c.presence_penalty.unwrap_or(p.presence_penalty);
+    p.frequency_penalty = c.frequency_penalty.unwrap_or(p.frequency_penalty);
+    p.repetition_penalty = c.repetition_penalty.unwrap_or(p.repetition_penalty);
+    p.seed = c.seed.unwrap_or(p.seed);
+    p.validate().map_err(|e| {
+        let m = e.to_string();
+        let param = [
+            ("temperature", "temperature"),
+            ("top-p", "top_p"),
+            ("min-p", "min_p"),
+            ("repeat", "repetition_penalty"),
+        ]
+        .into_iter()
+        .find(|(word, _)| m.contains(word))
+        .map_or("presence_penalty", |(_, p)| p);
+        ApiError::invalid(param, m)
+    })?;
+    let stops = c.stop.map(OneOrMany::into_vec).unwrap_or_default();
+    if stops.len() > 4 {
+        return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
+    }
+    Ok(Prepared {
+        prompt,
+        sampling: p,
+        max_tokens,
+        stops,
+        stream: c.stream,
+        include_usage: c.stream_options.is_some_and(|o| o.include_usage),
+    })
+}
+
+async fn chat_completions(
+    State(s): State<AppState>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: ChatBody = parse(body)?;
+    if body.messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    let mut messages = Vec::with_capacity(body.messages.len());
+    for m in body.messages {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" | "assistant" => m.role.as_str(),
+            other => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!("role `{other}` is not supported (system, user, assistant)"),
+                ))
+            }
+        };
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut t = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(
+                            "messages",
+                            format!("content parts of type `{}` are not supported", p.kind),
+                        ));
+                    }
+                    t += p.text.as_deref().unwrap_or("");
+                }
+                t
+            }
+        };
+        messages.push(Message::new(role, content));
+    }
+    let prompt = s
+        .tokenizer
+        .encode_chat(&messages, true)
+        .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let p = prepare(&s, body.common, prompt, "messages")?;
+    start(s, p, Kind::Chat).await
+}
+
+async fn completions(
+    State(s): State<AppState>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body: CompletionBody = parse(body)?;
+    let mut prompts = body.prompt.into_vec();
+    if prompts.len() != 1 {
+        return Err(ApiError::invalid(
+            "prompt",
+            "exactly one prompt is supported",
+        ));
+    }
+    let text = prompts.pop().expect("one prompt");
+    let prompt = s
+        .tokenizer
+        .encode(&text, true)
+        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    let p = prepare(&s, body.common, prompt, "prompt")?;
+    start(s, p, Kind::Text).await
+}
+
+/// Hands the request to the engine and answers with the whole reply or a stream of it.
+async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
+    let (tx, rx) = unbounded_channel();
+    let prompt_tokens = p.prompt.len();
+    s.engine
+        .submit(Request {
+            prompt: p.prompt,
+            sampling: p.sampling,
+            max_tokens: p.max_tokens,
+            stops: p.stops,
+            events: tx,
+        })
+        .map_err(|e| match e {
+            Refused::QueueFull(n) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!("the server is busy: {n} requests are already waiting; retry later"),
+            ),
+            Refused::Stopped => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down",
+            ),
+        })?;
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let meta = Meta {
+        id: match kind {
+            Kind::Chat => format!("chatcmpl-{n}"),
+            Kind::Text => format!("cmpl-{n}"),
+        },
+        created: now(),
+        model: s.model_id.clone(),
+        kind,
+        prompt_tokens,
+    };
+    if p.stream {
+        Ok(stream(meta, rx, p.include_usage))
+    } else {
+        // Not streamed: the handler's future collects the events; dropping it (the client is
+        // gone) drops the receiver.
+        collect(meta, rx).await
+    }
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    kind: Kind,
+    prompt_tokens: usize,
+}
+
+fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion,
+           "total_tokens": prompt + completion})
+}
+
+impl Meta {
+    /// One streamed chunk with `choice` as its only choice.
+    fn chunk(&self, choice: Value, with_usage: bool) -> Value {
+        let object = match self.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Text => "text_completion",
+        };
+        let mut c = json!({"id": self.id, "object": object, "created": self.created,
+                           "model": self.model, "choices": [choice]});
+        if with_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    }
+
+    fn piece(&self, text: &str) -> Value {
+        match self.kind {
+            Kind::Chat => json!({"index": 0, "delta": {"content": text}, "logprobs": null,
+                                 "finish_reason": null}),
+            Kind::Text => json!({"index": 0, "text": text, "logprobs": null,
+                                 "finish_reason": null}),
+        }
+    }
+
+    fn last(&self, finish: Finish) -> Value {
+        match self.kind {
+            Kind::Chat => json!({"index": 0, "delta": {}, "logprobs": null,
+                                 "finish_reason": finish.as_str()}),
+            Kind::Text => json!({"index": 0, "text": "", "logprobs": null,
+                                 "finish_reason": finish.as_str()}),
+        }
+    }
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn engine_error(message: String) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", message)
+}
+
+/// A non-streamed reply: waits for every event, then answers in one JSON body.
+async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(Event::Text(t)) => text += &t,
+            Some(Event::Done {
+                finish,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                let choice = match meta.kind {
+                    Kind::Chat => json!({"index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": null, "finish_reason": finish.as_str()}),
+                    Kind::Text => json!({"index": 0, "text": text, "logprobs": null,
+                        "finish_reason": finish.as_str()}),
+                };
+                let object = match meta.kind {
+                    Kind::Chat => "chat.completion",
+                    Kind::Text => "text_completion",
+                };
+                return Ok(axum::Json(json!({
+                    "id": meta.id, "object": object, "created": meta.created,
+                    "model": meta.model, "choices": [choice],
+                    "usage": usage(prompt_tokens, completion_tokens),
+                }))
+                .into_response());
+            }
+            Some(Event::Error(e)) => return Err(engine_error(e)),
+            None => return Err(engine_error("the engine stopped".into())),
+        }
+    }
+}
+
+/// A streamed reply: `data: {chunk}` lines, then `data: [DONE]`.
+fn stream(meta: Meta, rx: UnboundedReceiver<Event>, include_usage: bool) -> Response {
+    enum At {
+        Start,
+        Body,
+        Done,
+    }
+    let chunks = futures_util::stream::unfold((meta, rx, At::Start), move |(meta, mut rx, at)| {
+        async move {
+            let out = match at {
+                At::Done => return None,
+                At::Start if meta.kind == Kind::Chat => {
+                    let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": null, "finish_reason": null});
+                    (sse(&meta.chunk(role, include_usage)), At::Body)
+                }
+                At::Start | At::Body => match rx.recv().await {
+                    Some(Event::Text(t)) => {
+                        (sse(&meta.chunk(meta.piece(&t), include_usage)), At::Body)
+                    }
+                    Some(Event::Done {
+                        finish,
+                        completion_tokens,
+                        ..
+                    }) => {
+                        let mut b = sse(&meta.chunk(meta.last(finish), include_usage)).to_vec();
+                        if include_usage {
+                            let mut u = meta.chunk(Value::Null, true);
+                            u["choices"] = json!([]);
+                            u["usage"] = usage(meta.prompt_tokens, completion_tokens);
+                            b.extend_from_slice(&sse(&u));
+                        }
+                        b.extend_from_slice(b"data: [DONE]\n\n");
+                        (Bytes::from(b), At::Done)
+                    }
+                    // Mid-stream the status is sent already: the error goes in a chunk.
+                    Some(Event::Error(e)) => {
+                        let err = json!({"error": {"message": e, "type": "server_error",
+                                                   "param": null, "code": "engine_error"}});
+                        let mut b = sse(&err).to_vec();
+                        b.extend_from_slice(b"data: [DONE]\n\n");
+                        (Bytes::from(b), At::Done)
+                    }
+                    None => return None,
+                },
+            };
+            Some((Ok::<_, std::convert::Infallible>(out.0), (meta, rx, out.1)))
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(chunks))
+        .expect("valid response")
+}

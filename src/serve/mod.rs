@@ -1,0 +1,6 @@
+//! `anyllama serve`: an OpenAI-compatible HTTP server. engine.rs schedules every request over
+//! one shared paged KV cache on one thread; http.rs turns HTTP requests into engine requests
+//! and engine events into OpenAI responses.
+
+pub mod engine;
+pub mod http;

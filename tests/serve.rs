@@ -1,0 +1,477 @@
+//! `anyllama serve` over real HTTP on 127.0.0.1, on the tiny-chat fixture: replies equal the CLI's
+//! greedy output, streamed and not; concurrent requests get what they get alone; a client that
+//! disconnects frees its KV blocks; every error is an OpenAI error body with its status.
+
+mod common;
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> std::ffi::OsString {
+    // ANYLLAMA_BIN: the binary when the tests run away from the build tree (the GPU machine).
+    std::env::var_os("ANYLLAMA_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_anyllama").into())
+}
+
+fn tiny_chat() -> String {
+    common::fixtures()
+        .join("hf/tiny-chat")
+        .display()
+        .to_string()
+}
+
+/// A running server, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    /// Starts `anyllama serve` on a free port; None (after skip_or_fail) when a wgpu adapter is
+    /// missing.
+    fn start(backend: &str, extra: &[&str]) -> Option<Server> {
+        let mut child = Command::new(bin())
+            .args([
+                "serve",
+                "-m",
+                &tiny_chat(),
+                "--backend",
+                backend,
+                "--port",
+                "0",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start anyllama serve");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = String::new();
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(url) = line.strip_prefix("listening on ") {
+                // Keep draining stderr so that the server never blocks on a full pipe.
+                std::thread::spawn(move || lines.for_each(drop));
+                return Some(Server {
+                    child,
+                    url: url.to_string(),
+                });
+            }
+            seen += &line;
+            seen.push('\n');
+        }
+        let _ = child.wait();
+        if backend == "wgpu" && seen.contains("adapter") {
+            common::skip_or_fail(&format!("wgpu: {seen}"));
+            return None;
+        }
+        panic!("the server did not start:\n{seen}");
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = client()
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap())
+    }
+
+    fn get(&self, path: &str) -> Value {
+        let r = client().get(format!("{}{path}", self.url)).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        r.json().unwrap()
+    }
+
+    /// A streamed request: every `data:` payload in order.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let r = client()
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("text/event-stream"), "{ct}");
+        let text = r.text().unwrap();
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| e.strip_prefix("data: ").expect(e).to_string())
+            .collect()
+    }
+
+    /// Waits until every KV block is free and nothing runs.
+    fn wait_idle(&self) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let h = self.get("/health");
+            if h["running"] == 0 && h["kv_blocks_free"] == h["kv_blocks_total"] {
+                return h;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "never idle: {h}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// What the CLI prints for the same greedy request (its stdout less the final newline).
+fn cli(sub: &str, prompt: &str, n: usize) -> String {
+    let o = Command::new(bin())
+        .args([sub, "-m", &tiny_chat(), "-p", prompt, "--temp", "0"])
+        .args(["-n", &n.to_string(), "--backend", "cpu"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    out.strip_suffix('\n').unwrap_or(&out).to_string()
+}
+
+fn chat_body(user: &str, n: usize) -> Value {
+    json!({"model": "tiny-chat", "messages": [{"role": "user", "content": user}],
+           "temperature": 0, "max_tokens": n})
+}
+
+fn reply(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+/// Text of a streamed chat: the role chunk first, content deltas, a finish_reason, [DONE].
+fn streamed_chat(events: &[String]) -> (String, String) {
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let mut text = String::new();
+    let mut finish = String::new();
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+        let choice = &c["choices"][0];
+        text += choice["delta"]["content"].as_str().unwrap_or("");
+        if let Some(f) = choice["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+    }
+    // The finish_reason is in the last chunk with a choice (a usage chunk may follow it).
+    let last = chunks
+        .iter()
+        .rfind(|c| c["choices"].as_array().is_some_and(|a| !a.is_empty()))
+        .unwrap();
+    assert!(last["choices"][0]["finish_reason"].is_string(), "{last}");
+    (text, finish)
+}
+
+fn serves_like_the_cli(backend: &str) {
+    let Some(s) = Server::start(backend, &["--kv-dtype", "f32"]) else {
+        return;
+    };
+    let h = s.get("/health");
+    assert_eq!(h["status"], "ok");
+    let models = s.get("/v1/models");
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "tiny-chat");
+
+    let user = "What is the capital of France?";
+    let want = cli("chat", user, 24);
+    let (status, v) = s.post("/v1/chat/completions", &chat_body(user, 24));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(reply(&v), want, "{backend}: chat");
+    let usage = &v["usage"];
+    let (p, c) = (
+        usage["prompt_tokens"].as_u64().unwrap(),
+        usage["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(p > 0 && c > 0 && c <= 24);
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), p + c);
+    let finish = v["choices"][0]["finish_reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(finish == "stop" || (finish == "length" && c == 24), "{v}");
+
+    let mut body = chat_body(user, 24);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = s.stream("/v1/chat/completions", &body);
+    let (text, f) = streamed_chat(&events);
+    assert_eq!(text, want, "{backend}: streamed chat");
+    assert_eq!(f, finish);
+    let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], v["usage"]);
+
+    let prompt = "Once upon a time";
+    let want = cli("generate", prompt, 20);
+    let body = json!({"prompt": prompt, "temperature": 0, "max_tokens": 20});
+    let (status, v) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(
+        v["choices"][0]["text"],
+        want.as_str(),
+        "{backend}: completion"
+    );
+    let mut body = body;
+    body["stream"] = json!(true);
+    let events = s.stream("/v1/completions", &body);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let mut text = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(c["object"], "text_completion");
+        text += c["choices"][0]["text"].as_str().unwrap();
+    }
+    assert_eq!(text, want, "{backend}: streamed completion");
+
+    // A stop string cuts the reply right before it.
+    let chars: Vec<char> = want.chars().collect();
+    if chars.len() > 8 {
+        let head: String = chars[..6].iter().collect();
+        let stop: String = chars[6..9].iter().collect();
+        if !head.contains(&stop) {
+            let body =
+                json!({"prompt": prompt, "temperature": 0, "max_tokens": 20, "stop": [stop]});
+            let (_, v) = s.post("/v1/completions", &body);
+            assert_eq!(v["choices"][0]["text"], head.as_str(), "{v}");
+            assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        }
+    }
+    s.wait_idle();
+}
+
+#[test]
+fn cpu_serves_what_the_cli_prints() {
+    serves_like_the_cli("cpu");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_serves_what_the_cli_prints() {
+    serves_like_the_cli("wgpu");
+}
+
+#[test]
+fn concurrent_requests_get_what_they_get_alone() {
+    let s = Server::start("cpu", &["--kv-dtype", "f32", "--max-seqs", "8"]).unwrap();
+    let prompts: Vec<String> = (0..8)
+        .map(|i| format!("Request {i}: tell me about the number {}", i * 7 + 3))
+        .collect();
+    let n = |i: usize| 8 + 3 * i;
+    let alone: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| reply(&s.post("/v1/chat/completions", &chat_body(p, n(i))).1))
+        .collect();
+    let busiest = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let together: Vec<String> = std::thread::scope(|sc| {
+        // Watches /health: the requests must really have run side by side.
+        sc.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let n = s.get("/health")["running"].as_u64().unwrap();
+                busiest.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let s = &s;
+                sc.spawn(move || {
+                    let mut body = chat_body(p, n(i));
+                    if i % 2 == 1 {
+                        body["stream"] = json!(true);
+                        streamed_chat(&s.stream("/v1/chat/completions", &body)).0
+                    } else {
+                        reply(&s.post("/v1/chat/completions", &body).1)
+                    }
+                })
+            })
+            .collect();
+        let replies = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        replies
+    });
+    assert_eq!(together, alone);
+    assert!(busiest.into_inner() > 1, "the requests never overlapped");
+    s.wait_idle();
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_blocks() {
+    let s = Server::start("cpu", &[]).unwrap();
+    let total = s.get("/health")["kv_blocks_total"].clone();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 240, "stream": true,
+                      "temperature": 0});
+    let mut r = client()
+        .post(format!("{}/v1/completions", s.url))
+        .json(&body)
+        .send()
+        .unwrap();
+    let mut first = [0u8; 64];
+    r.read_exact(&mut first).unwrap();
+    let h = s.get("/health");
+    assert_eq!(h["running"], 1, "{h}");
+    assert!(h["kv_blocks_free"].as_u64() < total.as_u64(), "{h}");
+    drop(r);
+    let h = s.wait_idle();
+    assert_eq!(h["kv_blocks_free"], total);
+}
+
+#[test]
+fn errors_are_openai_error_bodies() {
+    // No queue: a valid request is refused with 429 after every other check passed.
+    let s = Server::start(
+        "cpu",
+        &["--api-key", "sekrit", "--ctx", "64", "--max-queue", "0"],
+    )
+    .unwrap();
+    let send = |path: &str, auth: Option<&str>, body: reqwest::blocking::Body| {
+        let mut r = client()
+            .post(format!("{}{path}", s.url))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(k) = auth {
+            r = r.bearer_auth(k);
+        }
+        let r = r.send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap())
+    };
+    let chat = "/v1/chat/completions";
+    let ok = chat_body("hi", 4).to_string();
+    for auth in [None, Some("wrong")] {
+        let (st, v) = send(chat, auth, ok.clone().into());
+        assert_eq!(st, 401, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+    }
+    let authed = |path: &str, body: String| send(path, Some("sekrit"), body.into());
+    let check = |path: &str, body: String, status: u16, code: &str| {
+        let (st, v) = authed(path, body.clone());
+        assert_eq!(st, status, "{body}: {v}");
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        assert!(v["error"].get("param").is_some() && v["error"]["type"].is_string());
+    };
+    check(chat, "{\"messages\": [".into(), 400, "invalid_json");
+    check(
+        chat,
+        json!({"messages": "hi"}).to_string(),
+        400,
+        "invalid_json",
+    );
+    check(
+        chat,
+        json!({"messages": [], "max_tokens": 4}).to_string(),
+        422,
+        "invalid_value",
+    );
+    let mut b = chat_body("hi", 4);
+    b["temperature"] = json!(-1);
+    check(chat, b.to_string(), 422, "invalid_value");
+    check(
+        chat,
+        chat_body("hi", 1000).to_string(),
+        422,
+        "invalid_value",
+    );
+    let mut b = chat_body("hi", 4);
+    b["n"] = json!(2);
+    check(chat, b.to_string(), 422, "invalid_value");
+    let mut b = chat_body("hi", 4);
+    b["model"] = json!("gpt-4");
+    check(chat, b.to_string(), 404, "model_not_found");
+    let long = "word ".repeat(200);
+    check(
+        "/v1/completions",
+        json!({"prompt": long}).to_string(),
+        422,
+        "invalid_value",
+    );
+    check(
+        chat,
+        format!("{{\"messages\": \"{}\"}}", "x".repeat(5 << 20)),
+        413,
+        "body_too_large",
+    );
+    check("/v1/nothing", ok.clone(), 404, "not_found");
+    check(chat, ok.clone(), 429, "queue_full");
+    check(
+        "/v1/completions",
+        json!({"prompt": "hi"}).to_string(),
+        429,
+        "queue_full",
+    );
+    // /health needs no key; the rest does.
+    let h: Value = client()
+        .get(format!("{}/health", s.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    let r = client().get(format!("{}/v1/models", s.url)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_ends_running_streams_and_exits_cleanly() {
+    let mut s = Server::start("cpu", &[]).unwrap();
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 240, "stream": true,
+                      "temperature": 0});
+    let mut r = client()
+        .post(format!("{}/v1/completions", s.url))
+        .json(&body)
+        .send()
+        .unwrap();
+    let mut first = [0u8; 64];
+    r.read_exact(&mut first).unwrap();
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // The stream ends (with an error chunk and [DONE]) instead of hanging.
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).unwrap();
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}
