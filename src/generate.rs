@@ -58,7 +58,7 @@ pub struct Generation {
 }
 
 /// A picked token: known on the host, or sampled on the device with its read in flight.
-enum Picked {
+pub(crate) enum Picked {
     Host(u32),
     Device(PendingRead),
 }
@@ -171,50 +171,13 @@ impl<'a, B: Backend> Generator<'a, B> {
         Ok(())
     }
 
-    /// Picks the next token from the last logits. Sampled on the device, the token is written
-    /// where the next step's embedding reads it (scratch.tokens[0]) and its read is only
-    /// started, so that the next step can be enqueued before it is known; with repetition
-    /// penalties the host samples.
     fn pick(&mut self, sampler: &mut Sampler, history: &[u32]) -> Result<Picked> {
-        let op = sampler.next_op();
         let vocab = self.model.cfg.vocab_size;
-        if sampler.params.has_penalties() {
-            let mut logits = vec![0f32; vocab];
-            self.b.read(
-                &self.scratch.logits,
-                0,
-                bytemuck::cast_slice_mut(&mut logits),
-            )?;
-            apply_penalties(&mut logits, history, &sampler.params);
-            return Ok(Picked::Host(sample_logits(&logits, &op)));
-        }
-        self.b
-            .sample(&mut self.scratch.tokens, 0, &self.scratch.logits, vocab, op)?;
-        Ok(Picked::Device(self.b.read_start(
-            &self.scratch.tokens,
-            0,
-            4,
-        )?))
+        pick_start(self.b, &mut self.scratch, vocab, sampler, history)
     }
 
-    /// The token of a pick, waiting for the device if it sampled it.
     fn token(&self, picked: Picked) -> Result<u32> {
-        let id = match picked {
-            Picked::Host(id) => id,
-            Picked::Device(read) => {
-                let mut id = [0u32];
-                self.b
-                    .read_finish(read, bytemuck::cast_slice_mut(&mut id))?;
-                id[0]
-            }
-        };
-        let vocab = self.model.cfg.vocab_size;
-        if id as usize >= vocab {
-            return Err(Error::Generation(format!(
-                "the device sampled token id {id}, outside the vocabulary of {vocab}"
-            )));
-        }
-        Ok(id)
+        pick_finish(self.b, picked, self.model.cfg.vocab_size)
     }
 
     /// Generates after `prompt` (the whole conversation so far: the part already in the cache is
@@ -339,4 +302,45 @@ impl<'a, B: Backend> Generator<'a, B> {
             .read(&s.logits, 0, bytemuck::cast_slice_mut(&mut out))?;
         Ok(out)
     }
+}
+
+/// Picks the next token from the last logits in `s.logits`. Sampled on the device, the token is
+/// written where the next step's embedding reads it (s.tokens[0]) and its read is only started,
+/// so that the next step can be enqueued before it is known; with repetition penalties the host
+/// samples. One uniform number is drawn either way. (The serving engine picks the same way.)
+pub(crate) fn pick_start<B: Backend>(
+    b: &B,
+    s: &mut Scratch<B>,
+    vocab: usize,
+    sampler: &mut Sampler,
+    history: &[u32],
+) -> Result<Picked> {
+    let op = sampler.next_op();
+    if sampler.params.has_penalties() {
+        let mut logits = vec![0f32; vocab];
+        b.read(&s.logits, 0, bytemuck::cast_slice_mut(&mut logits))?;
+        apply_penalties(&mut logits, history, &sampler.params);
+        return Ok(Picked::Host(sample_logits(&logits, &op)));
+    }
+    b.sample(&mut s.tokens, 0, &s.logits, vocab, op)?;
+    Ok(Picked::Device(b.read_start(&s.tokens, 0, 4)?))
+}
+
+/// The token of a pick, waiting for the device if it sampled it; an id outside the vocabulary
+/// is an error.
+pub(crate) fn pick_finish<B: Backend>(b: &B, picked: Picked, vocab: usize) -> Result<u32> {
+    let id = match picked {
+        Picked::Host(id) => id,
+        Picked::Device(read) => {
+            let mut id = [0u32];
+            b.read_finish(read, bytemuck::cast_slice_mut(&mut id))?;
+            id[0]
+        }
+    };
+    if id as usize >= vocab {
+        return Err(Error::Generation(format!(
+            "the device sampled token id {id}, outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(id)
 }

@@ -15,9 +15,10 @@ use crate::backend::params::KV_BLOCK;
 use crate::backend::Backend;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::generate::{pick_finish, pick_start};
 use crate::kv_cache::{KvCache, Sequence};
 use crate::model::{Model, Scratch};
-use crate::sample::{apply_penalties, sample_logits, Sampler, SamplingParams};
+use crate::sample::{Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::VecDeque;
@@ -373,7 +374,8 @@ impl<'a, B: Backend> Engine<'a, B> {
             r.history.push(r.next);
         }
 
-        let id = pick(self.b, &mut self.scratch, vocab, &mut r.sampler, &r.history)?;
+        let picked = pick_start(self.b, &mut self.scratch, vocab, &mut r.sampler, &r.history)?;
+        let id = pick_finish(self.b, picked, vocab)?;
         if self.cfg.eos_ids.contains(&id) {
             return Ok(Outcome::Finished(Finish::Stop));
         }
@@ -417,33 +419,4 @@ impl<'a, B: Backend> Engine<'a, B> {
             .store(self.kv.free_blocks(), Ordering::SeqCst);
         status.running.store(self.running.len(), Ordering::SeqCst);
     }
-}
-
-/// The next token from the logits in `s.logits`, as `Generator` picks it: on the device, or on
-/// the host when penalties need the history. One uniform number is drawn either way.
-fn pick<B: Backend>(
-    b: &B,
-    s: &mut Scratch<B>,
-    vocab: usize,
-    sampler: &mut Sampler,
-    history: &[u32],
-) -> Result<u32> {
-    let op = sampler.next_op();
-    let id = if sampler.params.has_penalties() {
-        let mut logits = vec![0f32; vocab];
-        b.read(&s.logits, 0, bytemuck::cast_slice_mut(&mut logits))?;
-        apply_penalties(&mut logits, history, &sampler.params);
-        sample_logits(&logits, &op)
-    } else {
-        b.sample(&mut s.tokens, 0, &s.logits, vocab, op)?;
-        let mut id = [0u32];
-        b.read(&s.tokens, 0, bytemuck::cast_slice_mut(&mut id))?;
-        id[0]
-    };
-    if id as usize >= vocab {
-        return Err(Error::Generation(format!(
-            "the device sampled token id {id}, outside the vocabulary of {vocab}"
-        )));
-    }
-    Ok(id)
 }
