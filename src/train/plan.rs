@@ -61,6 +61,20 @@ fn trained_values(cfg: &ModelConfig, trained: Trained, lora: Option<&LoraConfig>
 }
 
 impl TrainPlan {
+    /// The plan of a step on a model already on the device (its weights counted as loaded; its
+    /// adapters, when it has them, as the ones trained).
+    pub fn for_model<B: crate::backend::Backend>(
+        m: &crate::model::Model<B>,
+        trained: Trained,
+        ckpt: Checkpointing,
+        rows: usize,
+    ) -> TrainPlan {
+        use crate::dtype::DType;
+        let half = matches!(m.w.tok_embeddings.dtype, DType::F16 | DType::BF16);
+        let lora = m.lora.as_ref().map(|l| &l.cfg);
+        TrainPlan::new(&m.cfg, 0, half, trained, lora, ckpt, rows)
+    }
+
     /// The plan for micro-batches of `rows` rows. `weights`: the stored weights' bytes (0 when
     /// loaded already); `half_weights`: whether they are f16 / bf16 (full fine-tuning then keeps
     /// f32 master copies).

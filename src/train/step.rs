@@ -10,7 +10,6 @@
 use crate::backend::train::TrainBackend;
 use crate::backend::Heads;
 use crate::batch::Batch;
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::{Acts, Attend, LoraScratch, Model, ProjScratch};
 use crate::pool::Buf;
@@ -124,9 +123,7 @@ impl<B: TrainBackend> Trainer<B> {
         let rows = max_rows.max(1);
         let r = m.lora.as_ref().map_or(0, |l| l.cfg.r);
         // The weights are on the device already; what the step adds must fit beside them.
-        let half = matches!(m.w.tok_embeddings.dtype, DType::F16 | DType::BF16);
-        let lora = m.lora.as_ref().map(|l| &l.cfg);
-        let plan = TrainPlan::new(c, 0, half, trained, lora, ckpt, rows);
+        let plan = TrainPlan::for_model(m, trained, ckpt, rows);
         plan.check(&b.memory_limits(), &b.device_name())?;
         let f = |n: usize| b.alloc(rows * n * 4);
         let layers = c.n_layers;

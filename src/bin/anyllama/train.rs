@@ -323,8 +323,6 @@ fn checkpointing<B: TrainBackend>(
             CheckpointingArg::Offload => Checkpointing::Offload,
         });
     }
-    let half = matches!(m.w.tok_embeddings.dtype, DType::F16 | DType::BF16);
-    let lora = m.lora.as_ref().map(|l| &l.cfg);
     let limits = b.memory_limits();
     let all = [
         Checkpointing::Off,
@@ -332,7 +330,7 @@ fn checkpointing<B: TrainBackend>(
         Checkpointing::Offload,
     ];
     for ckpt in all {
-        let plan = TrainPlan::new(&m.cfg, 0, half, trained, lora, ckpt, rows);
+        let plan = TrainPlan::for_model(m, trained, ckpt, rows);
         if plan.check(&limits, &b.device_name()).is_ok() {
             return Ok(ckpt);
         }
