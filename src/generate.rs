@@ -139,12 +139,7 @@ impl<'a, B: Backend> Generator<'a, B> {
 
     /// Runs `tokens` at the end of the sequence; the last one's logits end in scratch.logits.
     fn feed(&mut self, tokens: &[u32], rope_len: usize) -> Result<()> {
-        let vocab = self.model.cfg.vocab_size;
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Generation(format!(
-                "token id {t} is outside the model's vocabulary of {vocab}"
-            )));
-        }
+        check_ids(tokens, self.model.cfg.vocab_size)?;
         self.model.prepare_rope(self.b, rope_len)?;
         for chunk in tokens.chunks(self.scratch.rows) {
             self.b
@@ -343,4 +338,14 @@ pub(crate) fn pick_finish<B: Backend>(b: &B, picked: Picked, vocab: usize) -> Re
         )));
     }
     Ok(id)
+}
+
+/// Every id of `tokens` is inside the vocabulary (an embedding lookup past it reads garbage).
+pub(crate) fn check_ids(tokens: &[u32], vocab: usize) -> Result<()> {
+    match tokens.iter().find(|&&t| t as usize >= vocab) {
+        Some(t) => Err(Error::Generation(format!(
+            "token id {t} is outside the model's vocabulary of {vocab}"
+        ))),
+        None => Ok(()),
+    }
 }

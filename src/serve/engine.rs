@@ -15,7 +15,7 @@ use crate::backend::params::KV_BLOCK;
 use crate::backend::Backend;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::generate::{pick_finish, pick_start};
+use crate::generate::{check_ids, pick_finish, pick_start};
 use crate::kv_cache::{KvCache, Sequence};
 use crate::model::{Model, Scratch};
 use crate::sample::{Sampler, SamplingParams};
@@ -349,11 +349,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         } else {
             (std::slice::from_ref(&r.next), r.seq.len + 1)
         };
-        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Generation(format!(
-                "token id {t} is outside the model's vocabulary of {vocab}"
-            )));
-        }
+        check_ids(tokens, vocab)?;
         let n = tokens.len();
         self.model.prepare_rope(self.b, rope_len)?;
         self.b
