@@ -83,3 +83,125 @@ impl<B: Backend> Batch<B> {
         }
     }
 }
+
+/// What the row ops (`kv_append_rows`, `attention_rows`) read of a batch of many sequences'
+/// rows over the paged cache (serving: the decode rows of every running sequence and chunks of
+/// prompts, in one forward call).
+pub struct RowsView<'a, B: Backend> {
+    pub rows: usize,
+    /// u32 [rows]: each row's position in its sequence.
+    pub pos: &'a Buf<B>,
+    /// u32 [rows]: where the block table of each row's sequence starts in the batch's tables.
+    pub row_table: &'a Buf<B>,
+    /// The largest pos + 1 of the batch (kernels size their grids by it).
+    pub max_ctx: usize,
+    /// u32s in the batch's tables (every row's blocks lie inside them).
+    pub table_len: usize,
+}
+
+impl<B: Backend> Clone for RowsView<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for RowsView<'_, B> {}
+
+/// One sequence's part of a `RowsBatch`.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqRows<'a> {
+    /// The sequence's block table, covering pos0 + rows positions.
+    pub table: &'a [u32],
+    /// Position of its first row (the positions already in the cache).
+    pub pos0: usize,
+    pub rows: usize,
+}
+
+/// Rows of several sequences over the paged cache, with device buffers allocated once for
+/// up to `max_rows` rows and `max_table` block ids and refilled for every forward call.
+pub struct RowsBatch<B: Backend> {
+    /// (first row, rows) of each sequence, in the order given.
+    pub spans: Vec<(usize, usize)>,
+    pub rows: usize,
+    max_ctx: usize,
+    table_len: usize,
+    max_rows: usize,
+    max_table: usize,
+    pos: Buf<B>,
+    row_table: Buf<B>,
+    /// u32: every sequence's block table, one after another.
+    pub tables: Buf<B>,
+}
+
+impl<B: Backend> RowsBatch<B> {
+    pub fn new(b: &B, max_rows: usize, max_table: usize) -> Result<Self> {
+        Ok(RowsBatch {
+            spans: Vec::new(),
+            rows: 0,
+            max_ctx: 0,
+            table_len: 0,
+            max_rows,
+            max_table,
+            pos: b.alloc(max_rows.max(1) * 4)?,
+            row_table: b.alloc(max_rows.max(1) * 4)?,
+            tables: b.alloc(max_table.max(1) * 4)?,
+        })
+    }
+
+    /// Lays out `seqs` (each with at least one row) and uploads the layout.
+    pub fn set(&mut self, b: &B, seqs: &[SeqRows<'_>]) -> Result<()> {
+        let rows: usize = seqs.iter().map(|s| s.rows).sum();
+        let table_len: usize = seqs.iter().map(|s| s.table.len()).sum();
+        if seqs.is_empty() || seqs.iter().any(|s| s.rows == 0) {
+            return Err(Error::Usage(
+                "a batch needs at least one sequence, each with at least one row".into(),
+            ));
+        }
+        if rows > self.max_rows || table_len > self.max_table {
+            return Err(Error::Usage(format!(
+                "a batch of {rows} rows and {table_len} blocks exceeds its buffers ({} rows, {} \
+                 blocks)",
+                self.max_rows, self.max_table
+            )));
+        }
+        let (mut pos, mut row_table) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        let mut tables = Vec::with_capacity(table_len);
+        self.spans.clear();
+        self.max_ctx = 0;
+        for s in seqs {
+            let end = s.pos0 + s.rows;
+            if end.div_ceil(crate::backend::params::KV_BLOCK) > s.table.len() {
+                return Err(Error::Usage(format!(
+                    "a block table of {} blocks does not cover position {}",
+                    s.table.len(),
+                    end - 1
+                )));
+            }
+            self.spans.push((pos.len(), s.rows));
+            pos.extend((s.pos0..end).map(|p| p as u32));
+            row_table.extend(std::iter::repeat_n(tables.len() as u32, s.rows));
+            tables.extend_from_slice(s.table);
+            self.max_ctx = self.max_ctx.max(end);
+        }
+        b.upload(&mut self.pos, 0, bytemuck::cast_slice(&pos))?;
+        b.upload(&mut self.row_table, 0, bytemuck::cast_slice(&row_table))?;
+        b.upload(&mut self.tables, 0, bytemuck::cast_slice(&tables))?;
+        self.rows = rows;
+        self.table_len = table_len;
+        Ok(())
+    }
+
+    pub fn view(&self) -> RowsView<'_, B> {
+        RowsView {
+            rows: self.rows,
+            pos: &self.pos,
+            row_table: &self.row_table,
+            max_ctx: self.max_ctx,
+            table_len: self.table_len,
+        }
+    }
+
+    /// Whether every sequence has exactly one row (pure decode).
+    pub fn one_row_each(&self) -> bool {
+        self.spans.len() == self.rows
+    }
+}

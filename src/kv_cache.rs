@@ -126,6 +126,16 @@ impl<B: Backend> KvCache<B> {
         (&mut self.k[layer], &mut self.v[layer], &seq.device_table)
     }
 
+    /// Layer `layer`'s K and V pools, writable (a batch of many sequences brings its tables).
+    pub fn pools_mut(&mut self, layer: usize) -> (&mut Buf<B>, &mut Buf<B>) {
+        (&mut self.k[layer], &mut self.v[layer])
+    }
+
+    /// Layer `layer`'s K and V pools.
+    pub fn pools(&self, layer: usize) -> (&Buf<B>, &Buf<B>) {
+        (&self.k[layer], &self.v[layer])
+    }
+
     /// Layer `layer` of the sequence as attention reads it.
     pub fn view<'a>(&'a self, layer: usize, seq: &'a Sequence<B>) -> KvView<'a, B> {
         KvView {

@@ -1,7 +1,7 @@
 //! The Llama forward pass: llama2.c's forward() as a list of backend ops with shape comments.
 
-use crate::backend::{Backend, Heads, KvSlot, RmsNormed, RopeArgs};
-use crate::batch::BatchView;
+use crate::backend::{Backend, Heads, KvSlot, KvView, RmsNormed, RopeArgs};
+use crate::batch::{BatchView, RowsBatch, RowsView};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::{KvCache, Sequence};
@@ -103,6 +103,12 @@ impl<B: Backend> Scratch<B> {
     /// `all_logits`: keep the logits of every row (tests), not just of the last. Sized for the
     /// model's adapters, if it has any.
     pub fn new(b: &B, m: &Model<B>, rows: usize, all_logits: bool) -> Result<Self> {
+        Self::with_logit_rows(b, m, rows, if all_logits { rows } else { 1 })
+    }
+
+    /// Scratch for `rows` rows per call whose logits hold `logit_rows` rows (a batch of many
+    /// sequences keeps one row of logits per sequence).
+    pub fn with_logit_rows(b: &B, m: &Model<B>, rows: usize, logit_rows: usize) -> Result<Self> {
         let cfg = &m.cfg;
         let lora_rank = m.lora.as_ref().map_or(0, |l| l.cfg.r);
         Ok(Scratch {
@@ -111,7 +117,7 @@ impl<B: Backend> Scratch<B> {
             x: b.alloc(rows * cfg.dim * 4)?,
             acts: Acts::new(b, cfg, rows)?,
             proj: ProjScratch::new(b, cfg, rows, lora_rank)?,
-            logits: b.alloc(if all_logits { rows } else { 1 } * cfg.vocab_size * 4)?,
+            logits: b.alloc(logit_rows.max(1) * cfg.vocab_size * 4)?,
         })
     }
 }
@@ -127,6 +133,13 @@ pub enum Attend<'a, B: Backend> {
     /// A packed batch (training): rows at the batch's positions, attention within each
     /// sequence over the rows themselves, the logsumexp kept in `Acts::lse`.
     Packed(BatchView<'a, B>),
+    /// Rows of many sequences over the paged cache (serving): each row at its own position,
+    /// k and v stored in its sequence's blocks, attention over its sequence's cache.
+    Rows {
+        kv: &'a mut KvCache<B>,
+        tables: &'a Buf<B>,
+        rows: RowsView<'a, B>,
+    },
 }
 
 impl<B: Backend> Model<B> {
@@ -193,6 +206,42 @@ impl<B: Backend> Model<B> {
         b.matmul(&mut s.logits, xb, self.w.output(), out_rows) // logits [out_rows, vocab]
     }
 
+    /// Runs the rows of `batch` (tokens already in `s.tokens`; the sequences' blocks reserved)
+    /// through the model, appending their K/V to the cache, and writes the logits of each
+    /// sequence's last row to `s.logits` [n_seqs, vocab], in the batch's order. Call
+    /// `prepare_rope` first (a RoPE that varies with the length needs one batch per length).
+    pub fn forward_rows(
+        &self,
+        b: &B,
+        s: &mut Scratch<B>,
+        kv: &mut KvCache<B>,
+        batch: &RowsBatch<B>,
+    ) -> Result<()> {
+        let (dim, eps, rows) = (self.cfg.dim, self.cfg.norm_eps, batch.rows);
+        let n_seqs = batch.spans.len();
+        b.embedding(&mut s.x, &s.tokens, &self.w.tok_embeddings, rows)?; // x [rows, dim]
+        for i in 0..self.cfg.n_layers {
+            let attend = Attend::Rows {
+                kv,
+                tables: &batch.tables,
+                rows: batch.view(),
+            };
+            self.attention_block(b, i, &mut s.x, &mut s.acts, &mut s.proj, attend, rows)?;
+            self.ffn_block(b, i, &mut s.x, &mut s.acts, &mut s.proj, rows, false)?;
+        }
+        // final norm and classifier on each sequence's last row
+        let (xb, last) = (&mut s.acts.xb, &mut s.proj.out);
+        if batch.one_row_each() {
+            b.rms_norm(xb, &s.x, &self.w.norm, n_seqs, dim, eps)?;
+        } else {
+            for (j, &(first, n)) in batch.spans.iter().enumerate() {
+                b.copy(last, j * dim * 4, &s.x, (first + n - 1) * dim * 4, dim * 4)?;
+            }
+            b.rms_norm(xb, last, &self.w.norm, n_seqs, dim, eps)?; // xb [n_seqs, dim]
+        }
+        b.matmul(&mut s.logits, xb, self.w.output(), n_seqs) // logits [n_seqs, vocab]
+    }
+
     /// Layer i's attention block: x += attention(rope(rms_norm(x) . (wq, wk, wv)^T)) . wo^T.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_block(
@@ -252,6 +301,28 @@ impl<B: Backend> Model<B> {
                 b.rope_rows(&mut a.k, inv_freq, batch.pos, rows, c.n_kv_heads, hd, scale)?;
                 let lse = Some(&mut a.lse); // lse [rows, n_heads]
                 b.attention_packed(&mut a.att, lse, &a.q, &a.k, &a.v, batch, heads)?;
+            }
+            Attend::Rows { kv, tables, rows: batch } => {
+                // rotate q and k at each row's position; store k and v in its sequence's blocks
+                let (hd, dtype, n) = (c.head_dim, kv.dtype, rows);
+                b.rope_rows(&mut a.q, inv_freq, batch.pos, n, c.n_heads, hd, scale)?;
+                b.rope_rows(&mut a.k, inv_freq, batch.pos, n, c.n_kv_heads, hd, scale)?;
+                let (k, v) = kv.pools_mut(i);
+                let cache = KvSlot {
+                    k,
+                    v,
+                    table: tables,
+                    dtype,
+                };
+                b.kv_append_rows(cache, &a.k, &a.v, batch, heads)?;
+                let (k, v) = kv.pools(i);
+                let view = KvView {
+                    k,
+                    v,
+                    table: tables,
+                    dtype,
+                };
+                b.attention_rows(&mut a.att, &a.q, view, batch, heads)?; // att [rows, n_heads*hd]
             }
         }
         // x += att . wo^T (+ bo) (+ the adapter's product)

@@ -3,9 +3,9 @@
 //! no GPU adapter. Only `matmul` and `attention` split their outer loop over threads, because
 //! they are where all the time goes.
 
-use super::{Backend, Heads, KvView, SampleOp, Weight};
+use super::{Backend, Heads, KvSlot, KvView, SampleOp, Weight};
 use crate::backend::params::KV_BLOCK;
-use crate::batch::BatchView;
+use crate::batch::{BatchView, RowsView};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -339,44 +339,68 @@ impl Backend for Cpu {
         h: Heads,
     ) -> Result<()> {
         let hd = h.head_dim;
-        let group = h.n_heads / h.n_kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
         let (q, table) = (&f32s(q)[..rows * h.n_heads * hd], u32s(kv.table));
-        let (kc, vc) = (kv.k.raw().as_slice(), kv.v.raw().as_slice());
-        // One chunk per (row, head): scores over positions 0..=pos, softmax, weighted sum of V.
+        // One chunk per (row, head), over positions 0..=pos0 + r.
         par_chunks(
             self.threads,
             &mut f32s_mut(out)[..rows * h.n_heads * hd],
             hd,
             |i, o| {
                 let (r, head) = (i / h.n_heads, i % h.n_heads);
-                let kvh = head / group;
-                let qv = &q[i * hd..(i + 1) * hd];
-                let n_pos = pos0 + r + 1;
-                let mut scores: Vec<f32> = (0..n_pos)
-                    .map(|p| {
-                        let base = kv_index(table, p, kvh, h);
-                        (0..hd)
-                            .map(|d| qv[d] * kv_get(kc, kv.dtype, base + d))
-                            .sum::<f32>()
-                            * scale
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                o.fill(0.0);
-                for (p, s) in scores.iter().enumerate() {
-                    let base = kv_index(table, p, kvh, h);
-                    for (d, od) in o.iter_mut().enumerate() {
-                        *od += s / sum * kv_get(vc, kv.dtype, base + d);
-                    }
-                }
+                attend_paged(o, &q[i * hd..(i + 1) * hd], &kv, table, pos0 + r, head, h);
             },
         );
+        Ok(())
+    }
+
+    fn kv_append_rows(
+        &self,
+        cache: KvSlot<'_, Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        rows: RowsView<'_, Self>,
+        h: Heads,
+    ) -> Result<()> {
+        let (pos, row_table) = (&u32s(rows.pos)[..rows.rows], u32s(rows.row_table));
+        let tables = u32s(cache.table);
+        let width = h.n_kv_heads * h.head_dim;
+        for (cache_buf, src) in [(cache.k, k), (cache.v, v)] {
+            let src = &f32s(src)[..rows.rows * width];
+            for (r, row) in src.chunks_exact(width).enumerate() {
+                let table = &tables[row_table[r] as usize..];
+                let base = kv_index(table, pos[r] as usize, 0, h);
+                match cache.dtype {
+                    DType::F16 => {
+                        let halves: &mut [u16] = bytemuck::cast_slice_mut(cache_buf.raw_mut());
+                        for (d, s) in halves[base..base + width].iter_mut().zip(row) {
+                            *d = f16::from_f32(*s).to_bits();
+                        }
+                    }
+                    _ => f32s_mut(cache_buf)[base..base + width].copy_from_slice(row),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention_rows(
+        &self,
+        out: &mut Buf<Self>,
+        q: &Buf<Self>,
+        kv: KvView<'_, Self>,
+        rows: RowsView<'_, Self>,
+        h: Heads,
+    ) -> Result<()> {
+        let hd = h.head_dim;
+        let n = rows.rows * h.n_heads * hd;
+        let (q, tables) = (&f32s(q)[..n], u32s(kv.table));
+        let (pos, row_table) = (u32s(rows.pos), u32s(rows.row_table));
+        // As `attention`, row r over positions 0..=pos[r] of its own sequence's table.
+        par_chunks(self.threads, &mut f32s_mut(out)[..n], hd, |i, o| {
+            let (r, head) = (i / h.n_heads, i % h.n_heads);
+            let table = &tables[row_table[r] as usize..];
+            attend_paged(o, &q[i * hd..(i + 1) * hd], &kv, table, pos[r] as usize, head, h);
+        });
         Ok(())
     }
 
@@ -515,6 +539,45 @@ impl Backend for Cpu {
         let token = crate::sample::sample_logits(&f32s(logits)[..vocab], &s);
         out.raw_mut()[out_index] = token;
         Ok(())
+    }
+}
+
+/// o = softmax(qv . K[0..=last]^T / sqrt(head_dim)) V for query head `head`, K and V the rows
+/// of its kv head in the paged cache through `table`.
+fn attend_paged(
+    o: &mut [f32],
+    qv: &[f32],
+    kv: &KvView<'_, Cpu>,
+    table: &[u32],
+    last: usize,
+    head: usize,
+    h: Heads,
+) {
+    let hd = h.head_dim;
+    let kvh = head / (h.n_heads / h.n_kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (kc, vc) = (kv.k.raw().as_slice(), kv.v.raw().as_slice());
+    let mut scores: Vec<f32> = (0..=last)
+        .map(|p| {
+            let base = kv_index(table, p, kvh, h);
+            (0..hd)
+                .map(|d| qv[d] * kv_get(kc, kv.dtype, base + d))
+                .sum::<f32>()
+                * scale
+        })
+        .collect();
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    o.fill(0.0);
+    for (p, s) in scores.iter().enumerate() {
+        let base = kv_index(table, p, kvh, h);
+        for (d, od) in o.iter_mut().enumerate() {
+            *od += s / sum * kv_get(vc, kv.dtype, base + d);
+        }
     }
 }
 

@@ -14,7 +14,7 @@
 //! - Device errors are sticky: an op that fails to enqueue returns the error at once, an error
 //!   raised while executing is returned by the next `read` / `sync`.
 
-use crate::batch::BatchView;
+use crate::batch::{BatchView, RowsView};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -407,6 +407,38 @@ pub trait Backend: Sized + 'static {
         Err(no_packed(self.name()))
     }
 
+    // ---- rows of many sequences over the paged cache (serving's batched decode) ----
+    /// Stores k and v rows `[rows, n_kv_heads, head_dim]` in the paged cache: row r at position
+    /// pos[r] of the sequence whose block table starts at `cache.table[row_table[r]]` (the
+    /// tables of every sequence of the batch, one after another). Backends that do not run
+    /// batched decoding return an error naming themselves.
+    fn kv_append_rows(
+        &self,
+        cache: KvSlot<'_, Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        rows: RowsView<'_, Self>,
+        heads: Heads,
+    ) -> Result<()> {
+        let _ = (cache, k, v, rows, heads);
+        Err(no_rows(self.name()))
+    }
+    /// Causal GQA attention of rows of many sequences over their paged caches: out[r, h] =
+    /// softmax(q[r, h] . K_s[0..=pos[r]]^T / sqrt(head_dim)) V_s, where s is r's sequence (its
+    /// block table at `kv.table[row_table[r]]`). Any mix of decode rows and prompt chunks; a
+    /// row's result does not depend on the other rows of the batch.
+    fn attention_rows(
+        &self,
+        out: &mut Buf<Self>,
+        q: &Buf<Self>,
+        kv: KvView<'_, Self>,
+        rows: RowsView<'_, Self>,
+        heads: Heads,
+    ) -> Result<()> {
+        let _ = (out, q, kv, rows, heads);
+        Err(no_rows(self.name()))
+    }
+
     /// Picks a token from logits[vocab] and writes it (u32) to out[out_index].
     fn sample(
         &self,
@@ -416,6 +448,12 @@ pub trait Backend: Sized + 'static {
         vocab: usize,
         s: SampleOp,
     ) -> Result<()>;
+}
+
+fn no_rows(backend: &str) -> Error {
+    Error::Device(format!(
+        "the {backend} backend does not run batched decoding over the paged cache"
+    ))
 }
 
 fn no_packed(backend: &str) -> Error {

@@ -8,17 +8,21 @@
 //! context, or when its client is gone (a send on a closed channel), and its blocks go back to
 //! the free list at once.
 //!
-//! Phase 1 runs one forward call per sequence per step. Putting every decode row into one
-//! forward (a `Batch`, DESIGN.md "Serving") is phase 2; the scheduler's shape stays the same.
+//! One step is one forward call (`Model::forward_rows`): the decode rows of every running
+//! sequence and chunks of waiting prompts, each row at its own position over its own blocks
+//! (DESIGN.md "Serving"). A row's result does not depend on what else is in the batch, so a
+//! request gets the tokens it gets alone.
 
 use crate::backend::params::KV_BLOCK;
 use crate::backend::Backend;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::generate::{check_ids, pick_finish, pick_start};
+use crate::batch::{RowsBatch, SeqRows};
+use crate::generate::check_ids;
 use crate::kv_cache::{KvCache, Sequence};
 use crate::model::{Model, Scratch};
-use crate::sample::{Sampler, SamplingParams};
+use crate::pool::Buf;
+use crate::sample::{apply_penalties, sample_logits, Sampler, SamplingParams};
 use crate::stop::StopMatcher;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::VecDeque;
@@ -179,6 +183,11 @@ pub struct Engine<'a, B: Backend> {
     model: &'a mut Model<B>,
     kv: KvCache<B>,
     scratch: Scratch<B>,
+    /// The layout of each step's rows.
+    batch: RowsBatch<B>,
+    /// One sequence's logits, copied out for the `sample` op; the tokens it picks [max_seqs].
+    row_logits: Buf<B>,
+    picked: Buf<B>,
     cfg: EngineConfig,
     waiting: VecDeque<Request>,
     running: Vec<Running<B>>,
@@ -205,12 +214,25 @@ impl<'a, B: Backend> Engine<'a, B> {
             )));
         }
         let kv = KvCache::new(b, &model.cfg, cfg.kv_blocks, cfg.kv_dtype)?;
-        let scratch = Scratch::new(b, model, cfg.prefill_chunk.clamp(1, cfg.ctx_len), false)?;
+        // A step runs every running sequence's decode row plus up to prefill_chunk prompt rows.
+        let prefill_chunk = cfg.prefill_chunk.clamp(1, cfg.ctx_len);
+        let rows = prefill_chunk + cfg.max_seqs;
+        let scratch = Scratch::with_logit_rows(b, model, rows, cfg.max_seqs)?;
+        let batch = RowsBatch::new(b, rows, cfg.max_seqs * need)?;
+        let row_logits = b.alloc(model.cfg.vocab_size * 4)?;
+        let picked = b.alloc(cfg.max_seqs * 4)?;
+        let cfg = EngineConfig {
+            prefill_chunk,
+            ..cfg
+        };
         Ok(Engine {
             b,
             model,
             kv,
             scratch,
+            batch,
+            row_logits,
+            picked,
             cfg,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -290,40 +312,75 @@ impl<'a, B: Backend> Engine<'a, B> {
         Ok(())
     }
 
-    /// Advances every running sequence once and retires those that ended.
+    /// Advances every running sequence once, all in one forward call, and retires those that
+    /// ended: the decode row of every sequence whose prompt is in, then chunks of prompts
+    /// (in admission order) under the prefill budget, so a long prompt never stalls the
+    /// running streams.
     fn step(&mut self) -> Result<()> {
-        let mut i = 0;
-        while i < self.running.len() {
-            let outcome = match self.advance(i) {
-                Ok(o) => o,
-                Err(e) => {
-                    // A device error fails this request; the engine keeps serving the others.
-                    let _ = self.running[i].req.events.send(Event::Error(e.to_string()));
-                    Outcome::Dropped
-                }
-            };
-            match outcome {
-                Outcome::Continue => i += 1,
-                Outcome::Finished(finish) => {
-                    let r = &mut self.running[i];
-                    let tail = if r.stop.stopped() {
-                        String::new()
-                    } else {
-                        let rest = r.decoder.finish().unwrap_or_default();
-                        r.stop.push(&rest) + &r.stop.finish()
-                    };
-                    if !tail.is_empty() {
-                        let _ = r.req.events.send(Event::Text(tail));
-                    }
-                    let _ = r.req.events.send(Event::Done {
-                        finish,
-                        prompt_tokens: r.req.prompt.len(),
-                        completion_tokens: r.generated,
-                    });
-                    self.retire(i);
-                }
-                Outcome::Dropped => self.retire(i),
+        let mut ended: Vec<(usize, Outcome)> = Vec::new();
+        let mut decode = Vec::new();
+        let mut prefill = Vec::new();
+        for (i, r) in self.running.iter().enumerate() {
+            if r.req.events.is_closed() {
+                ended.push((i, Outcome::Dropped));
+            } else if r.fed < r.req.prompt.len() {
+                prefill.push(i);
+            } else {
+                decode.push((i, 1));
             }
+        }
+        let mut budget = self.cfg.prefill_chunk;
+        for i in prefill {
+            if budget == 0 {
+                break;
+            }
+            let r = &self.running[i];
+            let n = (r.req.prompt.len() - r.fed).min(budget);
+            budget -= n;
+            decode.push((i, n));
+        }
+        let plan = decode;
+        // A RoPE that varies with the length runs one sequence per call (each at its own).
+        let groups: Vec<&[(usize, usize)]> = if crate::rope::varies_with_len(&self.model.cfg) {
+            plan.chunks(1).collect()
+        } else if plan.is_empty() {
+            Vec::new()
+        } else {
+            vec![&plan[..]]
+        };
+        for group in groups {
+            match self.run_batch(group) {
+                Ok(outcomes) => ended.extend(outcomes),
+                Err(e) => {
+                    // A device error fails these requests; the engine keeps serving the others.
+                    for &(i, _) in group {
+                        let _ = self.running[i].req.events.send(Event::Error(e.to_string()));
+                        ended.push((i, Outcome::Dropped));
+                    }
+                }
+            }
+        }
+        // Retire from the highest index down, so that swap_remove keeps the others' indices.
+        ended.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
+        for (i, outcome) in ended {
+            if let Outcome::Finished(finish) = outcome {
+                let r = &mut self.running[i];
+                let tail = if r.stop.stopped() {
+                    String::new()
+                } else {
+                    let rest = r.decoder.finish().unwrap_or_default();
+                    r.stop.push(&rest) + &r.stop.finish()
+                };
+                if !tail.is_empty() {
+                    let _ = r.req.events.send(Event::Text(tail));
+                }
+                let _ = r.req.events.send(Event::Done {
+                    finish,
+                    prompt_tokens: r.req.prompt.len(),
+                    completion_tokens: r.generated,
+                });
+            }
+            self.retire(i);
         }
         Ok(())
     }
@@ -334,44 +391,119 @@ impl<'a, B: Backend> Engine<'a, B> {
         self.committed -= r.blocks;
     }
 
-    /// One prefill chunk or one decode token of running sequence `i`.
-    fn advance(&mut self, i: usize) -> Result<Outcome> {
-        let vocab = self.model.cfg.vocab_size;
-        let r = &mut self.running[i];
-        if r.req.events.is_closed() {
-            return Ok(Outcome::Dropped);
-        }
-        // The positions and RoPE length are the ones `Generator` uses, so a request gives the
-        // tokens `anyllama generate` / `chat` give.
-        let (tokens, rope_len): (&[u32], usize) = if r.fed < r.req.prompt.len() {
-            let end = (r.fed + self.scratch.rows).min(r.req.prompt.len());
-            (&r.req.prompt[r.fed..end], r.req.prompt.len())
-        } else {
-            (std::slice::from_ref(&r.next), r.seq.len + 1)
-        };
-        check_ids(tokens, vocab)?;
-        let n = tokens.len();
-        self.model.prepare_rope(self.b, rope_len)?;
-        self.b
-            .upload(&mut self.scratch.tokens, 0, bytemuck::cast_slice(tokens))?;
-        let end = r.seq.len + n;
-        self.kv.reserve(self.b, &mut r.seq, end)?;
-        // A plain forward, not `decode_step`: a captured graph would be bound to one
-        // sequence's block table and replayed for another.
-        self.model
-            .forward(self.b, &mut self.scratch, &mut self.kv, &r.seq, n, false)?;
-        r.seq.len = end;
-        if r.fed < r.req.prompt.len() {
-            r.fed += n;
+    /// One forward call over `group` ((running index, rows) pairs: a prompt chunk or the one
+    /// token to decode), then a token for every sequence whose prompt is now in. Returns the
+    /// sequences that ended.
+    fn run_batch(&mut self, group: &[(usize, usize)]) -> Result<Vec<(usize, Outcome)>> {
+        let (b, vocab) = (self.b, self.model.cfg.vocab_size);
+        let mut tokens = Vec::new();
+        let mut rope_len = 0;
+        for &(i, n) in group {
+            let r = &mut self.running[i];
+            // The positions and RoPE length are the ones `Generator` uses, so a request gives
+            // the tokens `anyllama generate` / `chat` give.
             if r.fed < r.req.prompt.len() {
-                return Ok(Outcome::Continue);
+                tokens.extend_from_slice(&r.req.prompt[r.fed..r.fed + n]);
+                rope_len = rope_len.max(r.req.prompt.len());
+            } else {
+                tokens.push(r.next);
+                rope_len = rope_len.max(r.seq.len + 1);
             }
-        } else {
-            r.history.push(r.next);
+            let end = r.seq.len + n;
+            self.kv.reserve(b, &mut r.seq, end)?;
         }
+        check_ids(&tokens, vocab)?;
+        let seqs: Vec<SeqRows> = group
+            .iter()
+            .map(|&(i, n)| {
+                let seq = &self.running[i].seq;
+                SeqRows {
+                    table: seq.block_table(),
+                    pos0: seq.len,
+                    rows: n,
+                }
+            })
+            .collect();
+        self.batch.set(b, &seqs)?;
+        self.model.prepare_rope(b, rope_len)?;
+        b.upload(&mut self.scratch.tokens, 0, bytemuck::cast_slice(&tokens))?;
+        self.model
+            .forward_rows(b, &mut self.scratch, &mut self.kv, &self.batch)?;
 
-        let picked = pick_start(self.b, &mut self.scratch, vocab, &mut r.sampler, &r.history)?;
-        let id = pick_finish(self.b, picked, vocab)?;
+        // Sequences whose prompt is in pick a token from their row of the logits: on the
+        // device, or with penalties on the host, as `Generator` picks.
+        let mut sampling = Vec::new();
+        for (j, &(i, n)) in group.iter().enumerate() {
+            let r = &mut self.running[i];
+            r.seq.len += n;
+            if r.fed < r.req.prompt.len() {
+                r.fed += n;
+                if r.fed < r.req.prompt.len() {
+                    continue;
+                }
+            } else {
+                r.history.push(r.next);
+            }
+            sampling.push((j, i));
+        }
+        let host_logits = if sampling
+            .iter()
+            .any(|&(_, i)| self.running[i].sampler.params.has_penalties())
+        {
+            let mut l = vec![0f32; group.len() * vocab];
+            b.read(&self.scratch.logits, 0, bytemuck::cast_slice_mut(&mut l))?;
+            Some(l)
+        } else {
+            None
+        };
+        let mut ids = vec![0u32; group.len()];
+        let mut on_device = false;
+        for &(j, i) in &sampling {
+            let r = &mut self.running[i];
+            let op = r.sampler.next_op();
+            if r.sampler.params.has_penalties() {
+                let logits = host_logits.as_ref().expect("read above");
+                let mut row = logits[j * vocab..(j + 1) * vocab].to_vec();
+                apply_penalties(&mut row, &r.history, &r.sampler.params);
+                ids[j] = sample_logits(&row, &op);
+            } else {
+                b.copy(&mut self.row_logits, 0, &self.scratch.logits, j * vocab * 4, vocab * 4)?;
+                b.sample(&mut self.picked, j, &self.row_logits, vocab, op)?;
+                on_device = true;
+            }
+        }
+        if on_device {
+            let mut device_ids = vec![0u32; group.len()];
+            b.read(&self.picked, 0, bytemuck::cast_slice_mut(&mut device_ids))?;
+            for &(j, i) in &sampling {
+                if !self.running[i].sampler.params.has_penalties() {
+                    ids[j] = device_ids[j];
+                }
+            }
+        }
+        let mut ended = Vec::new();
+        for &(j, i) in &sampling {
+            match self.deliver(i, ids[j], vocab) {
+                Ok(Outcome::Continue) => {}
+                Ok(outcome) => ended.push((i, outcome)),
+                Err(e) => {
+                    let _ = self.running[i].req.events.send(Event::Error(e.to_string()));
+                    ended.push((i, Outcome::Dropped));
+                }
+            }
+        }
+        Ok(ended)
+    }
+
+    /// Hands sequence i's new token to its request: EOS, text (held back while it may be the
+    /// start of a stop string), or the end of its budget.
+    fn deliver(&mut self, i: usize, id: u32, vocab: usize) -> Result<Outcome> {
+        if id as usize >= vocab {
+            return Err(Error::Generation(format!(
+                "the device sampled token id {id}, outside the vocabulary of {vocab}"
+            )));
+        }
+        let r = &mut self.running[i];
         if self.cfg.eos_ids.contains(&id) {
             return Ok(Outcome::Finished(Finish::Stop));
         }

@@ -47,7 +47,9 @@ impl WithBackend for EngineJob {
             .unwrap_or(a.max_seqs.saturating_mul(ctx.div_ceil(KV_BLOCK)));
         let chunk = SERVE_PREFILL_CHUNK.min(PREFILL_CHUNK);
         // The shared cache is as large as one context of kv_blocks * KV_BLOCK positions.
-        files.check_fits(&b, kv_blocks * KV_BLOCK, kv_dtype(&a.model), chunk)?;
+        // A step's activations cover the prompt chunk plus one decode row per sequence.
+        let rows = chunk + a.max_seqs;
+        files.check_fits(&b, kv_blocks * KV_BLOCK, kv_dtype(&a.model), rows)?;
         let mut model = files.load(&b, a.model.verbose)?;
         if let Some(adapter) = &a.model.lora {
             adapter.apply(&b, &mut model)?;
