@@ -84,19 +84,20 @@ impl<B: Backend> Batch<B> {
     }
 }
 
-/// What the row ops (`kv_append_rows`, `attention_rows`) read of a batch of many sequences'
-/// rows over the paged cache (serving: the decode rows of every running sequence and chunks of
-/// prompts, in one forward call).
+/// What the row ops (`rope_rows`, `kv_append_rows`, `attention_rows`) read of a batch of many
+/// sequences' rows over the paged cache (serving: the decode rows of every running sequence
+/// and chunks of prompts, in one forward call). Its layout is one u32 buffer, `meta`:
+/// `[pos: rows][table offset: rows][block tables]`. Row r sits at position `meta[r]` of the
+/// sequence whose block table starts at `meta[meta[rows + r]]`. The ops that take a KV table
+/// (`KvSlot::table`, `KvView::table`) are given `meta`; `rope_rows` reads its first `rows`
+/// values as the positions.
 pub struct RowsView<'a, B: Backend> {
     pub rows: usize,
-    /// u32 [rows]: each row's position in its sequence.
-    pub pos: &'a Buf<B>,
-    /// u32 [rows]: where the block table of each row's sequence starts in the batch's tables.
-    pub row_table: &'a Buf<B>,
+    pub meta: &'a Buf<B>,
     /// The largest pos + 1 of the batch (kernels size their grids by it).
     pub max_ctx: usize,
-    /// u32s in the batch's tables (every row's blocks lie inside them).
-    pub table_len: usize,
+    /// u32s of `meta` in use.
+    pub meta_len: usize,
 }
 
 impl<B: Backend> Clone for RowsView<'_, B> {
@@ -116,57 +117,55 @@ pub struct SeqRows<'a> {
     pub rows: usize,
 }
 
-/// Rows of several sequences over the paged cache, with device buffers allocated once for
-/// up to `max_rows` rows and `max_table` block ids and refilled for every forward call.
+/// Rows of several sequences over the paged cache, with the device layout (`RowsView::meta`)
+/// allocated once for up to `max_rows` rows and `max_blocks` block ids and refilled for
+/// every forward call.
 pub struct RowsBatch<B: Backend> {
     /// (first row, rows) of each sequence, in the order given.
     pub spans: Vec<(usize, usize)>,
     pub rows: usize,
     max_ctx: usize,
-    table_len: usize,
     max_rows: usize,
-    max_table: usize,
-    pos: Buf<B>,
-    row_table: Buf<B>,
-    /// u32: every sequence's block table, one after another.
-    pub tables: Buf<B>,
+    max_blocks: usize,
+    host: Vec<u32>,
+    meta: Buf<B>,
 }
 
 impl<B: Backend> RowsBatch<B> {
-    pub fn new(b: &B, max_rows: usize, max_table: usize) -> Result<Self> {
+    pub fn new(b: &B, max_rows: usize, max_blocks: usize) -> Result<Self> {
         Ok(RowsBatch {
             spans: Vec::new(),
             rows: 0,
             max_ctx: 0,
-            table_len: 0,
             max_rows,
-            max_table,
-            pos: b.alloc(max_rows.max(1) * 4)?,
-            row_table: b.alloc(max_rows.max(1) * 4)?,
-            tables: b.alloc(max_table.max(1) * 4)?,
+            max_blocks,
+            host: Vec::new(),
+            meta: b.alloc((2 * max_rows + max_blocks).max(1) * 4)?,
         })
     }
 
     /// Lays out `seqs` (each with at least one row) and uploads the layout.
     pub fn set(&mut self, b: &B, seqs: &[SeqRows<'_>]) -> Result<()> {
         let rows: usize = seqs.iter().map(|s| s.rows).sum();
-        let table_len: usize = seqs.iter().map(|s| s.table.len()).sum();
+        let blocks: usize = seqs.iter().map(|s| s.table.len()).sum();
         if seqs.is_empty() || seqs.iter().any(|s| s.rows == 0) {
             return Err(Error::Usage(
                 "a batch needs at least one sequence, each with at least one row".into(),
             ));
         }
-        if rows > self.max_rows || table_len > self.max_table {
+        if rows > self.max_rows || blocks > self.max_blocks {
             return Err(Error::Usage(format!(
-                "a batch of {rows} rows and {table_len} blocks exceeds its buffers ({} rows, {} \
+                "a batch of {rows} rows and {blocks} blocks exceeds its buffers ({} rows, {} \
                  blocks)",
-                self.max_rows, self.max_table
+                self.max_rows, self.max_blocks
             )));
         }
-        let (mut pos, mut row_table) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
-        let mut tables = Vec::with_capacity(table_len);
+        let m = &mut self.host;
+        m.clear();
+        m.resize(2 * rows, 0);
         self.spans.clear();
         self.max_ctx = 0;
+        let mut row = 0;
         for s in seqs {
             let end = s.pos0 + s.rows;
             if end.div_ceil(crate::backend::params::KV_BLOCK) > s.table.len() {
@@ -176,27 +175,27 @@ impl<B: Backend> RowsBatch<B> {
                     end - 1
                 )));
             }
-            self.spans.push((pos.len(), s.rows));
-            pos.extend((s.pos0..end).map(|p| p as u32));
-            row_table.extend(std::iter::repeat_n(tables.len() as u32, s.rows));
-            tables.extend_from_slice(s.table);
+            self.spans.push((row, s.rows));
+            let table_at = m.len() as u32;
+            for (i, p) in (s.pos0..end).enumerate() {
+                m[row + i] = p as u32;
+                m[rows + row + i] = table_at;
+            }
+            m.extend_from_slice(s.table);
+            row += s.rows;
             self.max_ctx = self.max_ctx.max(end);
         }
-        b.upload(&mut self.pos, 0, bytemuck::cast_slice(&pos))?;
-        b.upload(&mut self.row_table, 0, bytemuck::cast_slice(&row_table))?;
-        b.upload(&mut self.tables, 0, bytemuck::cast_slice(&tables))?;
+        b.upload(&mut self.meta, 0, bytemuck::cast_slice(m))?;
         self.rows = rows;
-        self.table_len = table_len;
         Ok(())
     }
 
     pub fn view(&self) -> RowsView<'_, B> {
         RowsView {
             rows: self.rows,
-            pos: &self.pos,
-            row_table: &self.row_table,
+            meta: &self.meta,
             max_ctx: self.max_ctx,
-            table_len: self.table_len,
+            meta_len: self.host.len(),
         }
     }
 

@@ -137,7 +137,6 @@ pub enum Attend<'a, B: Backend> {
     /// k and v stored in its sequence's blocks, attention over its sequence's cache.
     Rows {
         kv: &'a mut KvCache<B>,
-        tables: &'a Buf<B>,
         rows: RowsView<'a, B>,
     },
 }
@@ -223,7 +222,6 @@ impl<B: Backend> Model<B> {
         for i in 0..self.cfg.n_layers {
             let attend = Attend::Rows {
                 kv,
-                tables: &batch.tables,
                 rows: batch.view(),
             };
             self.attention_block(b, i, &mut s.x, &mut s.acts, &mut s.proj, attend, rows)?;
@@ -302,16 +300,16 @@ impl<B: Backend> Model<B> {
                 let lse = Some(&mut a.lse); // lse [rows, n_heads]
                 b.attention_packed(&mut a.att, lse, &a.q, &a.k, &a.v, batch, heads)?;
             }
-            Attend::Rows { kv, tables, rows: batch } => {
+            Attend::Rows { kv, rows: batch } => {
                 // rotate q and k at each row's position; store k and v in its sequence's blocks
-                let (hd, dtype, n) = (c.head_dim, kv.dtype, rows);
-                b.rope_rows(&mut a.q, inv_freq, batch.pos, n, c.n_heads, hd, scale)?;
-                b.rope_rows(&mut a.k, inv_freq, batch.pos, n, c.n_kv_heads, hd, scale)?;
+                let (hd, dtype, n, meta) = (c.head_dim, kv.dtype, rows, batch.meta);
+                b.rope_rows(&mut a.q, inv_freq, meta, n, c.n_heads, hd, scale)?;
+                b.rope_rows(&mut a.k, inv_freq, meta, n, c.n_kv_heads, hd, scale)?;
                 let (k, v) = kv.pools_mut(i);
                 let cache = KvSlot {
                     k,
                     v,
-                    table: tables,
+                    table: meta,
                     dtype,
                 };
                 b.kv_append_rows(cache, &a.k, &a.v, batch, heads)?;
@@ -319,7 +317,7 @@ impl<B: Backend> Model<B> {
                 let view = KvView {
                     k,
                     v,
-                    table: tables,
+                    table: meta,
                     dtype,
                 };
                 b.attention_rows(&mut a.att, &a.q, view, batch, heads)?; // att [rows, n_heads*hd]

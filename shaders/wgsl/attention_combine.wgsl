@@ -17,6 +17,7 @@ struct Params {
 }
 
 override WG: u32 = 128u;
+override ROWS: bool = false;
 const CHUNK: u32 = 1024u;
 const MASKED: f32 = -1e30;
 
@@ -47,7 +48,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let hd = params.head_dim;
     let h = wg.x;
     let r = wg.y;
-    let n_splits = (params.pos0 + params.rows + params.split_len - 1u) / params.split_len;
+    // ROWS (attention_decode.wgsl): pos0 holds the batch's longest context.
+    let n_ctx = select(params.pos0 + params.rows, params.pos0, ROWS);
+    let n_splits = (n_ctx + params.split_len - 1u) / params.split_len;
     let stride = hd + 2u;
     let base = (r * params.n_heads + h) * n_splits * stride;
     var big = MASKED;

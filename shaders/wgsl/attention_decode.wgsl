@@ -16,6 +16,10 @@
 // no private array is indexed at run time. Cache layout [block][16][kv_head][head_dim], f16
 // (two per u32) or f32 (override KV_F16). Partials: [row][head][split][head_dim + 2] (o..., m, l);
 // DIRECT output: [row][head][head_dim].
+// Override ROWS: the rows of many sequences (serving's batched decode): `table` is the batch's
+// layout [pos: rows][table offset: rows][block tables] (batch.rs RowsView), row r attends
+// positions 0..=table[r] of the blocks at table[table[rows + r]], and params.pos0 holds the
+// batch's largest context, which sets the number of splits.
 
 struct Params {
     rows: u32,
@@ -37,6 +41,7 @@ const MASKED: f32 = -1e30;
 override KV_F16: bool = true;
 override HD_MAX: u32 = 256u;
 override DIRECT: bool = false;
+override ROWS: bool = false;
 
 @group(0) @binding(0) var<uniform> params: Params;
 // The partials, or with DIRECT the output.
@@ -72,6 +77,27 @@ fn heads_per_workgroup() -> u32 {
         c -= 1u;
     }
     return c;
+}
+
+// Positions row r attends (its last position + 1) and where its block table starts.
+fn row_ctx(r: u32) -> u32 {
+    if (ROWS) {
+        return table[r] + 1u;
+    }
+    return params.pos0 + r + 1u;
+}
+
+fn row_table(r: u32) -> u32 {
+    if (ROWS) {
+        return table[params.rows + r];
+    }
+    return 0u;
+}
+
+// Splits of every row: they cover the longest context of the call.
+fn splits() -> u32 {
+    let n_ctx = select(params.pos0 + params.rows, params.pos0, ROWS);
+    return (n_ctx + params.split_len - 1u) / params.split_len;
 }
 
 // Component g (0..8) of the head pair (lo, hi).
@@ -138,7 +164,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let r = wg.z;
     let kvh = h0 / (params.n_heads / params.n_kv_heads);
     let start = split * params.split_len;
-    let n_ctx = params.pos0 + r + 1u;
+    let n_ctx = row_ctx(r);
     let n_valid = min(params.split_len, max(n_ctx, start) - start);
     for (var i = lid; i < GC_MAX * hd; i += WG) {
         let d = i / GC_MAX;
@@ -146,7 +172,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         qs[2u * d + g / 4u][g % 4u] = select(0.0, q[(r * params.n_heads + h0 + g) * hd + d], g < gc);
     }
     if (lid < (n_valid + KV_BLOCK - 1u) / KV_BLOCK) {
-        blocks[lid] = table[start / KV_BLOCK + lid];
+        blocks[lid] = table[row_table(r) + start / KV_BLOCK + lid];
     }
     workgroupBarrier();
     // Scores: TPP threads per position, WG / TPP positions per round; thread sub of a position
@@ -274,7 +300,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         return;
     }
-    let n_splits = (params.pos0 + params.rows + params.split_len - 1u) / params.split_len;
+    let n_splits = splits();
     let stride = hd + 2u;
     for (var gg = 0u; gg < gc; gg++) {
         let base = ((r * params.n_heads + h0 + gg) * n_splits + split) * stride;

@@ -2,7 +2,9 @@
 // sequence's paged cache. Cache layout [block][KV_BLOCK][kv_head][head_dim]; position p lives in
 // block table[p / KV_BLOCK], slot p % KV_BLOCK. One thread per pair of values of a row (the row
 // width is even), writing the pair into K and V: as one u32 of two f16 (pack2x16float, element
-// 2j in the low half) or as two f32 words (override KV_F16).
+// 2j in the low half) or as two f32 words (override KV_F16). Override ROWS: the rows of many
+// sequences (attention_decode.wgsl's ROWS): row r at position table[r] of the blocks at
+// table[table[rows + r]].
 
 struct Params {
     rows: u32,
@@ -17,6 +19,7 @@ struct Params {
 
 const KV_BLOCK: u32 = 16u;
 override KV_F16: bool = true;
+override ROWS: bool = false;
 override WG: u32 = 256u;
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -39,8 +42,13 @@ fn main(
     }
     let r = g / pairs;
     let j = g % pairs;
-    let pos = params.pos0 + r;
-    let slot = table[pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK;
+    var pos = params.pos0 + r;
+    var blocks = 0u;
+    if (ROWS) {
+        pos = table[r];
+        blocks = table[params.rows + r];
+    }
+    let slot = table[blocks + pos / KV_BLOCK] * KV_BLOCK + pos % KV_BLOCK;
     let kp = k[g];
     let vp = v[g];
     if (KV_F16) {

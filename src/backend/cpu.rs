@@ -361,13 +361,13 @@ impl Backend for Cpu {
         rows: RowsView<'_, Self>,
         h: Heads,
     ) -> Result<()> {
-        let (pos, row_table) = (&u32s(rows.pos)[..rows.rows], u32s(rows.row_table));
-        let tables = u32s(cache.table);
+        let meta = u32s(cache.table);
+        let (pos, row_table) = (&meta[..rows.rows], &meta[rows.rows..2 * rows.rows]);
         let width = h.n_kv_heads * h.head_dim;
         for (cache_buf, src) in [(cache.k, k), (cache.v, v)] {
             let src = &f32s(src)[..rows.rows * width];
             for (r, row) in src.chunks_exact(width).enumerate() {
-                let table = &tables[row_table[r] as usize..];
+                let table = &meta[row_table[r] as usize..];
                 let base = kv_index(table, pos[r] as usize, 0, h);
                 match cache.dtype {
                     DType::F16 => {
@@ -393,13 +393,21 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let hd = h.head_dim;
         let n = rows.rows * h.n_heads * hd;
-        let (q, tables) = (&f32s(q)[..n], u32s(kv.table));
-        let (pos, row_table) = (u32s(rows.pos), u32s(rows.row_table));
+        let (q, meta) = (&f32s(q)[..n], u32s(kv.table));
+        let (pos, row_table) = (&meta[..rows.rows], &meta[rows.rows..2 * rows.rows]);
         // As `attention`, row r over positions 0..=pos[r] of its own sequence's table.
         par_chunks(self.threads, &mut f32s_mut(out)[..n], hd, |i, o| {
             let (r, head) = (i / h.n_heads, i % h.n_heads);
-            let table = &tables[row_table[r] as usize..];
-            attend_paged(o, &q[i * hd..(i + 1) * hd], &kv, table, pos[r] as usize, head, h);
+            let table = &meta[row_table[r] as usize..];
+            attend_paged(
+                o,
+                &q[i * hd..(i + 1) * hd],
+                &kv,
+                table,
+                pos[r] as usize,
+                head,
+                h,
+            );
         });
         Ok(())
     }

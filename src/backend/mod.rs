@@ -408,10 +408,10 @@ pub trait Backend: Sized + 'static {
     }
 
     // ---- rows of many sequences over the paged cache (serving's batched decode) ----
-    /// Stores k and v rows `[rows, n_kv_heads, head_dim]` in the paged cache: row r at position
-    /// pos[r] of the sequence whose block table starts at `cache.table[row_table[r]]` (the
-    /// tables of every sequence of the batch, one after another). Backends that do not run
-    /// batched decoding return an error naming themselves.
+    /// Stores k and v rows `[rows, n_kv_heads, head_dim]` in the paged cache, row r at its
+    /// position in its own sequence's blocks (the layout of `RowsView`; `cache.table` is the
+    /// batch's `meta`). Backends that do not run batched decoding return an error naming
+    /// themselves.
     fn kv_append_rows(
         &self,
         cache: KvSlot<'_, Self>,
@@ -423,10 +423,10 @@ pub trait Backend: Sized + 'static {
         let _ = (cache, k, v, rows, heads);
         Err(no_rows(self.name()))
     }
-    /// Causal GQA attention of rows of many sequences over their paged caches: out[r, h] =
-    /// softmax(q[r, h] . K_s[0..=pos[r]]^T / sqrt(head_dim)) V_s, where s is r's sequence (its
-    /// block table at `kv.table[row_table[r]]`). Any mix of decode rows and prompt chunks; a
-    /// row's result does not depend on the other rows of the batch.
+    /// Causal GQA attention of rows of many sequences over their paged caches (the layout of
+    /// `RowsView`; `kv.table` is the batch's `meta`): out[r, h] = softmax(q[r, h] .
+    /// K_s[0..=pos_r]^T / sqrt(head_dim)) V_s over r's own sequence s. Any mix of decode rows
+    /// and prompt chunks; a row's result does not depend on the other rows of the batch.
     fn attention_rows(
         &self,
         out: &mut Buf<Self>,

@@ -15,9 +15,9 @@
 
 use crate::backend::params::KV_BLOCK;
 use crate::backend::Backend;
+use crate::batch::{RowsBatch, SeqRows};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::batch::{RowsBatch, SeqRows};
 use crate::generate::check_ids;
 use crate::kv_cache::{KvCache, Sequence};
 use crate::model::{Model, Scratch};
@@ -467,7 +467,13 @@ impl<'a, B: Backend> Engine<'a, B> {
                 apply_penalties(&mut row, &r.history, &r.sampler.params);
                 ids[j] = sample_logits(&row, &op);
             } else {
-                b.copy(&mut self.row_logits, 0, &self.scratch.logits, j * vocab * 4, vocab * 4)?;
+                b.copy(
+                    &mut self.row_logits,
+                    0,
+                    &self.scratch.logits,
+                    j * vocab * 4,
+                    vocab * 4,
+                )?;
                 b.sample(&mut self.picked, j, &self.row_logits, vocab, op)?;
                 on_device = true;
             }

@@ -14,6 +14,7 @@ mod fused;
 mod ops;
 mod pipelines;
 mod profile;
+mod rows;
 
 pub use device::{list_adapters, AdapterSummary};
 

@@ -11,6 +11,7 @@ use crate::backend::{
     ffn_gate_up_unfused, matmul_residual_unfused, norm_qkv_unfused, rope_kv_append_unfused,
     Backend, Heads, KvSlot, KvView, PendingRead, RmsNormed, RopeArgs, SampleOp, Weight,
 };
+use crate::batch::RowsView;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -71,7 +72,7 @@ enum Epilogue<'a> {
 
 /// Query heads per decode workgroup: the largest divisor of the GQA group size <= 8 (mirrors
 /// `heads_per_workgroup` in attention_decode.wgsl).
-fn heads_per_workgroup(group: usize) -> usize {
+pub(super) fn heads_per_workgroup(group: usize) -> usize {
     (1..=HEADS_PER_WG_MAX.min(group))
         .rev()
         .find(|c| group % c == 0)
@@ -125,7 +126,7 @@ impl Wgpu {
         })
     }
 
-    fn max_binding(&self) -> u64 {
+    pub(super) fn max_binding(&self) -> u64 {
         self.max_binding
     }
 
@@ -596,7 +597,8 @@ impl Backend for Wgpu {
             _pad: [0; 3],
         };
         let groups = self.grid((rows * width / 2) as u64, WG);
-        self.run(Kernel::KvAppend { f16 }, &params, &binds, groups)
+        let kernel = Kernel::KvAppend { f16, rows: false };
+        self.run(kernel, &params, &binds, groups)
     }
 
     fn attention(
@@ -655,7 +657,11 @@ impl Backend for Wgpu {
         let [q, k, v, t] = inputs;
         if n_splits == 1 {
             // One split: its workgroups write the output, no partials and no combine.
-            let kernel = Kernel::AttentionDecode { f16, direct: true };
+            let kernel = Kernel::AttentionDecode {
+                f16,
+                direct: true,
+                rows: false,
+            };
             return self.run(kernel, &params, &[o, q, k, v, t], groups);
         }
         let _exclusive = self.exec.exclusive();
@@ -672,13 +678,18 @@ impl Backend for Wgpu {
             )));
         }
         self.run(
-            Kernel::AttentionDecode { f16, direct: false },
+            Kernel::AttentionDecode {
+                f16,
+                direct: false,
+                rows: false,
+            },
             &params,
             &[part, q, k, v, t],
             groups,
         )?;
         let groups = [h.n_heads as u32, rows as u32, 1];
-        self.run(Kernel::AttentionCombine, &params, &[o, part], groups)
+        let combine = Kernel::AttentionCombine { rows: false };
+        self.run(combine, &params, &[o, part], groups)
     }
 
     fn swiglu(
@@ -715,6 +726,41 @@ impl Backend for Wgpu {
             _pad: [0; 2],
         };
         self.run(Kernel::Add, &params, &binds, self.grid(n as u64, WG))
+    }
+
+    fn rope_rows(
+        &self,
+        x: &mut Buf<Self>,
+        inv_freq: &Buf<Self>,
+        pos: &Buf<Self>,
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        attn_scale: f32,
+    ) -> Result<()> {
+        self.rope_rows_kernel(x, inv_freq, pos, rows, n_heads, head_dim, attn_scale)
+    }
+
+    fn kv_append_rows(
+        &self,
+        cache: KvSlot<'_, Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        rows: RowsView<'_, Self>,
+        heads: Heads,
+    ) -> Result<()> {
+        self.kv_append_rows_kernel(cache, k, v, rows, heads)
+    }
+
+    fn attention_rows(
+        &self,
+        out: &mut Buf<Self>,
+        q: &Buf<Self>,
+        kv: KvView<'_, Self>,
+        rows: RowsView<'_, Self>,
+        heads: Heads,
+    ) -> Result<()> {
+        self.attention_rows_kernel(out, q, kv, rows, heads)
     }
 
     fn sample(

@@ -86,8 +86,11 @@ pub(super) enum Kernel {
     },
     AddBias,
     Rope,
+    RopeRows,
+    /// `rows`: the rows of many sequences (RowsView's layout in the table binding).
     KvAppend {
         f16: bool,
+        rows: bool,
     },
     RopeKvAppend {
         f16: bool,
@@ -95,12 +98,15 @@ pub(super) enum Kernel {
     AttentionPrefill {
         f16: bool,
     },
-    /// `direct`: one split, writing the output (no combine pass).
+    /// `direct`: one split, writing the output (no combine pass); `rows` as for KvAppend.
     AttentionDecode {
         f16: bool,
         direct: bool,
+        rows: bool,
     },
-    AttentionCombine,
+    AttentionCombine {
+        rows: bool,
+    },
     Swiglu,
     Add,
     Sample,
@@ -144,6 +150,7 @@ const SOURCES: &[(&str, &str)] = &[
     shader!("matmul_norm"),
     shader!("add_bias"),
     shader!("rope"),
+    shader!("rope_rows"),
     shader!("kv_append"),
     shader!("rope_kv_append"),
     shader!("attention_prefill"),
@@ -303,10 +310,11 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
         }
         Kernel::AddBias => s("add_bias", "main", vec![], RW_RO),
         Kernel::Rope => s("rope", "main", vec![], &[RW, RW, RO]),
-        Kernel::KvAppend { f16 } => s(
+        Kernel::RopeRows => s("rope_rows", "main", vec![], &[RW, RO, RO]),
+        Kernel::KvAppend { f16, rows } => s(
             "kv_append",
             "main",
-            vec![("KV_F16", kv(f16))],
+            vec![("KV_F16", kv(f16)), ("ROWS", kv(rows))],
             &[RW, RW, RO, RO, RO],
         ),
         Kernel::RopeKvAppend { f16 } => s(
@@ -321,13 +329,20 @@ fn spec(k: Kernel, t: Tuning) -> Spec {
             vec![("KV_F16", kv(f16)), ("HD_MAX", hd)],
             &[RW, RO, RO, RO, RO],
         ),
-        Kernel::AttentionDecode { f16, direct } => s(
+        Kernel::AttentionDecode { f16, direct, rows } => s(
             "attention_decode",
             "main",
-            vec![("KV_F16", kv(f16)), ("HD_MAX", hd), ("DIRECT", kv(direct))],
+            vec![
+                ("KV_F16", kv(f16)),
+                ("HD_MAX", hd),
+                ("DIRECT", kv(direct)),
+                ("ROWS", kv(rows)),
+            ],
             &[RW, RO, RO, RO, RO],
         ),
-        Kernel::AttentionCombine => s("attention_combine", "main", vec![], RW_RO),
+        Kernel::AttentionCombine { rows } => {
+            s("attention_combine", "main", vec![("ROWS", kv(rows))], RW_RO)
+        }
         Kernel::Swiglu => s("swiglu", "main", vec![], RW_RO_RO),
         Kernel::Add => s("add", "main", vec![], RW_RO),
         Kernel::Sample => s(
@@ -363,12 +378,15 @@ fn variant(k: Kernel) -> String {
         } => {
             format!("{} stage {stage}", store(s))
         }
-        Kernel::KvAppend { f16 } | Kernel::RopeKvAppend { f16 } => kv(f16),
+        Kernel::KvAppend { f16, rows: false } | Kernel::RopeKvAppend { f16 } => kv(f16),
+        Kernel::KvAppend { f16, rows: true } => format!("{} rows", kv(f16)),
+        Kernel::AttentionCombine { rows: true } => "rows".into(),
         Kernel::AttentionPrefill { f16 } => kv(f16),
-        Kernel::AttentionDecode { f16, direct } => match direct {
-            true => format!("{} direct", kv(f16)),
-            false => kv(f16),
-        },
+        Kernel::AttentionDecode { f16, direct, rows } => {
+            let direct = if direct { " direct" } else { "" };
+            let rows = if rows { " rows" } else { "" };
+            format!("{}{direct}{rows}", kv(f16))
+        }
         _ => String::new(),
     }
 }
@@ -380,7 +398,9 @@ fn all_kernels(shader_f16: bool, t: Tuning) -> Vec<Kernel> {
         Kernel::RmsNorm,
         Kernel::AddBias,
         Kernel::Rope,
-        Kernel::AttentionCombine,
+        Kernel::RopeRows,
+        Kernel::AttentionCombine { rows: false },
+        Kernel::AttentionCombine { rows: true },
         Kernel::Swiglu,
         Kernel::Add,
         Kernel::Sample,
@@ -412,12 +432,24 @@ fn all_kernels(shader_f16: bool, t: Tuning) -> Vec<Kernel> {
     }
     for f16 in [false, true] {
         v.extend([
-            Kernel::KvAppend { f16 },
             Kernel::RopeKvAppend { f16 },
             Kernel::AttentionPrefill { f16 },
-            Kernel::AttentionDecode { f16, direct: false },
-            Kernel::AttentionDecode { f16, direct: true },
         ]);
+        for rows in [false, true] {
+            v.extend([
+                Kernel::KvAppend { f16, rows },
+                Kernel::AttentionDecode {
+                    f16,
+                    direct: false,
+                    rows,
+                },
+                Kernel::AttentionDecode {
+                    f16,
+                    direct: true,
+                    rows,
+                },
+            ]);
+        }
     }
     v
 }
