@@ -104,8 +104,11 @@ impl RowsCase {
     }
 }
 
-/// kv_append_rows then attention_rows on `b`: the attention output and the K, V cache values.
-fn run_rows<B: Backend>(b: &B, c: &RowsCase) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// The attention output and the K, V cache values after a batch.
+type RowsRun = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// kv_append_rows then attention_rows on `b`.
+fn run_rows<B: Backend>(b: &B, c: &RowsCase) -> RowsRun {
     let (rows, h) = (c.rows(), c.h);
     let mut batch = RowsBatch::new(b, rows, c.pool_blocks).unwrap();
     let seqs: Vec<SeqRows> = c
@@ -188,11 +191,7 @@ const BATCHES: [&[(usize, usize)]; 3] = [
     &[(1000, 1), (2, 1), (0, 2)],
 ];
 
-fn check_rows<B: Backend>(
-    name: &str,
-    gpu: &B,
-    cases: &[(RowsCase, (Vec<f32>, Vec<f32>, Vec<f32>))],
-) {
+fn check_rows<B: Backend>(name: &str, gpu: &B, cases: &[(RowsCase, RowsRun)]) {
     for (c, (out, k, v)) in cases {
         let (g_out, g_k, g_v) = run_rows(gpu, c);
         let what = format!(

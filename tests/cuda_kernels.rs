@@ -64,7 +64,7 @@ fn every_kernel_file_compiles_with_nvrtc() {
 /// WGSL shaders whose op lives in a CUDA file of another name: wgpu splits these kernels into
 /// one file per pipeline (f16 and block-format weights, decode / prefill / split-KV combine),
 /// while CUDA keeps all variants of an op in one translation unit.
-const WGSL_ONLY: [(&str, &str); 8] = [
+const WGSL_ONLY: [(&str, &str); 9] = [
     ("matmul_f16", "matmul"),
     ("matmul_quant", "matmul"),
     ("matmul_plain", "matmul"),
@@ -73,6 +73,7 @@ const WGSL_ONLY: [(&str, &str); 8] = [
     ("attention_decode", "attention"),
     ("attention_prefill", "attention"),
     ("attention_combine", "attention"),
+    ("rope_rows", "rope"),
 ];
 
 fn stems(dir: &Path, ext: &str) -> BTreeSet<String> {

@@ -272,21 +272,80 @@ fn wgpu_serves_what_the_cli_prints() {
     serves_like_the_cli("wgpu");
 }
 
-#[test]
-fn concurrent_requests_get_what_they_get_alone() {
-    let s = Server::start("cpu", &["--kv-dtype", "f32", "--max-seqs", "8"]).unwrap();
-    let prompts: Vec<String> = (0..8)
-        .map(|i| format!("Request {i}: tell me about the number {}", i * 7 + 3))
-        .collect();
-    let n = |i: usize| 8 + 3 * i;
-    let alone: Vec<String> = prompts
-        .iter()
-        .enumerate()
-        .map(|(i, p)| reply(&s.post("/v1/chat/completions", &chat_body(p, n(i))).1))
+/// Request i of the invariance test: a chat or a completion, of its own length, greedy or
+/// sampled with its own seed (some with penalties, which the host applies).
+fn mixed_request(i: usize) -> (&'static str, Value) {
+    let max_tokens = 4 + (i * 7) % 37;
+    let mut body = if i % 2 == 0 {
+        chat_body(
+            &format!("Request {i}: tell me about the number {}", i * 7 + 3),
+            max_tokens,
+        )
+    } else {
+        json!({"prompt": format!("Story {i}: once upon a time, {} dragons", i % 9),
+               "max_tokens": max_tokens, "temperature": 0})
+    };
+    if i % 3 != 0 {
+        body["temperature"] = json!(0.9);
+        body["top_p"] = json!(0.95);
+        body["seed"] = json!(1000 + i);
+    }
+    if i % 5 == 0 {
+        body["frequency_penalty"] = json!(0.5);
+    }
+    let path = if i % 2 == 0 {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    };
+    (path, body)
+}
+
+/// The text of a non-streamed reply of either kind, and of a streamed one (`events`).
+fn text_of(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .or(v["choices"][0]["text"].as_str())
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+fn streamed_text(events: &[String]) -> String {
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let mut text = String::new();
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        let choice = &c["choices"][0];
+        text += choice["delta"]["content"]
+            .as_str()
+            .or(choice["text"].as_str())
+            .unwrap_or("");
+    }
+    text
+}
+
+/// 64 requests (chat and completion, streamed and not, greedy and seeded sampling, some with
+/// penalties) arrive at random moments at a server that runs at most 16 at once; a quarter are
+/// cancelled mid-stream by disconnecting. Each finished one must produce exactly what it
+/// produces alone, each cancelled one a prefix of that, and every KV block must be free after.
+fn many_requests_get_what_they_get_alone(backend: &str) {
+    let args = ["--kv-dtype", "f32", "--max-seqs", "16"];
+    let Some(s) = Server::start(backend, &args) else {
+        return;
+    };
+    const N: usize = 64;
+    let alone: Vec<String> = (0..N)
+        .map(|i| {
+            let (path, body) = mixed_request(i);
+            let (status, v) = s.post(path, &body);
+            assert_eq!(status, 200, "{v}");
+            text_of(&v)
+        })
         .collect();
     let busiest = std::sync::atomic::AtomicU64::new(0);
     let done = std::sync::atomic::AtomicBool::new(false);
-    let together: Vec<String> = std::thread::scope(|sc| {
+    let t0 = Instant::now();
+    let together: Vec<(bool, String)> = std::thread::scope(|sc| {
         // Watches /health: the requests must really have run side by side.
         sc.spawn(|| {
             while !done.load(std::sync::atomic::Ordering::SeqCst) {
@@ -295,18 +354,32 @@ fn concurrent_requests_get_what_they_get_alone() {
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
-        let handles: Vec<_> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
+        let handles: Vec<_> = (0..N)
+            .map(|i| {
                 let s = &s;
                 sc.spawn(move || {
-                    let mut body = chat_body(p, n(i));
-                    if i % 2 == 1 {
+                    // Arrival: a fixed pseudo-random delay of up to ~150 ms.
+                    std::thread::sleep(Duration::from_millis(((i * 37) % 16 * 10) as u64));
+                    let (path, mut body) = mixed_request(i);
+                    if i % 4 == 3 {
+                        // Cancelled: read the first bytes of the stream, then hang up.
                         body["stream"] = json!(true);
-                        streamed_chat(&s.stream("/v1/chat/completions", &body)).0
+                        let mut r = client()
+                            .post(format!("{}{path}", s.url))
+                            .json(&body)
+                            .send()
+                            .unwrap();
+                        let mut head = vec![0u8; 16];
+                        r.read_exact(&mut head).unwrap();
+                        return (true, String::new());
+                    }
+                    if i % 2 == 1 || i % 8 == 0 {
+                        body["stream"] = json!(true);
+                        (false, streamed_text(&s.stream(path, &body)))
                     } else {
-                        reply(&s.post("/v1/chat/completions", &body).1)
+                        let (status, v) = s.post(path, &body);
+                        assert_eq!(status, 200, "{v}");
+                        (false, text_of(&v))
                     }
                 })
             })
@@ -315,9 +388,30 @@ fn concurrent_requests_get_what_they_get_alone() {
         done.store(true, std::sync::atomic::Ordering::SeqCst);
         replies
     });
-    assert_eq!(together, alone);
-    assert!(busiest.into_inner() > 1, "the requests never overlapped");
-    s.wait_idle();
+    for (i, (cancelled, text)) in together.iter().enumerate() {
+        if !cancelled {
+            assert_eq!(text, &alone[i], "{backend}: request {i}");
+        }
+    }
+    let busiest = busiest.into_inner();
+    assert!(busiest > 1, "{backend}: the requests never overlapped");
+    let h = s.wait_idle();
+    eprintln!(
+        "{backend}: {N} requests, at most {busiest} running at once, {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(h["kv_blocks_free"], h["kv_blocks_total"]);
+}
+
+#[test]
+fn cpu_many_requests_get_what_they_get_alone() {
+    many_requests_get_what_they_get_alone("cpu");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_many_requests_get_what_they_get_alone() {
+    many_requests_get_what_they_get_alone("wgpu");
 }
 
 #[test]

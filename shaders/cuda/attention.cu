@@ -9,6 +9,9 @@
 // turns the scores into online-softmax weights, then each warp accumulates every fourth
 // position's V row (lanes split head_dim) and the warps' sums meet in shared memory at the end.
 // The block writes its unnormalised output, running max and sum; attention_combine merges splits.
+// Both decode kernels take rows_mode: the rows of many sequences (serving's batched decode), each
+// over its own context and blocks (row_pos / row_blocks in common.cuh); splits past a row's
+// context stay empty (max -inf, sum 0).
 //
 // attention_decode_f16 (few query rows, f16 cache, head_dim a power of two from 8 to 256): grid
 // (head, row, split), one block per query head and split of split_len positions (one split, and
@@ -94,8 +97,8 @@ __device__ __forceinline__ void score_row(float* dot, const float* qs, const voi
 // the four warps' partial outputs [4][group][hd]).
 extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     attention_decode(float* part_o, float* part_ml, const float* q, const void* k_cache,
-                     const void* v_cache, const u32* table, AttentionParams p, u32 n_splits,
-                     const u32* pos_dev) {
+                     const void* v_cache, const u32* table_arg, AttentionParams p,
+                     u32 n_splits, const u32* pos_dev, u32 rows_mode) {
     extern __shared__ float sh_decode[];
     const u32 split = blockIdx.x, kvh = blockIdx.y, r = blockIdx.z, t = threadIdx.x;
     const u32 warp = t >> 5, lane = t & 31;
@@ -105,7 +108,8 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS)
     float* m = sc + group * DEC_THREADS;
     float* l = m + group;
     float* corr = l + group;
-    const u32 n_pos = position(pos_dev, p.pos0) + r + 1;
+    const u32 n_pos = row_pos(table_arg, rows_mode, p.rows, r, pos_dev, p.pos0) + 1;
+    const u32* table = row_blocks(table_arg, rows_mode, p.rows, r);
     const u32 s0 = split * p.split_len, s1 = min(s0 + p.split_len, n_pos);
     const float* qr = q + ((size_t)r * p.n_heads + kvh * group) * hd;
     for (u32 i = t; i < group * hd; i += DEC_THREADS) qs[i] = qr[i];
@@ -226,8 +230,8 @@ __device__ __forceinline__ void softmax_merge(float& m, float& l, float* acc, fl
 
 extern "C" __global__ void __launch_bounds__(DEC16_THREADS)
     attention_decode_f16(float* out, float* part_o, float* part_ml, const float* q,
-                         const u16* k_cache, const u16* v_cache, const u32* table,
-                         AttentionParams p, u32 n_splits, const u32* pos_dev) {
+                         const u16* k_cache, const u16* v_cache, const u32* table_arg,
+                         AttentionParams p, u32 n_splits, const u32* pos_dev, u32 rows_mode) {
     __shared__ float red[DEC16_WARPS][256];
     __shared__ float red_ml[DEC16_WARPS][2];
     const u32 head = blockIdx.x, r = blockIdx.y, split = blockIdx.z, t = threadIdx.x;
@@ -238,7 +242,9 @@ extern "C" __global__ void __launch_bounds__(DEC16_THREADS)
     const u32 kvh = head / (p.n_heads / p.n_kv_heads);
     // This split's positions s0..n_pos (one split: split_len covers the whole context).
     const u32 s0 = split * p.split_len;
-    const u32 n_pos = min(s0 + p.split_len, position(pos_dev, p.pos0) + r + 1);
+    const u32 n_pos =
+        min(s0 + p.split_len, row_pos(table_arg, rows_mode, p.rows, r, pos_dev, p.pos0) + 1);
+    const u32* table = row_blocks(table_arg, rows_mode, p.rows, r);
     const u32 stride = DEC16_WARPS * ppw, first = s0 + warp * ppw + slot;
     float qv[8];
     const float* qr = q + ((size_t)r * p.n_heads + head) * hd + 8 * sub;

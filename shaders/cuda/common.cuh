@@ -63,6 +63,21 @@ __device__ __forceinline__ u32 position(const u32* pos_dev, u32 pos0) {
     return pos_dev ? *pos_dev : pos0;
 }
 
+// The rows of a paged-cache kernel: one sequence's rows, row r at position pos0 + r (pos0 read
+// from pos_dev when set) of `table`; or, with rows_mode, the rows of many sequences (serving's
+// batched decode, batch.rs RowsView), `table` then being the batch's layout
+// [pos: rows][table offset: rows][block tables]: row r at position table[r] of the blocks at
+// table + table[rows + r].
+__device__ __forceinline__ u32 row_pos(const u32* table, u32 rows_mode, u32 rows, u32 r,
+                                       const u32* pos_dev, u32 pos0) {
+    return rows_mode ? table[r] : position(pos_dev, pos0) + r;
+}
+
+__device__ __forceinline__ const u32* row_blocks(const u32* table, u32 rows_mode, u32 rows,
+                                                 u32 r) {
+    return rows_mode ? table + table[rows + r] : table;
+}
+
 // ---- parameter blocks (src/backend/params.rs) ----
 struct EmbeddingParams { u32 n_tokens, dim, row0, chunk_rows, vocab, _pad[3]; };
 struct RmsNormParams { u32 rows, dim; float eps; u32 _pad; };

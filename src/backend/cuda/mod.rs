@@ -41,6 +41,7 @@ mod launch;
 mod ops;
 mod profile;
 mod readback;
+mod rows;
 mod train;
 mod train_attention;
 mod train_loss;

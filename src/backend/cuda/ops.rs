@@ -11,7 +11,7 @@ use crate::backend::{
     ffn_gate_up_unfused, matmul_residual_unfused, norm_qkv_unfused, Backend, Heads, KvSlot, KvView,
     PendingRead, RmsNormed, RopeArgs, SampleOp, Weight,
 };
-use crate::batch::BatchView;
+use crate::batch::{BatchView, RowsView};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::pool::{Buf, Pool};
@@ -42,7 +42,7 @@ const DEC16_THREADS: u32 = 512;
 
 /// How decode attention runs (decode_plan): the kernel and its splits of `split_len` positions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DecodePlan {
+pub(super) enum DecodePlan {
     /// attention_decode_f16, one block per (query head, row, split); one split writes the output
     /// itself (its split_len covers the context), several are merged by attention_combine.
     F16 { splits: usize, split_len: usize },
@@ -68,6 +68,18 @@ fn decode_plan(
     if rows > DECODE_MAX_ROWS {
         return None;
     }
+    plan_splits(rows, n_pos, h, kv_f16, short)
+}
+
+/// decode_plan's kernel and splits for any number of rows (batched decoding runs every row,
+/// prompt rows included, through the decode kernels).
+pub(super) fn plan_splits(
+    rows: usize,
+    n_pos: usize,
+    h: Heads,
+    kv_f16: bool,
+    short: usize,
+) -> Option<DecodePlan> {
     let split = |want: usize| {
         let splits = want.clamp(1, n_pos.div_ceil(32).max(1));
         let split_len = n_pos.div_ceil(splits).next_multiple_of(32);
@@ -135,7 +147,12 @@ impl Cuda {
 
     /// Scratch for the partials of split decode attention: each (row, head, split)'s
     /// unnormalised output and its (max, sum) pair.
-    fn attention_parts(&self, rows: usize, h: Heads, splits: usize) -> Result<(u64, u64)> {
+    pub(super) fn attention_parts(
+        &self,
+        rows: usize,
+        h: Heads,
+        splits: usize,
+    ) -> Result<(u64, u64)> {
         let parts = rows * h.n_heads * splits;
         Ok((
             self.scratch(Scratch::AttnParts, parts * h.head_dim * 4)?,
@@ -144,7 +161,7 @@ impl Cuda {
     }
 
     /// attention_combine: merges the splits' partials into the output `o`.
-    fn attention_combine(
+    pub(super) fn attention_combine(
         &self,
         o: u64,
         (po, pml): (u64, u64),
@@ -617,6 +634,7 @@ impl Backend for Cuda {
                 arg(&vp),
                 arg(&p),
                 arg(&pos_dev),
+                arg(&0u32),
             ],
         )
     }
@@ -690,6 +708,7 @@ impl Backend for Cuda {
                         arg(&p),
                         arg(&n_splits),
                         arg(&pos_dev),
+                        arg(&0u32),
                     ],
                 )?;
                 if splits == 1 {
@@ -722,6 +741,7 @@ impl Backend for Cuda {
                         arg(&p),
                         arg(&n_splits),
                         arg(&pos_dev),
+                        arg(&0u32),
                     ],
                 )?;
                 return self.attention_combine(o, parts, &p, rows, n_splits);
@@ -837,6 +857,28 @@ impl Backend for Cuda {
     /// add.cu's axpy (LoRA's scaled product into its projection's output).
     fn add_scaled(&self, x: &mut Buf<Self>, y: &Buf<Self>, alpha: f32, n: usize) -> Result<()> {
         crate::backend::train::TrainBackend::axpy(self, x, y, alpha, n)
+    }
+
+    fn kv_append_rows(
+        &self,
+        cache: KvSlot<'_, Self>,
+        k: &Buf<Self>,
+        v: &Buf<Self>,
+        rows: RowsView<'_, Self>,
+        heads: Heads,
+    ) -> Result<()> {
+        self.kv_append_rows_kernel(cache, k, v, rows, heads)
+    }
+
+    fn attention_rows(
+        &self,
+        out: &mut Buf<Self>,
+        q: &Buf<Self>,
+        kv: KvView<'_, Self>,
+        rows: RowsView<'_, Self>,
+        heads: Heads,
+    ) -> Result<()> {
+        self.attention_rows_kernel(out, q, kv, rows, heads)
     }
 
     /// train_attention.rs: rope.cu's rope_rows, one thread per rotated pair.
