@@ -3,6 +3,11 @@ on machines without the real weights). The tokenizer files of tests/fixtures/hf/
 copied in so the CLI can run it (its 512 ids all exist in the larger embedding).
 
 Usage: python make_synthetic.py {smollm2-135m|llama-3.2-1b|llama-3.1-8b|tiny} OUT_DIR [--dtype float16]
+           [--tokenizer DIR --vocab N]
+
+--tokenizer takes the tokenizer files of another HF folder instead, and --vocab sets the
+embedding's rows to that tokenizer's size, so that every id the random model emits decodes to
+text (serve_load.py counts streamed chunks; the rest of the shape is unchanged).
 
 SHAPES is the one table of shapes for the Python side (bench/peers/hf_transformers.py imports it);
 src/bench/synthetic.rs holds the same numbers for `anyllama bench --synthetic`.
@@ -46,16 +51,21 @@ def main():
     ap.add_argument("shape", choices=SHAPES)
     ap.add_argument("out")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--tokenizer", help="HF folder whose tokenizer files to copy")
+    ap.add_argument("--vocab", type=int, help="embedding rows (the tokenizer's size)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
-    cfg = LlamaConfig(**config_for(a.shape))
+    kw = config_for(a.shape)
+    if a.vocab:
+        kw["vocab_size"] = a.vocab
+    cfg = LlamaConfig(**kw)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     model.save_pretrained(a.out)
     here = os.path.dirname(os.path.abspath(__file__))
-    tok = os.path.join(here, "..", "tests", "fixtures", "hf", "tiny-chat")
+    tok = a.tokenizer or os.path.join(here, "..", "tests", "fixtures", "hf", "tiny-chat")
     for f in ["tokenizer.json", "tokenizer_config.json"]:
         shutil.copy(os.path.join(tok, f), a.out)
 

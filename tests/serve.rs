@@ -414,6 +414,15 @@ fn wgpu_many_requests_get_what_they_get_alone() {
     many_requests_get_what_they_get_alone("wgpu");
 }
 
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_many_requests_get_what_they_get_alone() {
+    if let Some(why) = anyllama::backend::cuda::unavailable_reason() {
+        return common::skip_or_fail_cuda("cuda serve", &why);
+    }
+    many_requests_get_what_they_get_alone("cuda");
+}
+
 #[test]
 fn a_client_that_disconnects_frees_its_blocks() {
     let s = Server::start("cpu", &[]).unwrap();

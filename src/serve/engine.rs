@@ -37,6 +37,8 @@ pub struct Request {
     /// Tokens to generate at most; prompt + max_tokens fits the context.
     pub max_tokens: usize,
     pub stops: Vec<String>,
+    /// Generate max_tokens tokens even past EOS (load tests).
+    pub ignore_eos: bool,
     /// Where the text goes; dropping the receiver cancels the request.
     pub events: UnboundedSender<Event>,
 }
@@ -510,7 +512,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             )));
         }
         let r = &mut self.running[i];
-        if self.cfg.eos_ids.contains(&id) {
+        if self.cfg.eos_ids.contains(&id) && !r.req.ignore_eos {
             return Ok(Outcome::Finished(Finish::Stop));
         }
         r.generated += 1;

@@ -208,6 +208,9 @@ struct Common {
     frequency_penalty: Option<f32>,
     repetition_penalty: Option<f32>,
     n: Option<usize>,
+    /// Extension (vLLM, llama.cpp): generate max_tokens tokens even past EOS (load tests).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +285,7 @@ struct Prepared {
     sampling: SamplingParams,
     max_tokens: usize,
     stops: Vec<String>,
+    ignore_eos: bool,
     stream: bool,
     include_usage: bool,
 }
@@ -381,6 +385,7 @@ fn prepare(
         sampling: p,
         max_tokens,
         stops,
+        ignore_eos: c.ignore_eos,
         stream: c.stream,
         include_usage: c.stream_options.is_some_and(|o| o.include_usage),
     })
@@ -464,6 +469,7 @@ async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiErro
             sampling: p.sampling,
             max_tokens: p.max_tokens,
             stops: p.stops,
+            ignore_eos: p.ignore_eos,
             events: tx,
         })
         .map_err(|e| match e {
