@@ -102,6 +102,28 @@ impl RowsCase {
     fn rows(&self) -> usize {
         self.seqs.iter().map(|s| s.2).sum()
     }
+
+    /// The same cache with only sequence j in the batch, and its first row in this batch.
+    fn only(&self, j: usize) -> (RowsCase, usize) {
+        let first: usize = self.seqs[..j].iter().map(|s| s.2).sum();
+        let n = self.seqs[j].2;
+        let (qw, kw) = (
+            self.h.n_heads * self.h.head_dim,
+            self.h.n_kv_heads * self.h.head_dim,
+        );
+        let case = RowsCase {
+            h: self.h,
+            kv: self.kv,
+            pool_blocks: self.pool_blocks,
+            seqs: vec![self.seqs[j].clone()],
+            k_cache: self.k_cache.clone(),
+            v_cache: self.v_cache.clone(),
+            q: self.q[first * qw..(first + n) * qw].to_vec(),
+            k: self.k[first * kw..(first + n) * kw].to_vec(),
+            v: self.v[first * kw..(first + n) * kw].to_vec(),
+        };
+        (case, first)
+    }
 }
 
 /// The attention output and the K, V cache values after a batch.
@@ -212,6 +234,21 @@ fn check_rows<B: Backend>(name: &str, gpu: &B, cases: &[(RowsCase, RowsRun)]) {
         written(k, &g_k);
         written(v, &g_v);
         assert_close(&what, out, &g_out, attention_tolerance(name, c.kv, 1));
+        // Batch invariance: each sequence run alone gives its rows of the batch, bit for bit
+        // (the server promises a request the tokens it gets alone).
+        let qw = c.h.n_heads * c.h.head_dim;
+        for j in 0..c.seqs.len() {
+            let (alone, first) = c.only(j);
+            let (a_out, _, _) = run_rows(gpu, &alone);
+            let batched = &g_out[first * qw..][..a_out.len()];
+            assert!(
+                a_out
+                    .iter()
+                    .zip(batched)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{what}: sequence {j} alone differs from its rows in the batch"
+            );
+        }
     }
 }
 

@@ -42,6 +42,10 @@ impl Server {
                 "0",
             ])
             .args(extra)
+            // CUDA's half-precision GEMMs round activations, so a row's logits would depend on
+            // how many rows its batch had (the mat-vec kernel or cuBLAS); f32 GEMMs keep the
+            // batch-invariance checks meaningful there.
+            .env("ANYLLAMA_CUDA_EXACT", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

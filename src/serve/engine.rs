@@ -429,8 +429,11 @@ impl<'a, B: Backend> Engine<'a, B> {
         self.batch.set(b, &seqs)?;
         self.model.prepare_rope(b, rope_len)?;
         b.upload(&mut self.scratch.tokens, 0, bytemuck::cast_slice(&tokens))?;
-        self.model
-            .forward_rows(b, &mut self.scratch, &mut self.kv, &self.batch)?;
+        // One decode step: CUDA records it as a graph and replays it for later steps of the same
+        // shape (every position and block table is read from the batch layout on the device).
+        let (model, scratch, kv, batch) =
+            (&*self.model, &mut self.scratch, &mut self.kv, &self.batch);
+        b.decode_step(&mut || model.forward_rows(b, scratch, kv, batch))?;
 
         // Sequences whose prompt is in pick a token from their row of the logits: on the
         // device, or with penalties on the host, as `Generator` picks.

@@ -175,10 +175,10 @@ impl Cuda {
             let t = self.graphs.state.lock().unwrap();
             (t.hash, t.graphable, t.pos)
         };
-        let Some(pos) = pos.filter(|_| graphable) else {
+        if !graphable {
             self.graphs.counts.lock().unwrap()[2] += 1;
             return ops();
-        };
+        }
         let err = cuda_err("graph");
         let mut graphs = self.graphs.graphs.lock().unwrap();
         if !graphs.contains_key(&hash) {
@@ -202,8 +202,11 @@ impl Cuda {
                 None => return Err(Error::Device("CUDA graph capture recorded nothing".into())),
             };
         }
-        let pos_ptr = self.scratch(Scratch::StepPos, 4)?;
-        self.upload_raw(pos_ptr, bytemuck::bytes_of(&pos))?;
+        // A step of many sequences' rows reads every position from its batch layout instead.
+        if let Some(pos) = pos {
+            let pos_ptr = self.scratch(Scratch::StepPos, 4)?;
+            self.upload_raw(pos_ptr, bytemuck::bytes_of(&pos))?;
+        }
         graphs[&hash].0.launch().map_err(&err)?;
         self.graphs.counts.lock().unwrap()[1] += 1;
         Ok(())

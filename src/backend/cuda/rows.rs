@@ -4,6 +4,7 @@
 //! a row of a prompt chunk, runs the split-KV decode kernels over its own context, so a row's
 //! result is the same whatever else the batch holds. rope_rows is training's (rope.cu).
 
+use super::graph::POS_BUCKET;
 use super::launch::arg;
 use super::ops::{plan_splits, DecodePlan};
 use super::Cuda;
@@ -16,6 +17,31 @@ use crate::pool::Buf;
 
 /// rows_mode of the kernels.
 const ROWS: u32 = 1;
+/// Split lengths of the rows' decode attention: attention_decode_f16 past the one-split limit,
+/// and attention_decode (multiples of its 32-position granularity).
+const F16_SPLIT: usize = 1024;
+const GROUPED_SPLIT: usize = 256;
+
+/// The decode kernel and its splits for rows over up to `n_ctx` positions: the kernel
+/// decode_plan picks, with split lengths fixed as above.
+fn rows_plan(n_ctx: usize, h: Heads, kv_f16: bool, short: usize) -> Option<DecodePlan> {
+    let plan = plan_splits(1, n_ctx, h, kv_f16, short)?;
+    let fixed = |split_len: usize| (n_ctx.div_ceil(split_len).max(1), split_len);
+    Some(match plan {
+        DecodePlan::F16 { splits: 1, .. } => DecodePlan::F16 {
+            splits: 1,
+            split_len: n_ctx,
+        },
+        DecodePlan::F16 { .. } => {
+            let (splits, split_len) = fixed(F16_SPLIT);
+            DecodePlan::F16 { splits, split_len }
+        }
+        DecodePlan::Grouped { .. } => {
+            let (splits, split_len) = fixed(GROUPED_SPLIT);
+            DecodePlan::Grouped { splits, split_len }
+        }
+    })
+}
 
 impl Cuda {
     pub(super) fn kv_append_rows_kernel(
@@ -94,9 +120,17 @@ impl Cuda {
             split_len: 0,
         };
         let no_pos = 0u64;
-        // Every row is planned as if it had the longest context; shorter rows leave their last
-        // splits empty, which the combine skips.
-        let plan = plan_splits(n, rows.max_ctx, h, f16, self.short_decode);
+        // Every row is planned as if it had the longest context (shorter rows leave their last
+        // splits empty, which the combine skips), in splits of a length that depends on neither
+        // the batch's rows nor its other contexts, so that a row's sums run in the same order
+        // whatever else the batch holds. A recorded step plans for its bucket's end, so that
+        // consecutive steps replay one graph.
+        let n_ctx = if self.graphs.recording() {
+            rows.max_ctx.next_multiple_of(POS_BUCKET)
+        } else {
+            rows.max_ctx
+        };
+        let plan = rows_plan(n_ctx, h, f16, self.short_decode);
         match plan {
             Some(DecodePlan::F16 { splits, split_len }) => {
                 p.split_len = split_len as u32;

@@ -27,7 +27,7 @@ pub(super) const MATVEC_FEATURES: usize = 8;
 /// Up to this many query rows, attention runs the split-KV decode kernel.
 pub(super) const DECODE_MAX_ROWS: usize = 4;
 /// attention_decode.wgsl: most positions per split, most query heads per workgroup.
-const SPLIT_MAX: usize = 128;
+pub(super) const SPLIT_MAX: usize = 128;
 const HEADS_PER_WG_MAX: usize = 8;
 /// Workgroups the split-KV kernel aims for, so that one query row still fills a big GPU.
 const DECODE_TARGET_WORKGROUPS: usize = 256;

@@ -5,7 +5,7 @@
 //! over its own context, so a row's result is the same whatever else the batch holds.
 
 use super::exec::{Bind, Scratch};
-use super::ops::{decode_plan, dev, heads_per_workgroup, WG};
+use super::ops::{decode_plan, dev, heads_per_workgroup, SPLIT_MAX, WG};
 use super::pipelines::Kernel;
 use super::Wgpu;
 use crate::backend::checks;
@@ -111,9 +111,18 @@ impl Wgpu {
         let k = self.bind(kv.k, 0, "the K cache", OP)?;
         let v = self.bind(kv.v, 0, "the V cache", OP)?;
         let t = self.bind(kv.table, rows.meta_len * 4, "the batch layout", OP)?;
-        // Every row is planned as if it had the longest context; shorter rows leave their
-        // last splits empty, which the combine skips.
-        let (split_len, n_splits) = decode_plan(n, rows.max_ctx, h);
+        // Every row is planned as if it had the longest context (shorter rows leave their
+        // last splits empty, which the combine skips), in splits of a length that depends on
+        // neither the batch's rows nor its other contexts (one split up to decode_plan's
+        // one-split limit, SPLIT_MAX positions past it), so that a row's sums run in the same
+        // order whatever else the batch holds.
+        let (one_split, _) = decode_plan(1, rows.max_ctx, h);
+        let split_len = if one_split >= rows.max_ctx {
+            one_split
+        } else {
+            SPLIT_MAX
+        };
+        let n_splits = rows.max_ctx.div_ceil(split_len);
         let params = AttentionParams {
             rows: n as u32,
             n_heads: h.n_heads as u32,
