@@ -89,6 +89,17 @@ impl Server {
         r.json().unwrap()
     }
 
+    /// The value of the Prometheus sample `name` (with its labels, if any) of /metrics.
+    fn metric(&self, name: &str) -> f64 {
+        let r = client().get(format!("{}/metrics", self.url)).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let text = r.text().unwrap();
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+    }
+
     /// A streamed request: every `data:` payload in order.
     fn stream(&self, path: &str, body: &Value) -> Vec<String> {
         let r = client()
@@ -405,6 +416,20 @@ fn many_requests_get_what_they_get_alone(backend: &str) {
         t0.elapsed().as_secs_f64()
     );
     assert_eq!(h["kv_blocks_free"], h["kv_blocks_total"]);
+    // /metrics saw every request: 2 N admitted, a quarter of the second N cancelled, none
+    // failed, a first token for each (cancelled ones had theirs before hanging up).
+    let m = |name: &str| s.metric(name);
+    assert_eq!(m("anyllama_requests_admitted_total"), (2 * N) as f64);
+    let finished = ["stop", "length", "cancelled", "error"]
+        .map(|r| m(&format!("anyllama_requests_finished_total{{reason=\"{r}\"}}")));
+    assert_eq!(finished.iter().sum::<f64>(), (2 * N) as f64, "{finished:?}");
+    assert_eq!(finished[3], 0.0);
+    assert!(finished[2] <= (N / 4) as f64, "{finished:?}");
+    assert_eq!(m("anyllama_time_to_first_token_seconds_count"), (2 * N) as f64);
+    assert_eq!(m("anyllama_requests_running"), 0.0);
+    assert_eq!(m("anyllama_kv_blocks_used"), 0.0);
+    assert!(m("anyllama_generation_tokens_total") >= m("anyllama_engine_steps_total"));
+    assert!(m("anyllama_prompt_tokens_total") > 0.0);
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! (DESIGN.md "Serving"). A row's result does not depend on what else is in the batch, so a
 //! request gets the tokens it gets alone.
 
+use super::metrics::{Ended, Metrics};
 use crate::backend::params::KV_BLOCK;
 use crate::backend::Backend;
 use crate::batch::{RowsBatch, SeqRows};
@@ -28,6 +29,7 @@ use crate::tokenizer::{StreamDecoder, Tokenizer};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 /// One completion request, already tokenized and validated by the HTTP layer.
@@ -39,6 +41,8 @@ pub struct Request {
     pub stops: Vec<String>,
     /// Generate max_tokens tokens even past EOS (load tests).
     pub ignore_eos: bool,
+    /// When the HTTP side received it (time to first token counts from here).
+    pub arrived: Instant,
     /// Where the text goes; dropping the receiver cancels the request.
     pub events: UnboundedSender<Event>,
 }
@@ -81,6 +85,7 @@ pub struct Status {
     /// Requests submitted and not yet admitted (the inbox plus the engine's waiting queue).
     pub waiting: AtomicUsize,
     pub ready: AtomicBool,
+    pub metrics: Metrics,
 }
 
 enum Msg {
@@ -126,6 +131,7 @@ impl Handle {
         // Count first, so that concurrent submits cannot both take the last place.
         if waiting.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
             waiting.fetch_sub(1, Ordering::SeqCst);
+            self.status.metrics.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(Refused::QueueFull(self.max_queue));
         }
         self.tx.send(Msg::Request(r)).map_err(|_| {
@@ -178,6 +184,8 @@ enum Outcome {
     Finished(Finish),
     /// The client is gone.
     Dropped,
+    /// The engine failed it (a device error); the client was told.
+    Failed,
 }
 
 pub struct Engine<'a, B: Backend> {
@@ -273,7 +281,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 return Ok(());
             }
             self.admit(&status)?;
-            self.step()?;
+            self.step(&status.metrics)?;
             self.publish(&status);
         }
     }
@@ -298,6 +306,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             status.waiting.fetch_sub(1, Ordering::SeqCst);
             let seq = self.kv.new_sequence(self.b, self.cfg.ctx_len)?;
             self.committed += blocks;
+            status.metrics.admitted.fetch_add(1, Ordering::Relaxed);
             self.running.push(Running {
                 sampler: Sampler::new(req.sampling.clone()),
                 history: req.prompt.clone(),
@@ -318,7 +327,7 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// ended: the decode row of every sequence whose prompt is in, then chunks of prompts
     /// (in admission order) under the prefill budget, so a long prompt never stalls the
     /// running streams.
-    fn step(&mut self) -> Result<()> {
+    fn step(&mut self, m: &Metrics) -> Result<()> {
         let mut ended: Vec<(usize, Outcome)> = Vec::new();
         let mut decode = Vec::new();
         let mut prefill = Vec::new();
@@ -351,13 +360,13 @@ impl<'a, B: Backend> Engine<'a, B> {
             vec![&plan[..]]
         };
         for group in groups {
-            match self.run_batch(group) {
+            match self.run_batch(group, m) {
                 Ok(outcomes) => ended.extend(outcomes),
                 Err(e) => {
                     // A device error fails these requests; the engine keeps serving the others.
                     for &(i, _) in group {
                         let _ = self.running[i].req.events.send(Event::Error(e.to_string()));
-                        ended.push((i, Outcome::Dropped));
+                        ended.push((i, Outcome::Failed));
                     }
                 }
             }
@@ -365,6 +374,12 @@ impl<'a, B: Backend> Engine<'a, B> {
         // Retire from the highest index down, so that swap_remove keeps the others' indices.
         ended.sort_by_key(|&(i, _)| std::cmp::Reverse(i));
         for (i, outcome) in ended {
+            m.ended(match outcome {
+                Outcome::Finished(Finish::Stop) => Ended::Stop,
+                Outcome::Finished(Finish::Length) => Ended::Length,
+                Outcome::Dropped => Ended::Cancelled,
+                Outcome::Failed | Outcome::Continue => Ended::Error,
+            });
             if let Outcome::Finished(finish) = outcome {
                 let r = &mut self.running[i];
                 let tail = if r.stop.stopped() {
@@ -396,7 +411,11 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// One forward call over `group` ((running index, rows) pairs: a prompt chunk or the one
     /// token to decode), then a token for every sequence whose prompt is now in. Returns the
     /// sequences that ended.
-    fn run_batch(&mut self, group: &[(usize, usize)]) -> Result<Vec<(usize, Outcome)>> {
+    fn run_batch(
+        &mut self,
+        group: &[(usize, usize)],
+        m: &Metrics,
+    ) -> Result<Vec<(usize, Outcome)>> {
         let (b, vocab) = (self.b, self.model.cfg.vocab_size);
         let mut tokens = Vec::new();
         let mut rope_len = 0;
@@ -406,6 +425,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             // the tokens `anyllama generate` / `chat` give.
             if r.fed < r.req.prompt.len() {
                 tokens.extend_from_slice(&r.req.prompt[r.fed..r.fed + n]);
+                m.prompt_tokens.fetch_add(n as u64, Ordering::Relaxed);
                 rope_len = rope_len.max(r.req.prompt.len());
             } else {
                 tokens.push(r.next);
@@ -492,14 +512,18 @@ impl<'a, B: Backend> Engine<'a, B> {
                 }
             }
         }
+        m.step(sampling.len() as u64, Instant::now());
         let mut ended = Vec::new();
         for &(j, i) in &sampling {
+            if self.running[i].generated == 0 {
+                m.first_token(self.running[i].req.arrived.elapsed());
+            }
             match self.deliver(i, ids[j], vocab) {
                 Ok(Outcome::Continue) => {}
                 Ok(outcome) => ended.push((i, outcome)),
                 Err(e) => {
                     let _ = self.running[i].req.events.send(Event::Error(e.to_string()));
-                    ended.push((i, Outcome::Dropped));
+                    ended.push((i, Outcome::Failed));
                 }
             }
         }

@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
@@ -158,6 +159,18 @@ async fn health(State(s): State<AppState>) -> Response {
         "kv_blocks_free": st.free_blocks.load(Ordering::SeqCst),
     }))
     .into_response()
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let st = &s.engine.status;
+    let gauges = crate::serve::metrics::Gauges {
+        running: st.running.load(Ordering::SeqCst),
+        waiting: st.waiting.load(Ordering::SeqCst),
+        kv_blocks_total: st.total_blocks.load(Ordering::SeqCst),
+        kv_blocks_free: st.free_blocks.load(Ordering::SeqCst),
+    };
+    let body = st.metrics.render(&gauges);
+    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn models(State(s): State<AppState>) -> Response {
@@ -470,6 +483,7 @@ async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiErro
             max_tokens: p.max_tokens,
             stops: p.stops,
             ignore_eos: p.ignore_eos,
+            arrived: std::time::Instant::now(),
             events: tx,
         })
         .map_err(|e| match e {

@@ -1,6 +1,7 @@
 //! `anyllama serve`: an OpenAI-compatible HTTP server. engine.rs schedules every request over
 //! one shared paged KV cache on one thread; http.rs turns HTTP requests into engine requests
-//! and engine events into OpenAI responses.
+//! and engine events into OpenAI responses; metrics.rs is `/metrics`.
 
 pub mod engine;
 pub mod http;
+pub mod metrics;
