@@ -91,7 +91,10 @@ impl Server {
 
     /// The value of the Prometheus sample `name` (with its labels, if any) of /metrics.
     fn metric(&self, name: &str) -> f64 {
-        let r = client().get(format!("{}/metrics", self.url)).send().unwrap();
+        let r = client()
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .unwrap();
         assert_eq!(r.status().as_u16(), 200);
         let text = r.text().unwrap();
         text.lines()
@@ -420,12 +423,18 @@ fn many_requests_get_what_they_get_alone(backend: &str) {
     // failed, a first token for each (cancelled ones had theirs before hanging up).
     let m = |name: &str| s.metric(name);
     assert_eq!(m("anyllama_requests_admitted_total"), (2 * N) as f64);
-    let finished = ["stop", "length", "cancelled", "error"]
-        .map(|r| m(&format!("anyllama_requests_finished_total{{reason=\"{r}\"}}")));
+    let finished = ["stop", "length", "cancelled", "error"].map(|r| {
+        m(&format!(
+            "anyllama_requests_finished_total{{reason=\"{r}\"}}"
+        ))
+    });
     assert_eq!(finished.iter().sum::<f64>(), (2 * N) as f64, "{finished:?}");
     assert_eq!(finished[3], 0.0);
     assert!(finished[2] <= (N / 4) as f64, "{finished:?}");
-    assert_eq!(m("anyllama_time_to_first_token_seconds_count"), (2 * N) as f64);
+    assert_eq!(
+        m("anyllama_time_to_first_token_seconds_count"),
+        (2 * N) as f64
+    );
     assert_eq!(m("anyllama_requests_running"), 0.0);
     assert_eq!(m("anyllama_kv_blocks_used"), 0.0);
     assert!(m("anyllama_generation_tokens_total") >= m("anyllama_engine_steps_total"));
@@ -450,6 +459,35 @@ fn cuda_many_requests_get_what_they_get_alone() {
         return common::skip_or_fail_cuda("cuda serve", &why);
     }
     many_requests_get_what_they_get_alone("cuda");
+}
+
+/// The official `openai` Python client (its package on PYTHONPATH; ANYLLAMA_OPENAI_PY names a
+/// folder to add, which .ci/run fills with `pip install --target`) drives the server through
+/// tests/serve_openai_client.py.
+#[test]
+fn the_openai_python_client_works_against_the_server() {
+    let py_path = std::env::var("ANYLLAMA_OPENAI_PY").unwrap_or_default();
+    let has_openai = Command::new("python3")
+        .args(["-c", "import openai"])
+        .env("PYTHONPATH", &py_path)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_openai {
+        return common::skip_or_fail("the openai Python package is not installed");
+    }
+    let s = Server::start("cpu", &["--api-key", "sk-test-key"]).unwrap();
+    let script = common::root().join("tests/serve_openai_client.py");
+    let o = Command::new("python3")
+        .arg(&script)
+        .args([&s.url, "sk-test-key"])
+        .env("PYTHONPATH", &py_path)
+        .output()
+        .unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success() && out.contains("OK"), "{out}\n{err}");
 }
 
 #[test]

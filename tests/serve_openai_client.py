@@ -1,0 +1,58 @@
+"""The official `openai` Python client against `anyllama serve` (tests/serve.rs starts the server
+and passes its URL and API key): chat and completions, streamed and not, models, and the errors
+the client turns into its exception types. Prints OK at the end; any failure raises."""
+import sys
+
+import openai
+
+url, key = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+models = client.models.list()
+model = models.data[0].id
+assert model == "tiny-chat", models
+
+msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}]
+r = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)
+assert r.object == "chat.completion", r
+choice = r.choices[0]
+assert choice.message.role == "assistant" and isinstance(choice.message.content, str), r
+assert choice.finish_reason in ("stop", "length"), r
+assert r.usage.completion_tokens <= 12 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0,
+                                        stream=True, stream_options={"include_usage": True})
+text, finish, usage = "", None, None
+for chunk in stream:
+    if chunk.usage:
+        usage = chunk.usage
+    for c in chunk.choices:
+        text += c.delta.content or ""
+        finish = c.finish_reason or finish
+assert text == choice.message.content, (text, choice.message.content)
+assert finish == choice.finish_reason and usage.completion_tokens == r.usage.completion_tokens
+
+c = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0,
+                              seed=7, stop=["\n\n"])
+assert c.object == "text_completion" and isinstance(c.choices[0].text, str), c
+streamed = "".join(x.choices[0].text for x in client.completions.create(
+    model=model, prompt="Once upon a time", max_tokens=10, temperature=0, seed=7, stop=["\n\n"],
+    stream=True) if x.choices)
+assert streamed == c.choices[0].text, (streamed, c.choices[0].text)
+
+try:
+    client.chat.completions.create(model=model, messages=msgs, temperature=-1)
+    raise AssertionError("temperature -1 was accepted")
+except openai.UnprocessableEntityError as e:
+    assert e.body["param"] == "temperature", e.body
+try:
+    client.chat.completions.create(model="no-such-model", messages=msgs)
+    raise AssertionError("an unknown model was accepted")
+except openai.NotFoundError:
+    pass
+try:
+    openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    raise AssertionError("a wrong key was accepted")
+except openai.AuthenticationError:
+    pass
+print("OK")
