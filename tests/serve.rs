@@ -491,6 +491,136 @@ fn the_openai_python_client_works_against_the_server() {
 }
 
 #[test]
+fn logprobs_come_in_openais_shapes() {
+    let s = Server::start("cpu", &["--kv-dtype", "f32"]).unwrap();
+    let mut body = chat_body("What is the capital of France?", 10);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(3);
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        "{v}"
+    );
+    let mut joined = String::new();
+    for e in &content {
+        let lp = e["logprob"].as_f64().unwrap();
+        let top: Vec<f64> = e["top_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["logprob"].as_f64().unwrap())
+            .collect();
+        assert_eq!(top.len(), 3, "{e}");
+        assert!(top.windows(2).all(|w| w[0] >= w[1]) && top[0] <= 0.0, "{e}");
+        assert!(
+            top.iter().map(|l| l.exp()).sum::<f64>() <= 1.0 + 1e-5,
+            "{e}"
+        );
+        // Greedy: the picked token is the most likely one.
+        assert_eq!(lp, top[0], "{e}");
+        assert_eq!(e["token"], e["top_logprobs"][0]["token"], "{e}");
+        let token = e["token"].as_str().unwrap();
+        assert_eq!(e["bytes"], json!(token.as_bytes()));
+        joined += token;
+    }
+    assert_eq!(joined, reply(&v));
+    // Streamed: the same entries, spread over the chunks.
+    body["stream"] = json!(true);
+    let events = s.stream("/v1/chat/completions", &body);
+    let streamed: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap())
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
+    assert_eq!(streamed, content);
+    // Completions: logprobs N, the legacy shape.
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
+                      "logprobs": 2});
+    let (status, v) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tokens.concat(),
+        v["choices"][0]["text"].as_str().unwrap(),
+        "{v}"
+    );
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    for (i, t) in tokens.iter().enumerate().skip(1) {
+        assert_eq!(
+            offsets[i],
+            offsets[i - 1] + tokens[i - 1].chars().count() as u64,
+            "{t}"
+        );
+    }
+    for (top, l) in lp["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(lp["token_logprobs"].as_array().unwrap())
+    {
+        let best = top
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(f64::MIN, f64::max);
+        assert!(
+            top.as_object().unwrap().len() <= 2 && best == l.as_f64().unwrap(),
+            "{lp}"
+        );
+    }
+    // Wrong combinations are 422s naming the field.
+    for (path, extra, param) in [
+        (
+            "/v1/chat/completions",
+            json!({"top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        ("/v1/chat/completions", json!({"logprobs": 3}), "logprobs"),
+        ("/v1/completions", json!({"logprobs": true}), "logprobs"),
+    ] {
+        let mut body = if path.contains("chat") {
+            chat_body("Hi", 4)
+        } else {
+            json!({"prompt": "Hi", "max_tokens": 4})
+        };
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, v) = s.post(path, &body);
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (422, Some(param)),
+            "{v}"
+        );
+    }
+}
+
+#[test]
 fn a_client_that_disconnects_frees_its_blocks() {
     let s = Server::start("cpu", &[]).unwrap();
     let total = s.get("/health")["kv_blocks_total"].clone();

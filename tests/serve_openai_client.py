@@ -20,6 +20,11 @@ assert choice.message.role == "assistant" and isinstance(choice.message.content,
 assert choice.finish_reason in ("stop", "length"), r
 assert r.usage.completion_tokens <= 12 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
+lp = client.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0,
+                                    logprobs=True, top_logprobs=2).choices[0].logprobs
+assert len(lp.content) >= 1 and all(len(t.top_logprobs) == 2 for t in lp.content), lp
+assert lp.content[0].logprob == lp.content[0].top_logprobs[0].logprob, lp
+
 stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0,
                                         stream=True, stream_options={"include_usage": True})
 text, finish, usage = "", None, None

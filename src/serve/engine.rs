@@ -13,6 +13,8 @@
 //! (DESIGN.md "Serving"). A row's result does not depend on what else is in the batch, so a
 //! request gets the tokens it gets alone.
 
+use super::logprobs::token_logprobs;
+pub use super::logprobs::TokenLogprob;
 use super::metrics::{Ended, Metrics};
 use crate::backend::params::KV_BLOCK;
 use crate::backend::Backend;
@@ -43,6 +45,8 @@ pub struct Request {
     pub ignore_eos: bool,
     /// When the HTTP side received it (time to first token counts from here).
     pub arrived: Instant,
+    /// Send each token's log-probability and this many alternatives (0 to 20).
+    pub logprobs: Option<usize>,
     /// Where the text goes; dropping the receiver cancels the request.
     pub events: UnboundedSender<Event>,
 }
@@ -66,6 +70,8 @@ impl Finish {
 
 #[derive(Debug)]
 pub enum Event {
+    /// The log-probabilities of the next token (sent before its text, when asked for).
+    Logprob(TokenLogprob),
     Text(String),
     Done {
         finish: Finish,
@@ -471,10 +477,8 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             sampling.push((j, i));
         }
-        let host_logits = if sampling
-            .iter()
-            .any(|&(_, i)| self.running[i].sampler.params.has_penalties())
-        {
+        let on_host = |r: &Running<B>| r.sampler.params.has_penalties() || r.req.logprobs.is_some();
+        let host_logits = if sampling.iter().any(|&(_, i)| on_host(&self.running[i])) {
             let mut l = vec![0f32; group.len() * vocab];
             b.read(&self.scratch.logits, 0, bytemuck::cast_slice_mut(&mut l))?;
             Some(l)
@@ -513,6 +517,17 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
         }
         m.step(sampling.len() as u64, Instant::now());
+        // The log-probabilities of the picked tokens, for the requests that asked.
+        for &(j, i) in &sampling {
+            let (r, id) = (&self.running[i], ids[j]);
+            if let (Some(top), Some(l)) = (r.req.logprobs, host_logits.as_ref()) {
+                let eos = self.cfg.eos_ids.contains(&id) && !r.req.ignore_eos;
+                if !eos && (id as usize) < vocab {
+                    let lp = token_logprobs(&l[j * vocab..(j + 1) * vocab], id, top);
+                    let _ = r.req.events.send(Event::Logprob(lp));
+                }
+            }
+        }
         let mut ended = Vec::new();
         for &(j, i) in &sampling {
             if self.running[i].generated == 0 {

@@ -7,7 +7,8 @@
 //! dropped, and the engine frees the sequence at its next step. Tokenizing runs inline on the
 //! tokio worker; BODY_LIMIT bounds what it can cost.
 
-use super::engine::{blocks_for, Event, Finish, Handle, Refused, Request};
+use super::engine::{blocks_for, Event, Finish, Handle, Refused, Request, TokenLogprob};
+use super::logprobs;
 use crate::chat_template::Message;
 use crate::sample::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -221,10 +222,25 @@ struct Common {
     frequency_penalty: Option<f32>,
     repetition_penalty: Option<f32>,
     n: Option<usize>,
+    /// Chat: true for each token's log-probability; completions: how many alternatives.
+    logprobs: Option<LogprobsArg>,
+    /// Chat: alternatives per token (with logprobs: true).
+    top_logprobs: Option<usize>,
     /// Extension (vLLM, llama.cpp): generate max_tokens tokens even past EOS (load tests).
     #[serde(default)]
     ignore_eos: bool,
 }
+
+/// `logprobs` is a boolean in chat and a number of alternatives in completions.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LogprobsArg {
+    Chat(bool),
+    Text(usize),
+}
+
+/// The most alternatives per token a request may ask for (OpenAI's limit).
+const TOP_LOGPROBS_MAX: usize = 20;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -299,6 +315,7 @@ struct Prepared {
     max_tokens: usize,
     stops: Vec<String>,
     ignore_eos: bool,
+    logprobs: Option<usize>,
     stream: bool,
     include_usage: bool,
 }
@@ -393,7 +410,38 @@ fn prepare(
     if stops.len() > 4 {
         return Err(ApiError::invalid("stop", "at most 4 stop sequences"));
     }
+    let chat = what == "messages";
+    let logprobs = match (c.logprobs, c.top_logprobs) {
+        (Some(LogprobsArg::Chat(true)), top) if chat => Some(top.unwrap_or(0)),
+        (Some(LogprobsArg::Chat(false)) | None, Some(_)) if chat => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
+        }
+        (Some(LogprobsArg::Chat(false)) | None, None) if chat => None,
+        (Some(LogprobsArg::Text(n)), None) if !chat => Some(n),
+        (None, None) if !chat => None,
+        _ => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                if chat {
+                    "chat takes logprobs: true/false and top_logprobs: N"
+                } else {
+                    "completions take logprobs: N (no top_logprobs)"
+                },
+            ))
+        }
+    };
+    if logprobs.is_some_and(|n| n > TOP_LOGPROBS_MAX) {
+        let param = if chat { "top_logprobs" } else { "logprobs" };
+        return Err(ApiError::invalid(
+            param,
+            format!("at most {TOP_LOGPROBS_MAX} alternatives per token"),
+        ));
+    }
     Ok(Prepared {
+        logprobs,
         prompt,
         sampling: p,
         max_tokens,
@@ -483,6 +531,7 @@ async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiErro
             max_tokens: p.max_tokens,
             stops: p.stops,
             ignore_eos: p.ignore_eos,
+            logprobs: p.logprobs,
             arrived: std::time::Instant::now(),
             events: tx,
         })
@@ -508,6 +557,8 @@ async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiErro
         model: s.model_id.clone(),
         kind,
         prompt_tokens,
+        logprobs: p.logprobs.is_some(),
+        state: s.clone(),
     };
     if p.stream {
         Ok(stream(meta, rx, p.include_usage))
@@ -524,6 +575,9 @@ struct Meta {
     model: String,
     kind: Kind,
     prompt_tokens: usize,
+    /// Whether the choices carry logprobs (else `"logprobs": null`).
+    logprobs: bool,
+    state: AppState,
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -546,12 +600,24 @@ impl Meta {
         c
     }
 
-    fn piece(&self, text: &str) -> Value {
+    /// A chunk's choice with `text` and the logprobs of its tokens; `offset`: characters of
+    /// the completion before it.
+    fn piece(&self, text: &str, tokens: &[TokenLogprob], offset: usize) -> Value {
+        let lp = self.logprobs_json(tokens, offset);
         match self.kind {
-            Kind::Chat => json!({"index": 0, "delta": {"content": text}, "logprobs": null,
+            Kind::Chat => json!({"index": 0, "delta": {"content": text}, "logprobs": lp,
                                  "finish_reason": null}),
-            Kind::Text => json!({"index": 0, "text": text, "logprobs": null,
+            Kind::Text => json!({"index": 0, "text": text, "logprobs": lp,
                                  "finish_reason": null}),
+        }
+    }
+
+    fn logprobs_json(&self, tokens: &[TokenLogprob], offset: usize) -> Value {
+        let tok = &self.state.tokenizer;
+        match (self.logprobs, self.kind) {
+            (false, _) => Value::Null,
+            (true, Kind::Chat) => logprobs::chat(tok, tokens),
+            (true, Kind::Text) => logprobs::text_completion(tok, tokens, offset),
         }
     }
 
@@ -576,19 +642,22 @@ fn engine_error(message: String) -> ApiError {
 /// A non-streamed reply: waits for every event, then answers in one JSON body.
 async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut tokens = Vec::new();
     loop {
         match rx.recv().await {
+            Some(Event::Logprob(t)) => tokens.push(t),
             Some(Event::Text(t)) => text += &t,
             Some(Event::Done {
                 finish,
                 prompt_tokens,
                 completion_tokens,
             }) => {
+                let lp = meta.logprobs_json(&tokens, 0);
                 let choice = match meta.kind {
                     Kind::Chat => json!({"index": 0,
                         "message": {"role": "assistant", "content": text},
-                        "logprobs": null, "finish_reason": finish.as_str()}),
-                    Kind::Text => json!({"index": 0, "text": text, "logprobs": null,
+                        "logprobs": lp, "finish_reason": finish.as_str()}),
+                    Kind::Text => json!({"index": 0, "text": text, "logprobs": lp,
                         "finish_reason": finish.as_str()}),
                 };
                 let object = match meta.kind {
@@ -615,47 +684,62 @@ fn stream(meta: Meta, rx: UnboundedReceiver<Event>, include_usage: bool) -> Resp
         Body,
         Done,
     }
-    let chunks = futures_util::stream::unfold((meta, rx, At::Start), move |(meta, mut rx, at)| {
-        async move {
-            let out = match at {
+    // Token logprobs wait for the next text chunk (or the end) and go out with it; `sent`:
+    // characters of the completion streamed so far (the completions' text_offset).
+    let start = (meta, rx, At::Start, Vec::new(), 0usize);
+    let chunks = futures_util::stream::unfold(start, move |state| async move {
+        let (meta, mut rx, at, mut pending, mut sent) = state;
+        let (bytes, next) = loop {
+            match at {
                 At::Done => return None,
                 At::Start if meta.kind == Kind::Chat => {
                     let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": null, "finish_reason": null});
-                    (sse(&meta.chunk(role, include_usage)), At::Body)
+                    break (sse(&meta.chunk(role, include_usage)), At::Body);
                 }
-                At::Start | At::Body => match rx.recv().await {
-                    Some(Event::Text(t)) => {
-                        (sse(&meta.chunk(meta.piece(&t), include_usage)), At::Body)
+                At::Start | At::Body => {}
+            }
+            match rx.recv().await {
+                Some(Event::Logprob(t)) => pending.push(t),
+                Some(Event::Text(t)) => {
+                    let piece = meta.piece(&t, &pending, sent);
+                    pending.clear();
+                    sent += t.chars().count();
+                    break (sse(&meta.chunk(piece, include_usage)), At::Body);
+                }
+                Some(Event::Done {
+                    finish,
+                    completion_tokens,
+                    ..
+                }) => {
+                    let mut b = Vec::new();
+                    if meta.logprobs && !pending.is_empty() {
+                        let piece = meta.piece("", &pending, sent);
+                        b.extend_from_slice(&sse(&meta.chunk(piece, include_usage)));
                     }
-                    Some(Event::Done {
-                        finish,
-                        completion_tokens,
-                        ..
-                    }) => {
-                        let mut b = sse(&meta.chunk(meta.last(finish), include_usage)).to_vec();
-                        if include_usage {
-                            let mut u = meta.chunk(Value::Null, true);
-                            u["choices"] = json!([]);
-                            u["usage"] = usage(meta.prompt_tokens, completion_tokens);
-                            b.extend_from_slice(&sse(&u));
-                        }
-                        b.extend_from_slice(b"data: [DONE]\n\n");
-                        (Bytes::from(b), At::Done)
+                    b.extend_from_slice(&sse(&meta.chunk(meta.last(finish), include_usage)));
+                    if include_usage {
+                        let mut u = meta.chunk(Value::Null, true);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(meta.prompt_tokens, completion_tokens);
+                        b.extend_from_slice(&sse(&u));
                     }
-                    // Mid-stream the status is sent already: the error goes in a chunk.
-                    Some(Event::Error(e)) => {
-                        let err = json!({"error": {"message": e, "type": "server_error",
-                                                   "param": null, "code": "engine_error"}});
-                        let mut b = sse(&err).to_vec();
-                        b.extend_from_slice(b"data: [DONE]\n\n");
-                        (Bytes::from(b), At::Done)
-                    }
-                    None => return None,
-                },
-            };
-            Some((Ok::<_, std::convert::Infallible>(out.0), (meta, rx, out.1)))
-        }
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                    break (Bytes::from(b), At::Done);
+                }
+                // Mid-stream the status is sent already: the error goes in a chunk.
+                Some(Event::Error(e)) => {
+                    let err = json!({"error": {"message": e, "type": "server_error",
+                                               "param": null, "code": "engine_error"}});
+                    let mut b = sse(&err).to_vec();
+                    b.extend_from_slice(b"data: [DONE]\n\n");
+                    break (Bytes::from(b), At::Done);
+                }
+                None => return None,
+            }
+        };
+        let state = (meta, rx, next, pending, sent);
+        Some((Ok::<_, std::convert::Infallible>(bytes), state))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "text/event-stream")
