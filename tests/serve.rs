@@ -620,6 +620,101 @@ fn logprobs_come_in_openais_shapes() {
     }
 }
 
+/// Resident memory of process `pid` in KiB (Linux), for the abuse test's bound.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Slow-loris connections, bodies over the limit, a prompt far past the context, clients that
+/// never read their streams, and requests past a full queue, all at once: every one gets its
+/// error (or just waits), a normal request is still served meanwhile, memory stays bounded,
+/// and afterwards the server is idle with every KV block free.
+#[test]
+fn abuse_leaves_the_server_serving_the_others() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let s = Server::start("cpu", &["--max-seqs", "2", "--max-queue", "3"]).unwrap();
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let rss0 = rss_kib(s.child.id());
+    // 100 slow-loris connections: headers promising a body that never comes.
+    let loris: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            write!(
+                c,
+                "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 50000\r\n"
+            )
+            .unwrap();
+            c
+        })
+        .collect();
+    // Streams whose clients never read a byte (they hold both sequence slots for a while).
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 200, "stream": true,
+                      "ignore_eos": true})
+    .to_string();
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        let mut c = TcpStream::connect(&addr).unwrap();
+        write!(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+        silent.push(c);
+    }
+    // A body over the 4 MiB limit, and a prompt of ~10k tokens (the context is 256).
+    let big = json!({"prompt": "x ".repeat(3 << 20), "max_tokens": 1});
+    let (status, v) = s.post("/v1/completions", &big);
+    assert_eq!(status, 413, "{v}");
+    let long = json!({"prompt": "word ".repeat(10_000), "max_tokens": 1});
+    let (status, v) = s.post("/v1/completions", &long);
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (422, Some("prompt")),
+        "{v}"
+    );
+    // Past the queue: eight long requests at once against two slots (held by the silent
+    // streams) and three places in the queue: the first ones wait, the rest get 429 at once.
+    let start = std::sync::Barrier::new(8);
+    let codes: Vec<u16> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                sc.spawn(|| {
+                    let body = json!({"prompt": "Hello", "max_tokens": 200, "ignore_eos": true});
+                    start.wait();
+                    let r = client()
+                        .post(format!("{}/v1/completions", s.url))
+                        .json(&body)
+                        .send();
+                    r.map(|r| r.status().as_u16()).unwrap_or(0)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(codes.iter().all(|&c| c == 200 || c == 429), "{codes:?}");
+    assert!(
+        codes.iter().filter(|&&c| c == 429).count() >= 3,
+        "{codes:?}"
+    );
+    assert!(codes.contains(&200), "{codes:?}");
+    // Still serving: /health answers and a request completes.
+    assert_eq!(s.get("/health")["status"], "ok");
+    let (status, v) = s.post("/v1/chat/completions", &chat_body("Hi", 4));
+    assert_eq!(status, 200, "{v}");
+    let rss1 = rss_kib(s.child.id());
+    assert!(
+        rss1 < rss0 + 256 * 1024,
+        "memory grew from {rss0} to {rss1} KiB"
+    );
+    drop(loris);
+    drop(silent);
+    s.wait_idle();
+    let (status, v) = s.post("/v1/chat/completions", &chat_body("Hi", 4));
+    assert_eq!(status, 200, "{v}");
+}
+
 #[test]
 fn a_client_that_disconnects_frees_its_blocks() {
     let s = Server::start("cpu", &[]).unwrap();
