@@ -716,6 +716,72 @@ fn abuse_leaves_the_server_serving_the_others() {
 }
 
 #[test]
+fn n_choices_are_the_seeded_requests_side_by_side() {
+    let s = Server::start("cpu", &["--kv-dtype", "f32"]).unwrap();
+    let mut body = chat_body("Tell me a story", 12);
+    body["temperature"] = json!(0.9);
+    body["seed"] = json!(5);
+    body["n"] = json!(3);
+    let (status, v) = s.post("/v1/chat/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{v}");
+    let mut completion = 0;
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        // Choice i is the request seeded with seed + i, alone.
+        let mut one = body.clone();
+        one["n"] = json!(1);
+        one["seed"] = json!(5 + i);
+        let (_, alone) = s.post("/v1/chat/completions", &one);
+        assert_eq!(
+            c["message"]["content"],
+            alone["choices"][0]["message"]["content"]
+        );
+        completion += alone["usage"]["completion_tokens"].as_u64().unwrap();
+    }
+    assert_eq!(
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        completion
+    );
+    // Streamed completions with n = 2: chunks of both indices, one [DONE], usage summed.
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0.8,
+                      "seed": 9, "n": 2, "stream_options": {"include_usage": true}});
+    let (_, whole) = s.post("/v1/completions", &body);
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = s.stream("/v1/completions", &streamed);
+    assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
+    let mut texts = [String::new(), String::new()];
+    let mut finished = 0;
+    for e in &events[..events.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        if let Some(choice) = c["choices"].as_array().and_then(|a| a.first()) {
+            let i = choice["index"].as_u64().unwrap() as usize;
+            texts[i] += choice["text"].as_str().unwrap();
+            finished += choice["finish_reason"].is_string() as usize;
+        } else {
+            assert_eq!(c["usage"], whole["usage"], "{c}");
+        }
+    }
+    assert_eq!(finished, 2);
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(t, whole["choices"][i]["text"].as_str().unwrap());
+    }
+    for n in [0, 17] {
+        let mut bad = chat_body("Hi", 4);
+        bad["n"] = json!(n);
+        let (status, v) = s.post("/v1/chat/completions", &bad);
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (422, Some("n")),
+            "{v}"
+        );
+    }
+    s.wait_idle();
+}
+
+#[test]
 fn a_client_that_disconnects_frees_its_blocks() {
     let s = Server::start("cpu", &[]).unwrap();
     let total = s.get("/health")["kv_blocks_total"].clone();
@@ -796,7 +862,7 @@ fn errors_are_openai_error_bodies() {
         "invalid_value",
     );
     let mut b = chat_body("hi", 4);
-    b["n"] = json!(2);
+    b["n"] = json!(17);
     check(chat, b.to_string(), 422, "invalid_value");
     let mut b = chat_body("hi", 4);
     b["model"] = json!("gpt-4");

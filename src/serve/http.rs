@@ -7,12 +7,12 @@
 //! dropped, and the engine frees the sequence at its next step. Tokenizing runs inline on the
 //! tokio worker; BODY_LIMIT bounds what it can cost.
 
-use super::engine::{blocks_for, Event, Finish, Handle, Refused, Request, TokenLogprob};
-use super::logprobs;
+use super::engine::{blocks_for, Handle, Refused, Request};
+use super::respond::{collect, stream, Meta};
 use crate::chat_template::Message;
 use crate::sample::SamplingParams;
 use crate::tokenizer::Tokenizer;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request as HttpRequest, State};
 use axum::http::{header, StatusCode};
@@ -21,11 +21,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::unbounded_channel;
 
 /// Request bodies larger than this are refused (413): a whole context of text is far smaller.
 pub const BODY_LIMIT: usize = 4 << 20;
@@ -68,7 +68,7 @@ impl ServerState {
     }
 }
 
-type AppState = Arc<ServerState>;
+pub(super) type AppState = Arc<ServerState>;
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -98,7 +98,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -239,6 +239,9 @@ enum LogprobsArg {
     Text(usize),
 }
 
+/// The most choices one request may ask for.
+const N_MAX: usize = 16;
+
 /// The most alternatives per token a request may ask for (OpenAI's limit).
 const TOP_LOGPROBS_MAX: usize = 20;
 
@@ -303,7 +306,7 @@ fn parse<T: serde::de::DeserializeOwned>(
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     Chat,
     Text,
 }
@@ -316,6 +319,8 @@ struct Prepared {
     stops: Vec<String>,
     ignore_eos: bool,
     logprobs: Option<usize>,
+    /// Choices: n engine requests of the same prompt (seed + i each, when seeded).
+    n: usize,
     stream: bool,
     include_usage: bool,
 }
@@ -342,8 +347,12 @@ fn prepare(
             });
         }
     }
-    if c.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("n", "only n = 1 is supported"));
+    let n = c.n.unwrap_or(1);
+    if !(1..=N_MAX).contains(&n) {
+        return Err(ApiError::invalid(
+            "n",
+            format!("n must be from 1 to {N_MAX}"),
+        ));
     }
     let ctx = s.ctx_len;
     if prompt.is_empty() {
@@ -442,6 +451,7 @@ fn prepare(
     }
     Ok(Prepared {
         logprobs,
+        n,
         prompt,
         sampling: p,
         max_tokens,
@@ -520,38 +530,45 @@ async fn completions(
     start(s, p, Kind::Text).await
 }
 
-/// Hands the request to the engine and answers with the whole reply or a stream of it.
+/// Hands the request's n choices to the engine and answers with the whole reply or a stream.
 async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiError> {
-    let (tx, rx) = unbounded_channel();
     let prompt_tokens = p.prompt.len();
-    s.engine
-        .submit(Request {
-            prompt: p.prompt,
-            sampling: p.sampling,
-            max_tokens: p.max_tokens,
-            stops: p.stops,
-            ignore_eos: p.ignore_eos,
-            logprobs: p.logprobs,
-            arrived: std::time::Instant::now(),
-            events: tx,
-        })
-        .map_err(|e| match e {
-            Refused::QueueFull(n) => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                format!("the server is busy: {n} requests are already waiting; retry later"),
-            ),
-            Refused::Stopped => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "the server is shutting down",
-            ),
-        })?;
-    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut receivers = Vec::with_capacity(p.n);
+    for i in 0..p.n {
+        let (tx, rx) = unbounded_channel();
+        let mut sampling = p.sampling.clone();
+        sampling.seed = sampling.seed.wrapping_add(i as u64);
+        // A refusal drops the receivers of the choices already submitted: they are cancelled.
+        s.engine
+            .submit(Request {
+                prompt: p.prompt.clone(),
+                sampling,
+                max_tokens: p.max_tokens,
+                stops: p.stops.clone(),
+                ignore_eos: p.ignore_eos,
+                logprobs: p.logprobs,
+                arrived: std::time::Instant::now(),
+                events: tx,
+            })
+            .map_err(|e| match e {
+                Refused::QueueFull(n) => ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "queue_full",
+                    format!("the server is busy: {n} requests are already waiting; retry later"),
+                ),
+                Refused::Stopped => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the server is shutting down",
+                ),
+            })?;
+        receivers.push(rx);
+    }
+    let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let meta = Meta {
         id: match kind {
-            Kind::Chat => format!("chatcmpl-{n}"),
-            Kind::Text => format!("cmpl-{n}"),
+            Kind::Chat => format!("chatcmpl-{id}"),
+            Kind::Text => format!("cmpl-{id}"),
         },
         created: now(),
         model: s.model_id.clone(),
@@ -561,189 +578,10 @@ async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiErro
         state: s.clone(),
     };
     if p.stream {
-        Ok(stream(meta, rx, p.include_usage))
+        Ok(stream(meta, receivers, p.include_usage))
     } else {
         // Not streamed: the handler's future collects the events; dropping it (the client is
-        // gone) drops the receiver.
-        collect(meta, rx).await
+        // gone) drops the receivers.
+        collect(meta, receivers).await
     }
-}
-
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    kind: Kind,
-    prompt_tokens: usize,
-    /// Whether the choices carry logprobs (else `"logprobs": null`).
-    logprobs: bool,
-    state: AppState,
-}
-
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion,
-           "total_tokens": prompt + completion})
-}
-
-impl Meta {
-    /// One streamed chunk with `choice` as its only choice.
-    fn chunk(&self, choice: Value, with_usage: bool) -> Value {
-        let object = match self.kind {
-            Kind::Chat => "chat.completion.chunk",
-            Kind::Text => "text_completion",
-        };
-        let mut c = json!({"id": self.id, "object": object, "created": self.created,
-                           "model": self.model, "choices": [choice]});
-        if with_usage {
-            c["usage"] = Value::Null;
-        }
-        c
-    }
-
-    /// A chunk's choice with `text` and the logprobs of its tokens; `offset`: characters of
-    /// the completion before it.
-    fn piece(&self, text: &str, tokens: &[TokenLogprob], offset: usize) -> Value {
-        let lp = self.logprobs_json(tokens, offset);
-        match self.kind {
-            Kind::Chat => json!({"index": 0, "delta": {"content": text}, "logprobs": lp,
-                                 "finish_reason": null}),
-            Kind::Text => json!({"index": 0, "text": text, "logprobs": lp,
-                                 "finish_reason": null}),
-        }
-    }
-
-    fn logprobs_json(&self, tokens: &[TokenLogprob], offset: usize) -> Value {
-        let tok = &self.state.tokenizer;
-        match (self.logprobs, self.kind) {
-            (false, _) => Value::Null,
-            (true, Kind::Chat) => logprobs::chat(tok, tokens),
-            (true, Kind::Text) => logprobs::text_completion(tok, tokens, offset),
-        }
-    }
-
-    fn last(&self, finish: Finish) -> Value {
-        match self.kind {
-            Kind::Chat => json!({"index": 0, "delta": {}, "logprobs": null,
-                                 "finish_reason": finish.as_str()}),
-            Kind::Text => json!({"index": 0, "text": "", "logprobs": null,
-                                 "finish_reason": finish.as_str()}),
-        }
-    }
-}
-
-fn sse(v: &Value) -> Bytes {
-    Bytes::from(format!("data: {v}\n\n"))
-}
-
-fn engine_error(message: String) -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "engine_error", message)
-}
-
-/// A non-streamed reply: waits for every event, then answers in one JSON body.
-async fn collect(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    loop {
-        match rx.recv().await {
-            Some(Event::Logprob(t)) => tokens.push(t),
-            Some(Event::Text(t)) => text += &t,
-            Some(Event::Done {
-                finish,
-                prompt_tokens,
-                completion_tokens,
-            }) => {
-                let lp = meta.logprobs_json(&tokens, 0);
-                let choice = match meta.kind {
-                    Kind::Chat => json!({"index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": lp, "finish_reason": finish.as_str()}),
-                    Kind::Text => json!({"index": 0, "text": text, "logprobs": lp,
-                        "finish_reason": finish.as_str()}),
-                };
-                let object = match meta.kind {
-                    Kind::Chat => "chat.completion",
-                    Kind::Text => "text_completion",
-                };
-                return Ok(axum::Json(json!({
-                    "id": meta.id, "object": object, "created": meta.created,
-                    "model": meta.model, "choices": [choice],
-                    "usage": usage(prompt_tokens, completion_tokens),
-                }))
-                .into_response());
-            }
-            Some(Event::Error(e)) => return Err(engine_error(e)),
-            None => return Err(engine_error("the engine stopped".into())),
-        }
-    }
-}
-
-/// A streamed reply: `data: {chunk}` lines, then `data: [DONE]`.
-fn stream(meta: Meta, rx: UnboundedReceiver<Event>, include_usage: bool) -> Response {
-    enum At {
-        Start,
-        Body,
-        Done,
-    }
-    // Token logprobs wait for the next text chunk (or the end) and go out with it; `sent`:
-    // characters of the completion streamed so far (the completions' text_offset).
-    let start = (meta, rx, At::Start, Vec::new(), 0usize);
-    let chunks = futures_util::stream::unfold(start, move |state| async move {
-        let (meta, mut rx, at, mut pending, mut sent) = state;
-        let (bytes, next) = loop {
-            match at {
-                At::Done => return None,
-                At::Start if meta.kind == Kind::Chat => {
-                    let role = json!({"index": 0, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": null, "finish_reason": null});
-                    break (sse(&meta.chunk(role, include_usage)), At::Body);
-                }
-                At::Start | At::Body => {}
-            }
-            match rx.recv().await {
-                Some(Event::Logprob(t)) => pending.push(t),
-                Some(Event::Text(t)) => {
-                    let piece = meta.piece(&t, &pending, sent);
-                    pending.clear();
-                    sent += t.chars().count();
-                    break (sse(&meta.chunk(piece, include_usage)), At::Body);
-                }
-                Some(Event::Done {
-                    finish,
-                    completion_tokens,
-                    ..
-                }) => {
-                    let mut b = Vec::new();
-                    if meta.logprobs && !pending.is_empty() {
-                        let piece = meta.piece("", &pending, sent);
-                        b.extend_from_slice(&sse(&meta.chunk(piece, include_usage)));
-                    }
-                    b.extend_from_slice(&sse(&meta.chunk(meta.last(finish), include_usage)));
-                    if include_usage {
-                        let mut u = meta.chunk(Value::Null, true);
-                        u["choices"] = json!([]);
-                        u["usage"] = usage(meta.prompt_tokens, completion_tokens);
-                        b.extend_from_slice(&sse(&u));
-                    }
-                    b.extend_from_slice(b"data: [DONE]\n\n");
-                    break (Bytes::from(b), At::Done);
-                }
-                // Mid-stream the status is sent already: the error goes in a chunk.
-                Some(Event::Error(e)) => {
-                    let err = json!({"error": {"message": e, "type": "server_error",
-                                               "param": null, "code": "engine_error"}});
-                    let mut b = sse(&err).to_vec();
-                    b.extend_from_slice(b"data: [DONE]\n\n");
-                    break (Bytes::from(b), At::Done);
-                }
-                None => return None,
-            }
-        };
-        let state = (meta, rx, next, pending, sent);
-        Some((Ok::<_, std::convert::Infallible>(bytes), state))
-    });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(chunks))
-        .expect("valid response")
 }

@@ -6,3 +6,4 @@ pub mod engine;
 pub mod http;
 pub mod logprobs;
 pub mod metrics;
+mod respond;
