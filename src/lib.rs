@@ -20,6 +20,7 @@ pub mod backend;
 pub mod batch;
 pub mod kv_cache;
 pub mod pool;
+pub mod prefix_cache;
 
 pub mod model;
 pub mod train;

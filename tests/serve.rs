@@ -781,6 +781,68 @@ fn n_choices_are_the_seeded_requests_side_by_side() {
     s.wait_idle();
 }
 
+/// Requests that share a system prompt, and a chat's next turn, reuse the KV blocks of their
+/// common prefix (counted by /metrics) and reply exactly as a server without the prefix cache
+/// does, also when a cache of one context's blocks must evict cached blocks all the time.
+fn prefix_cache_changes_nothing_but_the_work(backend: &str) {
+    let shared = ["--kv-dtype", "f32", "--kv-blocks", "16", "--max-seqs", "1"];
+    let Some(with) = Server::start(backend, &shared) else {
+        return;
+    };
+    let without = Server::start(backend, &["--kv-dtype", "f32", "--no-prefix-cache"]).unwrap();
+    let system = "You are a careful assistant. Answer in one short sentence, name your \
+                  sources, never guess, and keep every number exact. "
+        .repeat(2);
+    let turn = |msgs: Value| {
+        let body = json!({"messages": msgs, "max_tokens": 12, "temperature": 0.7, "seed": 3});
+        let replies: Vec<String> = [&with, &without]
+            .iter()
+            .map(|s| {
+                let (status, v) = s.post("/v1/chat/completions", &body);
+                assert_eq!(status, 200, "{v}");
+                reply(&v)
+            })
+            .collect();
+        assert_eq!(replies[0], replies[1], "{backend}: {msgs}");
+        replies[0].clone()
+    };
+    let sys = json!({"role": "system", "content": system});
+    let a = turn(json!([sys, {"role": "user", "content": "What is the capital of France?"}]));
+    turn(json!([sys, {"role": "user", "content": "How many legs has a spider?"}]));
+    turn(
+        json!([sys, {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": a},
+                {"role": "user", "content": "And of Italy?"}]),
+    );
+    for i in 0..4 {
+        turn(json!([{"role": "user", "content": format!("Unrelated question {i} about rivers")}]));
+    }
+    turn(json!([sys, {"role": "user", "content": "What is the capital of France?"}]));
+    let hits = with.metric("anyllama_prefix_cache_hit_tokens_total");
+    eprintln!("{backend}: {hits} prompt tokens from the prefix cache");
+    assert!(
+        hits >= 32.0,
+        "{backend}: {hits} prompt tokens from the cache"
+    );
+    assert_eq!(
+        without.metric("anyllama_prefix_cache_hit_tokens_total"),
+        0.0
+    );
+    let h = with.wait_idle();
+    assert_eq!(h["kv_blocks_free"], h["kv_blocks_total"]);
+}
+
+#[test]
+fn cpu_prefix_cache_changes_nothing_but_the_work() {
+    prefix_cache_changes_nothing_but_the_work("cpu");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_prefix_cache_changes_nothing_but_the_work() {
+    prefix_cache_changes_nothing_but_the_work("wgpu");
+}
+
 #[test]
 fn a_client_that_disconnects_frees_its_blocks() {
     let s = Server::start("cpu", &[]).unwrap();

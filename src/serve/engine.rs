@@ -164,6 +164,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     pub eos_ids: Vec<u32>,
     pub tokenizer: Tokenizer,
+    /// Share the KV blocks of common prompt prefixes between requests.
+    pub prefix_cache: bool,
 }
 
 /// One running request: its place in the cache and its generation state.
@@ -229,7 +231,10 @@ impl<'a, B: Backend> Engine<'a, B> {
                 cfg.kv_blocks, cfg.ctx_len
             )));
         }
-        let kv = KvCache::new(b, &model.cfg, cfg.kv_blocks, cfg.kv_dtype)?;
+        let mut kv = KvCache::new(b, &model.cfg, cfg.kv_blocks, cfg.kv_dtype)?;
+        if cfg.prefix_cache {
+            kv.enable_prefix_cache();
+        }
         // A step runs every running sequence's decode row plus up to prefill_chunk prompt rows.
         let prefill_chunk = cfg.prefill_chunk.clamp(1, cfg.ctx_len);
         let rows = prefill_chunk + cfg.max_seqs;
@@ -310,9 +315,14 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             let req = self.waiting.pop_front().expect("front exists");
             status.waiting.fetch_sub(1, Ordering::SeqCst);
-            let seq = self.kv.new_sequence(self.b, self.cfg.ctx_len)?;
+            let mut seq = self.kv.new_sequence(self.b, self.cfg.ctx_len)?;
+            // Whole blocks of the prompt that another sequence already computed are shared.
+            let shared = self.kv.share_prefix(self.b, &mut seq, &req.prompt)?;
             self.committed += blocks;
-            status.metrics.admitted.fetch_add(1, Ordering::Relaxed);
+            let m = &status.metrics;
+            m.admitted.fetch_add(1, Ordering::Relaxed);
+            m.prefix_hit_tokens
+                .fetch_add(shared as u64, Ordering::Relaxed);
             self.running.push(Running {
                 sampler: Sampler::new(req.sampling.clone()),
                 history: req.prompt.clone(),
@@ -320,7 +330,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 stop: StopMatcher::new(&req.stops),
                 req,
                 seq,
-                fed: 0,
+                fed: shared,
                 next: 0,
                 generated: 0,
                 blocks,
@@ -467,13 +477,16 @@ impl<'a, B: Backend> Engine<'a, B> {
         for (j, &(i, n)) in group.iter().enumerate() {
             let r = &mut self.running[i];
             r.seq.len += n;
-            if r.fed < r.req.prompt.len() {
+            let prefilling = r.fed < r.req.prompt.len();
+            if prefilling {
                 r.fed += n;
-                if r.fed < r.req.prompt.len() {
-                    continue;
-                }
             } else {
                 r.history.push(r.next);
+            }
+            // history[..seq.len] are the tokens of the stored positions.
+            self.kv.cache_full_blocks(&mut r.seq, &r.history);
+            if prefilling && r.fed < r.req.prompt.len() {
+                continue;
             }
             sampling.push((j, i));
         }

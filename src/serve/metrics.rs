@@ -23,6 +23,8 @@ pub struct Metrics {
     /// Finished requests by reason: stop, length, cancelled (client gone), error.
     pub finished: [AtomicU64; 4],
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose KV came from the prefix cache instead of a forward.
+    pub prefix_hit_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub steps: AtomicU64,
     ttft: Mutex<Histogram>,
@@ -164,6 +166,12 @@ impl Metrics {
             "counter",
             "Prompt tokens prefilled.",
             &one(load(&self.prompt_tokens).to_string()),
+        );
+        metric(
+            "prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens served from the prefix cache.",
+            &one(load(&self.prefix_hit_tokens).to_string()),
         );
         metric(
             "generation_tokens_total",

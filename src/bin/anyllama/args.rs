@@ -159,6 +159,10 @@ pub struct ServeArgs {
     /// Requests that may wait for a free sequence; beyond them the server answers 429.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
+    /// Compute every prompt in full instead of sharing the KV blocks of prefixes that earlier
+    /// requests computed (system prompts, a chat's earlier turns).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 #[derive(Args)]

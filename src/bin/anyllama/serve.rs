@@ -63,6 +63,7 @@ impl WithBackend for EngineJob {
             prefill_chunk: chunk,
             eos_ids: files.eos_ids(),
             tokenizer: files.tokenizer.clone(),
+            prefix_cache: !a.no_prefix_cache,
         };
         let engine = Engine::new(&b, &mut model, cfg)?;
         eprintln!(
