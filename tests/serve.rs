@@ -844,6 +844,65 @@ fn wgpu_prefix_cache_changes_nothing_but_the_work() {
 }
 
 #[test]
+fn response_format_constrains_the_reply_to_the_schema() {
+    let s = Server::start("cpu", &[]).unwrap();
+    let schema = json!({"type": "object", "additionalProperties": false,
+        "required": ["ok", "color"],
+        "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]}}});
+    let format =
+        json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}});
+    for (seed, stream) in [(1, false), (2, false), (3, true), (4, true)] {
+        let mut body = chat_body("Describe the sky", 60);
+        body["temperature"] = json!(0.9);
+        body["seed"] = json!(seed);
+        body["response_format"] = format.clone();
+        let text = if stream {
+            body["stream"] = json!(true);
+            streamed_chat(&s.stream("/v1/chat/completions", &body)).0
+        } else {
+            let (status, v) = s.post("/v1/chat/completions", &body);
+            assert_eq!(status, 200, "{v}");
+            assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+            reply(&v)
+        };
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        let obj = v.as_object().unwrap();
+        assert_eq!(obj.len(), 2, "{text}");
+        assert!(obj["ok"].is_boolean(), "{text}");
+        assert!(
+            ["red", "green", "blue"].contains(&obj["color"].as_str().unwrap()),
+            "{text}"
+        );
+    }
+    // json_object on completions: whatever it writes is the start of a JSON object.
+    let body = json!({"prompt": "Data:", "max_tokens": 40, "temperature": 0.7, "seed": 5,
+                      "response_format": {"type": "json_object"}});
+    let (status, v) = s.post("/v1/completions", &body);
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    assert!(text.trim_start().starts_with('{'), "{text:?}");
+    if v["choices"][0]["finish_reason"] == "stop" {
+        let o: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert!(o.is_object());
+    }
+    for bad in [
+        json!({"type": "xml"}),
+        json!({"type": "json_schema"}),
+        json!({"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}),
+    ] {
+        let mut body = chat_body("Hi", 4);
+        body["response_format"] = bad;
+        let (status, v) = s.post("/v1/chat/completions", &body);
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (422, Some("response_format")),
+            "{v}"
+        );
+    }
+    s.wait_idle();
+}
+
+#[test]
 fn a_client_that_disconnects_frees_its_blocks() {
     let s = Server::start("cpu", &[]).unwrap();
     let total = s.get("/health")["kv_blocks_total"].clone();

@@ -45,6 +45,14 @@ streamed = "".join(x.choices[0].text for x in client.completions.create(
     stream=True) if x.choices)
 assert streamed == c.choices[0].text, (streamed, c.choices[0].text)
 
+schema = {"type": "object", "additionalProperties": False, "required": ["ok"],
+          "properties": {"ok": {"type": "boolean"}}}
+r = client.chat.completions.create(model=model, messages=msgs, max_tokens=30, temperature=0.8, seed=1,
+                                   response_format={"type": "json_schema",
+                                                    "json_schema": {"name": "answer", "schema": schema}})
+import json
+assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool), r
+
 try:
     client.chat.completions.create(model=model, messages=msgs, temperature=-1)
     raise AssertionError("temperature -1 was accepted")

@@ -13,6 +13,7 @@
 //! (DESIGN.md "Serving"). A row's result does not depend on what else is in the batch, so a
 //! request gets the tokens it gets alone.
 
+use super::grammar::Constraint;
 use super::logprobs::token_logprobs;
 pub use super::logprobs::TokenLogprob;
 use super::metrics::{Ended, Metrics};
@@ -47,6 +48,8 @@ pub struct Request {
     pub arrived: Instant,
     /// Send each token's log-probability and this many alternatives (0 to 20).
     pub logprobs: Option<usize>,
+    /// The response format's grammar, when the reply is constrained.
+    pub constraint: Option<Box<Constraint>>,
     /// Where the text goes; dropping the receiver cancels the request.
     pub events: UnboundedSender<Event>,
 }
@@ -490,7 +493,10 @@ impl<'a, B: Backend> Engine<'a, B> {
             }
             sampling.push((j, i));
         }
-        let on_host = |r: &Running<B>| r.sampler.params.has_penalties() || r.req.logprobs.is_some();
+        // Penalties and response formats change the logits: those requests sample on the host.
+        let host_pick =
+            |r: &Running<B>| r.sampler.params.has_penalties() || r.req.constraint.is_some();
+        let on_host = |r: &Running<B>| host_pick(r) || r.req.logprobs.is_some();
         let host_logits = if sampling.iter().any(|&(_, i)| on_host(&self.running[i])) {
             let mut l = vec![0f32; group.len() * vocab];
             b.read(&self.scratch.logits, 0, bytemuck::cast_slice_mut(&mut l))?;
@@ -499,14 +505,21 @@ impl<'a, B: Backend> Engine<'a, B> {
             None
         };
         let mut ids = vec![0u32; group.len()];
+        let mut failed: Vec<(usize, Error)> = Vec::new();
         let mut on_device = false;
         for &(j, i) in &sampling {
             let r = &mut self.running[i];
             let op = r.sampler.next_op();
-            if r.sampler.params.has_penalties() {
+            if host_pick(r) {
                 let logits = host_logits.as_ref().expect("read above");
                 let mut row = logits[j * vocab..(j + 1) * vocab].to_vec();
                 apply_penalties(&mut row, &r.history, &r.sampler.params);
+                if let Some(c) = r.req.constraint.as_mut() {
+                    if let Err(e) = c.mask(&mut row) {
+                        failed.push((i, e));
+                        continue;
+                    }
+                }
                 ids[j] = sample_logits(&row, &op);
             } else {
                 b.copy(
@@ -524,29 +537,39 @@ impl<'a, B: Backend> Engine<'a, B> {
             let mut device_ids = vec![0u32; group.len()];
             b.read(&self.picked, 0, bytemuck::cast_slice_mut(&mut device_ids))?;
             for &(j, i) in &sampling {
-                if !self.running[i].sampler.params.has_penalties() {
+                if !host_pick(&self.running[i]) {
                     ids[j] = device_ids[j];
                 }
             }
         }
         m.step(sampling.len() as u64, Instant::now());
-        // The log-probabilities of the picked tokens, for the requests that asked.
+        let mut ended = Vec::new();
+        for (i, e) in failed {
+            let _ = self.running[i].req.events.send(Event::Error(e.to_string()));
+            ended.push((i, Outcome::Failed));
+        }
         for &(j, i) in &sampling {
-            let (r, id) = (&self.running[i], ids[j]);
+            if ended.iter().any(|&(k, _)| k == i) {
+                continue;
+            }
+            let (r, id) = (&mut self.running[i], ids[j]);
+            let eos = self.cfg.eos_ids.contains(&id) && !r.req.ignore_eos;
+            // The log-probabilities of the picked token, for the requests that asked.
             if let (Some(top), Some(l)) = (r.req.logprobs, host_logits.as_ref()) {
-                let eos = self.cfg.eos_ids.contains(&id) && !r.req.ignore_eos;
                 if !eos && (id as usize) < vocab {
                     let lp = token_logprobs(&l[j * vocab..(j + 1) * vocab], id, top);
                     let _ = r.req.events.send(Event::Logprob(lp));
                 }
             }
-        }
-        let mut ended = Vec::new();
-        for &(j, i) in &sampling {
-            if self.running[i].generated == 0 {
-                m.first_token(self.running[i].req.arrived.elapsed());
+            if r.generated == 0 {
+                m.first_token(r.req.arrived.elapsed());
             }
-            match self.deliver(i, ids[j], vocab) {
+            // The grammar takes the token; once it allows nothing more the reply is complete.
+            let complete = match r.req.constraint.as_mut() {
+                Some(c) if !eos => c.advance(id),
+                _ => Ok(false),
+            };
+            match complete.and_then(|complete| self.deliver(i, id, vocab, complete)) {
                 Ok(Outcome::Continue) => {}
                 Ok(outcome) => ended.push((i, outcome)),
                 Err(e) => {
@@ -559,8 +582,9 @@ impl<'a, B: Backend> Engine<'a, B> {
     }
 
     /// Hands sequence i's new token to its request: EOS, text (held back while it may be the
-    /// start of a stop string), or the end of its budget.
-    fn deliver(&mut self, i: usize, id: u32, vocab: usize) -> Result<Outcome> {
+    /// start of a stop string), or the end of its budget; `complete`: its response format
+    /// allows nothing more.
+    fn deliver(&mut self, i: usize, id: u32, vocab: usize, complete: bool) -> Result<Outcome> {
         if id as usize >= vocab {
             return Err(Error::Generation(format!(
                 "the device sampled token id {id}, outside the vocabulary of {vocab}"
@@ -577,7 +601,7 @@ impl<'a, B: Backend> Engine<'a, B> {
         if !text.is_empty() && r.req.events.send(Event::Text(text)).is_err() {
             return Ok(Outcome::Dropped);
         }
-        Ok(if r.stop.stopped() {
+        Ok(if r.stop.stopped() || complete {
             Outcome::Finished(Finish::Stop)
         } else if r.generated >= r.req.max_tokens || r.seq.len + 1 >= self.cfg.ctx_len {
             Outcome::Finished(Finish::Length)

@@ -8,6 +8,7 @@
 //! tokio worker; BODY_LIMIT bounds what it can cost.
 
 use super::engine::{blocks_for, Handle, Refused, Request};
+use super::grammar::{Grammars, ResponseFormat};
 use super::respond::{collect, stream, Meta};
 use crate::chat_template::Message;
 use crate::sample::SamplingParams;
@@ -41,6 +42,8 @@ pub struct ServerState {
     pub defaults: SamplingParams,
     pub created: u64,
     next_id: AtomicU64,
+    /// response_format's grammars over the tokenizer's vocabulary.
+    grammars: Grammars,
 }
 
 impl ServerState {
@@ -54,7 +57,10 @@ impl ServerState {
         api_key: Option<String>,
         defaults: SamplingParams,
     ) -> Self {
+        // Grammars end on the model's first EOS token (the one the tokenizer names).
+        let eos = tokenizer.eos_ids().first().copied().unwrap_or(0);
         ServerState {
+            grammars: Grammars::new(tokenizer.clone(), eos),
             engine,
             tokenizer,
             model_id,
@@ -226,9 +232,23 @@ struct Common {
     logprobs: Option<LogprobsArg>,
     /// Chat: alternatives per token (with logprobs: true).
     top_logprobs: Option<usize>,
+    response_format: Option<ResponseFormatArg>,
     /// Extension (vLLM, llama.cpp): generate max_tokens tokens even past EOS (load tests).
     #[serde(default)]
     ignore_eos: bool,
+}
+
+/// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema"}}`.
+#[derive(Deserialize)]
+struct ResponseFormatArg {
+    #[serde(rename = "type")]
+    kind: String,
+    json_schema: Option<JsonSchemaArg>,
+}
+
+#[derive(Deserialize)]
+struct JsonSchemaArg {
+    schema: Option<serde_json::Value>,
 }
 
 /// `logprobs` is a boolean in chat and a number of alternatives in completions.
@@ -319,6 +339,7 @@ struct Prepared {
     stops: Vec<String>,
     ignore_eos: bool,
     logprobs: Option<usize>,
+    format: Option<ResponseFormat>,
     /// Choices: n engine requests of the same prompt (seed + i each, when seeded).
     n: usize,
     stream: bool,
@@ -449,8 +470,35 @@ fn prepare(
             format!("at most {TOP_LOGPROBS_MAX} alternatives per token"),
         ));
     }
+    let format = match c.response_format {
+        None => None,
+        Some(f) => match (f.kind.as_str(), f.json_schema.and_then(|j| j.schema)) {
+            ("text", _) => None,
+            ("json_object", _) => Some(ResponseFormat::JsonObject),
+            ("json_schema", Some(schema)) => Some(ResponseFormat::JsonSchema(schema)),
+            ("json_schema", None) => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "json_schema needs json_schema.schema",
+                ))
+            }
+            (other, _) => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!("unknown type {other:?} (text, json_object or json_schema)"),
+                ))
+            }
+        },
+    };
+    // A schema the grammar compiler rejects is the request's fault: 422 now, not mid-reply.
+    if let Some(f) = &format {
+        s.grammars
+            .constraint(f)
+            .map_err(|e| ApiError::invalid("response_format", e))?;
+    }
     Ok(Prepared {
         logprobs,
+        format,
         n,
         prompt,
         sampling: p,
@@ -547,6 +595,14 @@ async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiErro
                 stops: p.stops.clone(),
                 ignore_eos: p.ignore_eos,
                 logprobs: p.logprobs,
+                constraint: match &p.format {
+                    Some(f) => Some(Box::new(
+                        s.grammars
+                            .constraint(f)
+                            .map_err(|e| ApiError::invalid("response_format", e))?,
+                    )),
+                    None => None,
+                },
                 arrived: std::time::Instant::now(),
                 events: tx,
             })

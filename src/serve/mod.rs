@@ -3,6 +3,7 @@
 //! and engine events into OpenAI responses; metrics.rs is `/metrics`.
 
 pub mod engine;
+pub mod grammar;
 pub mod http;
 pub mod logprobs;
 pub mod metrics;
