@@ -1,6 +1,8 @@
 //! Shared test helpers: fixture paths, the GPU backend (or a loud failure in CI), error metrics.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::PathBuf;
 
 /// The repo root at run time (CARGO_MANIFEST_DIR is set by cargo and by the device scripts).
