@@ -288,7 +288,7 @@ const BAD_LINES: &[(usize, &str)] = &[
     (
         11,
         "no known format: expected \"messages\", \"prompt\" + \"completion\", \"instruction\" + \
-         \"output\" or \"text\" (found keys \"bar\", \"foo\")",
+         \"output\" or \"text\" (found keys \"foo\", \"bar\")",
     ),
     (12, "\"output\" is not a string (found a number)"),
     (

@@ -190,6 +190,7 @@ fn no_format(obj: &Map<String, Value>) -> String {
     if let Some((has, lacks)) = pairs.iter().find(|(has, _)| obj.contains_key(*has)) {
         return format!("has \"{has}\" but no \"{lacks}\"");
     }
+    // In the order the line has them.
     let keys: Vec<String> = obj.keys().take(8).map(|k| format!("{k:?}")).collect();
     let found = if keys.is_empty() {
         "an empty object".to_string()
