@@ -261,6 +261,57 @@ impl Wgpu {
     }
 }
 
+impl Wgpu {
+    /// attention_decode.wgsl over `n_splits` splits of `params.split_len` positions: one split
+    /// writes the output directly, more write partials that attention_combine merges. `rows`:
+    /// the ROWS variants (batch.rs RowsView). Binds are [out, q, K cache, V cache, table].
+    pub(super) fn attention_decode(
+        &self,
+        op: &str,
+        params: &AttentionParams,
+        n_splits: usize,
+        rows: bool,
+        [o, q, k, v, t]: [Bind<'_>; 5],
+    ) -> Result<()> {
+        let (n, h) = (params.rows as usize, params.n_heads as usize);
+        let group = h / params.n_kv_heads as usize;
+        let head_groups = h / heads_per_workgroup(group);
+        let groups = [n_splits as u32, head_groups as u32, n as u32];
+        let f16 = params.kv_f16 != 0;
+        if n_splits == 1 {
+            // One split: its workgroups write the output, no partials and no combine.
+            let kernel = Kernel::AttentionDecode {
+                f16,
+                direct: true,
+                rows,
+            };
+            return self.run(kernel, params, &[o, q, k, v, t], groups);
+        }
+        let _exclusive = self.exec.exclusive();
+        let part_bytes = (n * h * n_splits * (params.head_dim as usize + 2) * 4) as u64;
+        let partials = self.exec.scratch(Scratch::AttentionPartials, part_bytes)?;
+        let part = Bind {
+            buf: &partials,
+            offset: 0,
+            size: partials.size().min(self.max_binding()),
+        };
+        if part_bytes > part.size {
+            return Err(dev(format!(
+                "{op}: {part_bytes} bytes of split partials exceed the storage binding limit \
+                 (fewer query rows per call: a smaller prefill chunk or --max-seqs)"
+            )));
+        }
+        let kernel = Kernel::AttentionDecode {
+            f16,
+            direct: false,
+            rows,
+        };
+        self.run(kernel, params, &[part, q, k, v, t], groups)?;
+        let combine = Kernel::AttentionCombine { rows };
+        self.run(combine, params, &[o, part], [h as u32, n as u32, 1])
+    }
+}
+
 /// (positions per split, splits) of the decode kernel for `rows` query rows over `n_ctx`
 /// positions: one split for short contexts, else enough splits that about
 /// DECODE_TARGET_WORKGROUPS workgroups run.
@@ -652,44 +703,8 @@ impl Backend for Wgpu {
         }
         let (split_len, n_splits) = decode_plan(rows, n_ctx, h);
         params.split_len = split_len as u32;
-        let head_groups = h.n_heads / heads_per_workgroup(h.n_heads / h.n_kv_heads);
-        let groups = [n_splits as u32, head_groups as u32, rows as u32];
         let [q, k, v, t] = inputs;
-        if n_splits == 1 {
-            // One split: its workgroups write the output, no partials and no combine.
-            let kernel = Kernel::AttentionDecode {
-                f16,
-                direct: true,
-                rows: false,
-            };
-            return self.run(kernel, &params, &[o, q, k, v, t], groups);
-        }
-        let _exclusive = self.exec.exclusive();
-        let part_bytes = (rows * h.n_heads * n_splits * (h.head_dim + 2) * 4) as u64;
-        let partials = self.exec.scratch(Scratch::AttentionPartials, part_bytes)?;
-        let part = Bind {
-            buf: &partials,
-            offset: 0,
-            size: partials.size().min(self.max_binding()),
-        };
-        if part_bytes > part.size {
-            return Err(dev(format!(
-                "{OP}: {part_bytes} bytes of split partials exceed the storage binding limit"
-            )));
-        }
-        self.run(
-            Kernel::AttentionDecode {
-                f16,
-                direct: false,
-                rows: false,
-            },
-            &params,
-            &[part, q, k, v, t],
-            groups,
-        )?;
-        let groups = [h.n_heads as u32, rows as u32, 1];
-        let combine = Kernel::AttentionCombine { rows: false };
-        self.run(combine, &params, &[o, part], groups)
+        self.attention_decode(OP, &params, n_splits, false, [o, q, k, v, t])
     }
 
     fn swiglu(

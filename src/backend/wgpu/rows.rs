@@ -4,8 +4,7 @@
 //! table. Every row, a decode token or a row of a prompt chunk, runs the split-KV decode kernel
 //! over its own context, so a row's result is the same whatever else the batch holds.
 
-use super::exec::{Bind, Scratch};
-use super::ops::{decode_plan, dev, heads_per_workgroup, SPLIT_MAX, WG};
+use super::ops::{decode_plan, dev, SPLIT_MAX, WG};
 use super::pipelines::Kernel;
 use super::Wgpu;
 use crate::backend::checks;
@@ -133,38 +132,6 @@ impl Wgpu {
             scale: 1.0 / (h.head_dim as f32).sqrt(),
             split_len: split_len as u32,
         };
-        let head_groups = h.n_heads / heads_per_workgroup(h.n_heads / h.n_kv_heads);
-        let groups = [n_splits as u32, head_groups as u32, n as u32];
-        if n_splits == 1 {
-            let kernel = Kernel::AttentionDecode {
-                f16,
-                direct: true,
-                rows: true,
-            };
-            return self.run(kernel, &params, &[o, q, k, v, t], groups);
-        }
-        let _exclusive = self.exec.exclusive();
-        let part_bytes = (n * h.n_heads * n_splits * (h.head_dim + 2) * 4) as u64;
-        let partials = self.exec.scratch(Scratch::AttentionPartials, part_bytes)?;
-        let part = Bind {
-            buf: &partials,
-            offset: 0,
-            size: partials.size().min(self.max_binding()),
-        };
-        if part_bytes > part.size {
-            return Err(dev(format!(
-                "{OP}: {part_bytes} bytes of split partials exceed the storage binding limit \
-                 (fewer rows per step: a smaller prefill chunk or --max-seqs)"
-            )));
-        }
-        let kernel = Kernel::AttentionDecode {
-            f16,
-            direct: false,
-            rows: true,
-        };
-        self.run(kernel, &params, &[part, q, k, v, t], groups)?;
-        let groups = [h.n_heads as u32, n as u32, 1];
-        let combine = Kernel::AttentionCombine { rows: true };
-        self.run(combine, &params, &[o, part], groups)
+        self.attention_decode(OP, &params, n_splits, true, [o, q, k, v, t])
     }
 }
