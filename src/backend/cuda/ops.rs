@@ -180,6 +180,88 @@ impl Cuda {
     }
 }
 
+impl Cuda {
+    /// The decode attention kernels of `plan` over pointers [out, q, K cache, V cache, table]:
+    /// one attention_decode_f16 split writes the output itself, more splits (and the grouped
+    /// kernel) write partials that attention_combine merges. `(pos_dev, rows_mode)`: the
+    /// device position word of a recorded step, and the rows of many sequences (rows.rs).
+    pub(super) fn attention_decode(
+        &self,
+        plan: DecodePlan,
+        [o, qp, kc, vc, t]: [u64; 5],
+        mut p: AttentionParams,
+        (pos_dev, rows_mode): (u64, u32),
+    ) -> Result<()> {
+        let (rows, h) = (p.rows as usize, p.n_heads as usize);
+        let heads = Heads {
+            n_heads: h,
+            n_kv_heads: p.n_kv_heads as usize,
+            head_dim: p.head_dim as usize,
+        };
+        let (splits, split_len) = match plan {
+            DecodePlan::F16 { splits, split_len } | DecodePlan::Grouped { splits, split_len } => {
+                (splits, split_len)
+            }
+        };
+        p.split_len = split_len as u32;
+        let n_splits = splits as u32;
+        let f16_one_split = matches!(plan, DecodePlan::F16 { splits: 1, .. });
+        let parts = if f16_one_split {
+            (0, 0)
+        } else {
+            self.attention_parts(rows, heads, splits)?
+        };
+        // The arguments both kernels end with.
+        let [pp, ns, pd, rm] = [arg(&p), arg(&n_splits), arg(&pos_dev), arg(&rows_mode)];
+        if let DecodePlan::F16 { .. } = plan {
+            let f = self.kernels.get("attention", "attention_decode_f16")?;
+            let args = [
+                arg(&o),
+                arg(&parts.0),
+                arg(&parts.1),
+                arg(&qp),
+                arg(&kc),
+                arg(&vc),
+                arg(&t),
+                pp,
+                ns,
+                pd,
+                rm,
+            ];
+            self.launch(
+                &f,
+                (h as u32, rows as u32, n_splits),
+                DEC16_THREADS,
+                0,
+                &args,
+            )?;
+            if f16_one_split {
+                return Ok(());
+            }
+        } else {
+            let group = h / heads.n_kv_heads;
+            let scores = group * heads.head_dim + group * 128 + 3 * group;
+            let shared = (scores.max(4 * group * heads.head_dim) * 4) as u32;
+            let f = self.kernels.get("attention", "attention_decode")?;
+            let args = [
+                arg(&parts.0),
+                arg(&parts.1),
+                arg(&qp),
+                arg(&kc),
+                arg(&vc),
+                arg(&t),
+                pp,
+                ns,
+                pd,
+                rm,
+            ];
+            let grid = (n_splits, heads.n_kv_heads as u32, rows as u32);
+            self.launch(&f, grid, 128, shared, &args)?;
+        }
+        self.attention_combine(o, parts, &p, rows, n_splits)
+    }
+}
+
 /// Whether matmul runs `rows` rows through `w` on cuBLAS: all but decode row counts, except
 /// rows the widening kernel cannot take (k not a multiple of 8), which the mat-vec kernel
 /// takes (it checks its own arguments and runs any row count, 4 per pass).
@@ -679,74 +761,10 @@ impl Backend for Cuda {
         } else {
             n_pos
         };
-        match decode_plan(rows, n_ref, h, f16 == 1, self.short_decode) {
-            Some(DecodePlan::F16 { splits, split_len }) => {
-                let (pos, pos_dev) = self.step_pos(pos0)?;
-                p.pos0 = pos;
-                p.split_len = split_len as u32;
-                let n_splits = splits as u32;
-                // One split writes the output itself; several write partials for the combine.
-                let parts = if splits > 1 {
-                    self.attention_parts(rows, h, splits)?
-                } else {
-                    (0, 0)
-                };
-                let f = self.kernels.get("attention", "attention_decode_f16")?;
-                self.launch(
-                    &f,
-                    (h.n_heads as u32, rows as u32, n_splits),
-                    DEC16_THREADS,
-                    0,
-                    &[
-                        arg(&o),
-                        arg(&parts.0),
-                        arg(&parts.1),
-                        arg(&qp),
-                        arg(&kc),
-                        arg(&vc),
-                        arg(&t),
-                        arg(&p),
-                        arg(&n_splits),
-                        arg(&pos_dev),
-                        arg(&0u32),
-                    ],
-                )?;
-                if splits == 1 {
-                    return Ok(());
-                }
-                return self.attention_combine(o, parts, &p, rows, n_splits);
-            }
-            Some(DecodePlan::Grouped { splits, split_len }) => {
-                let (pos, pos_dev) = self.step_pos(pos0)?;
-                p.pos0 = pos;
-                p.split_len = split_len as u32;
-                let n_splits = splits as u32;
-                let parts = self.attention_parts(rows, h, splits)?;
-                let group = h.n_heads / h.n_kv_heads;
-                let scores = group * h.head_dim + group * 128 + 3 * group;
-                let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
-                let f = self.kernels.get("attention", "attention_decode")?;
-                self.launch(
-                    &f,
-                    (n_splits, h.n_kv_heads as u32, rows as u32),
-                    128,
-                    shared,
-                    &[
-                        arg(&parts.0),
-                        arg(&parts.1),
-                        arg(&qp),
-                        arg(&kc),
-                        arg(&vc),
-                        arg(&t),
-                        arg(&p),
-                        arg(&n_splits),
-                        arg(&pos_dev),
-                        arg(&0u32),
-                    ],
-                )?;
-                return self.attention_combine(o, parts, &p, rows, n_splits);
-            }
-            None => {}
+        if let Some(plan) = decode_plan(rows, n_ref, h, f16 == 1, self.short_decode) {
+            let (pos, pos_dev) = self.step_pos(pos0)?;
+            p.pos0 = pos;
+            return self.attention_decode(plan, [o, qp, kc, vc, t], p, (pos_dev, 0));
         }
         if rows >= GEMM_ATTENTION_MIN_ROWS && !self.graphs.recording() {
             return self.attention_gemm(o, qp, (kc, vc, t), p);

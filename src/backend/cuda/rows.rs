@@ -109,7 +109,7 @@ impl Cuda {
         let qp = self.ptr(q, n * width * 4, "q", OP)?;
         let t = self.ptr(kv.table, rows.meta_len * 4, "the batch layout", OP)?;
         let (kc, vc) = (kv.k.raw().ptr, kv.v.raw().ptr);
-        let mut p = AttentionParams {
+        let p = AttentionParams {
             rows: n as u32,
             n_heads: h.n_heads as u32,
             n_kv_heads: h.n_kv_heads as u32,
@@ -119,7 +119,6 @@ impl Cuda {
             scale: 1.0 / (h.head_dim as f32).sqrt(),
             split_len: 0,
         };
-        let no_pos = 0u64;
         // Every row is planned as if it had the longest context (shorter rows leave their last
         // splits empty, which the combine skips), in splits of a length that depends on neither
         // the batch's rows nor its other contexts, so that a row's sums run in the same order
@@ -130,75 +129,14 @@ impl Cuda {
         } else {
             rows.max_ctx
         };
-        let plan = rows_plan(n_ctx, h, f16, self.short_decode);
-        match plan {
-            Some(DecodePlan::F16 { splits, split_len }) => {
-                p.split_len = split_len as u32;
-                let n_splits = splits as u32;
-                let parts = if splits > 1 {
-                    self.attention_parts(n, h, splits)?
-                } else {
-                    (0, 0)
-                };
-                let f = self.kernels.get("attention", "attention_decode_f16")?;
-                self.launch(
-                    &f,
-                    (h.n_heads as u32, n as u32, n_splits),
-                    512,
-                    0,
-                    &[
-                        arg(&o),
-                        arg(&parts.0),
-                        arg(&parts.1),
-                        arg(&qp),
-                        arg(&kc),
-                        arg(&vc),
-                        arg(&t),
-                        arg(&p),
-                        arg(&n_splits),
-                        arg(&no_pos),
-                        arg(&ROWS),
-                    ],
-                )?;
-                if splits == 1 {
-                    return Ok(());
-                }
-                self.attention_combine(o, parts, &p, n, n_splits)
-            }
-            Some(DecodePlan::Grouped { splits, split_len }) => {
-                p.split_len = split_len as u32;
-                let n_splits = splits as u32;
-                let parts = self.attention_parts(n, h, splits)?;
-                let group = h.n_heads / h.n_kv_heads;
-                let scores = group * h.head_dim + group * 128 + 3 * group;
-                let shared = (scores.max(4 * group * h.head_dim) * 4) as u32;
-                let f = self.kernels.get("attention", "attention_decode")?;
-                self.launch(
-                    &f,
-                    (n_splits, h.n_kv_heads as u32, n as u32),
-                    128,
-                    shared,
-                    &[
-                        arg(&parts.0),
-                        arg(&parts.1),
-                        arg(&qp),
-                        arg(&kc),
-                        arg(&vc),
-                        arg(&t),
-                        arg(&p),
-                        arg(&n_splits),
-                        arg(&no_pos),
-                        arg(&ROWS),
-                    ],
-                )?;
-                self.attention_combine(o, parts, &p, n, n_splits)
-            }
-            None => Err(Error::Device(format!(
+        let Some(plan) = rows_plan(n_ctx, h, f16, self.short_decode) else {
+            return Err(Error::Device(format!(
                 "{OP}: {} query heads per kv head with head_dim {} over an f32 cache are past \
                  the decode kernels' limits; use --kv-dtype f16",
                 h.n_heads / h.n_kv_heads,
                 h.head_dim
-            ))),
-        }
+            )));
+        };
+        self.attention_decode(plan, [o, qp, kc, vc, t], p, (0, ROWS))
     }
 }
