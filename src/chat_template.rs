@@ -3,8 +3,9 @@
 //!
 //! transformers renders with `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, its
 //! own `tojson` (Python's `json.dumps`, no ASCII escaping) and the globals `raise_exception` and
-//! `strftime_now`. The template sees `messages`, `add_generation_prompt`, `tools` and
-//! `documents` (both `None` here) and every named special token (`bos_token`, `eos_token`, ...).
+//! `strftime_now`. The template sees `messages`, `add_generation_prompt`, `tools` (the
+//! request's function definitions, or `None`), `documents` (`None`) and every named special
+//! token (`bos_token`, `eos_token`, ...).
 //! Templates also call Python string and dict methods (`.strip()`, `.items()`, ...), which
 //! minijinja-contrib's pycompat layer provides, and Jinja2 prints `None`/`True` and lists the
 //! Python way, which the formatter below reproduces.
@@ -20,11 +21,22 @@ use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// One chat turn. Serialized as `{"role": ..., "content": ...}` in that order, which is the order
-/// `tojson` prints it in, as with a Python dict.
+/// `tojson` prints it in, as with a Python dict; the tool fields follow only when a turn has
+/// them, so a plain turn is exactly the dict transformers' callers pass.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's function calls in the shape transformers documents for templates:
+    /// `{"id", "type": "function", "function": {"name", "arguments"}}`, the arguments a dict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` turn: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A `tool` turn: the function that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -32,8 +44,42 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            tool_call_id: None,
+            name: None,
         }
     }
+}
+
+/// The template variables naming special tokens (`bos_token`, `eos_token`, `unk_token`,
+/// `pad_token`, then the model's others), as `Tokenizer::apply_chat_template` passes them.
+pub fn special_token_variables(
+    specials: &crate::tokenizer::SpecialTokens,
+) -> Vec<(String, String)> {
+    let named = [
+        ("bos_token", &specials.bos),
+        ("eos_token", &specials.eos),
+        ("unk_token", &specials.unk),
+        ("pad_token", &specials.pad),
+    ];
+    let named = named
+        .into_iter()
+        .filter_map(|(name, token)| token.as_ref().map(|t| (name.to_string(), t.text.clone())));
+    let other = specials
+        .other
+        .iter()
+        .map(|(name, token)| (name.clone(), token.text.clone()));
+    named.chain(other).collect()
+}
+
+/// `json.dumps(value)` as a template's `tojson` prints it (`", "` and `": "`, floats as Python
+/// writes them, no ASCII escaping), for text that has to look like what templates render.
+pub fn python_json(value: &serde_json::Value) -> String {
+    let options = python::JsonOptions::new(None);
+    // A serde_json value has no undefined or non-string keys, the only things json_dumps
+    // refuses; the fallback is never taken.
+    python::json_dumps(&Value::from_serialize(value), &options)
+        .unwrap_or_else(|_| value.to_string())
 }
 
 /// Instructions one render may execute.
@@ -64,6 +110,24 @@ pub fn render_chat_template(
     add_generation_prompt: bool,
     special_tokens: &[(String, String)],
 ) -> Result<String> {
+    render_chat_template_with_tools(
+        template,
+        messages,
+        None,
+        add_generation_prompt,
+        special_tokens,
+    )
+}
+
+/// `render_chat_template` with `tools` (a list of `{"type": "function", "function": {...}}`,
+/// as `apply_chat_template(messages, tools=...)` takes them) in the template's `tools`.
+pub fn render_chat_template_with_tools(
+    template: &str,
+    messages: &[Message],
+    tools: Option<&serde_json::Value>,
+    add_generation_prompt: bool,
+    special_tokens: &[(String, String)],
+) -> Result<String> {
     if messages.is_empty() {
         return Err(Error::Template(
             "cannot apply a chat template to an empty conversation".into(),
@@ -73,9 +137,10 @@ pub fn render_chat_template(
     // one instruction (`() * 10**18` iterates 10**18 empty repetitions), so the render runs on
     // its own thread and a render past the time limit is an error instead of a hang. A render
     // that never ends is left to finish (or not) on its detached thread.
-    let (template, messages, specials) = (
+    let (template, messages, tools, specials) = (
         template.to_string(),
         messages.to_vec(),
+        tools.cloned(),
         special_tokens.to_vec(),
     );
     let (send, receive) = std::sync::mpsc::channel();
@@ -85,7 +150,15 @@ pub fn render_chat_template(
         .spawn(move || {
             let result = Error::contain_panics(
                 |m| Error::Template(format!("rendering panicked: {m}")),
-                || render(&template, &messages, add_generation_prompt, &specials),
+                || {
+                    render(
+                        &template,
+                        &messages,
+                        tools.as_ref(),
+                        add_generation_prompt,
+                        &specials,
+                    )
+                },
             );
             let _ = send.send(result);
         })
@@ -105,6 +178,7 @@ pub fn render_chat_template(
 fn render(
     template: &str,
     messages: &[Message],
+    tools: Option<&serde_json::Value>,
     add_generation_prompt: bool,
     special_tokens: &[(String, String)],
 ) -> Result<String> {
@@ -122,7 +196,8 @@ fn render(
         "add_generation_prompt".into(),
         Value::from(add_generation_prompt),
     ));
-    context.push(("tools".into(), Value::from(())));
+    let tools = tools.map_or(Value::from(()), Value::from_serialize);
+    context.push(("tools".into(), tools));
     context.push(("documents".into(), Value::from(())));
     let context: Value = context.into_iter().collect();
     compiled.render(context).map_err(template_error)
@@ -330,6 +405,36 @@ mod tests {
         );
         assert!(t0.elapsed() < std::time::Duration::from_secs(1));
         assert!(render("{{ [1] * 1000000000000 }}").is_err());
+    }
+
+    #[test]
+    fn tools_and_calls_reach_the_template_as_transformers_passes_them() {
+        let template = "{% for t in tools %}[{{ t.function.name }}: {{ t.function.parameters | tojson }}]{% endfor %}\
+            {% for m in messages %}<{{ m | tojson }}>{% if m.tool_calls %}{{ m.tool_calls[0].function.arguments.city }}{% endif %}{% endfor %}";
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let mut call = Message::new("assistant", "");
+        call.tool_calls = Some(vec![serde_json::json!({"type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}})]);
+        let messages = [Message::new("user", "hi"), call];
+        let rendered =
+            render_chat_template_with_tools(template, &messages, Some(&tools), false, &[]).unwrap();
+        assert_eq!(
+            rendered,
+            "[get_weather: {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}}]\
+             <{\"role\": \"user\", \"content\": \"hi\"}>\
+             <{\"role\": \"assistant\", \"content\": \"\", \"tool_calls\": [{\"type\": \"function\", \
+             \"function\": {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}}]}>Paris"
+        );
+        // Without tools the template sees None, as before.
+        let none = render_chat_template("{{ tools }}", &messages[..1], false, &[]).unwrap();
+        assert_eq!(none, "None");
+    }
+
+    #[test]
+    fn python_json_is_what_tojson_prints() {
+        let v = serde_json::json!({"b": [1, 2.5, "é"], "a": null});
+        assert_eq!(python_json(&v), "{\"b\": [1, 2.5, \"é\"], \"a\": null}");
     }
 
     #[test]

@@ -21,7 +21,8 @@ fn the_openai_python_client_works_against_the_server() {
     if !has_openai {
         return common::skip_or_fail("the openai Python package is not installed");
     }
-    let s = Server::start("cpu", &["--api-key", "sk-test-key"]).unwrap();
+    // A context long enough for the tool descriptions of the function-calling part.
+    let s = Server::start("cpu", &["--api-key", "sk-test-key", "--ctx", "2048"]).unwrap();
     let script = common::root().join("tests/serve_openai_client.py");
     let o = Command::new("python3")
         .arg(&script)

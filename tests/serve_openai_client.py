@@ -1,6 +1,6 @@
-"""The official `openai` Python client against `anyllama serve` (tests/serve.rs starts the server
-and passes its URL and API key): chat and completions, streamed and not, models, and the errors
-the client turns into its exception types. Prints OK at the end; any failure raises."""
+"""The official `openai` Python client against `anyllama serve` (tests/serve_api.rs starts the
+server and passes its URL and API key): chat and completions, streamed and not, models, function
+calling, and the errors the client turns into its exception types. Prints OK at the end; any failure raises."""
 import sys
 
 import openai
@@ -52,6 +52,52 @@ r = client.chat.completions.create(model=model, messages=msgs, max_tokens=30, te
                                                     "json_schema": {"name": "answer", "schema": schema}})
 import json
 assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool), r
+
+# Function calling: a forced call (required, then a named function, streamed) whose arguments
+# follow the schema, then the conversation continued with the call and its result.
+tools = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather of a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "maxLength": 12},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                   parallel_tool_calls=False, max_tokens=100, temperature=0.9, seed=2)
+choice = r.choices[0]
+assert choice.finish_reason == "tool_calls" and choice.message.content is None, r
+(call,) = choice.message.tool_calls
+assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_"), r
+args = json.loads(call.function.arguments)
+assert set(args) == {"city", "unit"} and args["unit"] in ("celsius", "fahrenheit"), args
+assert isinstance(args["city"], str) and len(args["city"]) <= 12, args
+
+named = {"type": "function", "function": {"name": "get_weather"}}
+# The same prompt (parallel_tool_calls is part of it) and seed: the same call, in chunks.
+stream = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice=named,
+                                        parallel_tool_calls=False, max_tokens=100, temperature=0.9,
+                                        seed=2, stream=True)
+calls, finish = {}, None
+for chunk in stream:
+    for c in chunk.choices:
+        for d in c.delta.tool_calls or []:
+            entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+            entry["name"] += (d.function.name or "") if d.function else ""
+            entry["arguments"] += (d.function.arguments or "") if d.function else ""
+        finish = c.finish_reason or finish
+assert finish == "tool_calls", finish
+assert calls == {0: {"name": "get_weather", "arguments": call.function.arguments}}, calls
+
+history = ask + [choice.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]
+r = client.chat.completions.create(model=model, messages=history, tools=tools, max_tokens=8,
+                                   temperature=0)
+assert isinstance(r.choices[0].message.content, str), r
+try:
+    client.chat.completions.create(model=model, messages=ask, tools=tools,
+                                   tool_choice={"type": "function", "function": {"name": "nope"}})
+    raise AssertionError("an unknown function was accepted")
+except openai.UnprocessableEntityError as e:
+    assert e.body["param"] == "tool_choice", e.body
 
 try:
     client.chat.completions.create(model=model, messages=msgs, temperature=-1)

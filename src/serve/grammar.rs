@@ -1,6 +1,7 @@
-//! `response_format` through constrained decoding (llguidance): before each token of a
-//! constrained request the engine masks the logits of every token the grammar does not allow
-//! next (JSON of the given schema, or any JSON object), then samples as usual and feeds the
+//! `response_format` and forced tool calls through constrained decoding (llguidance): before
+//! each token of a constrained request the engine masks the logits of every token the grammar
+//! does not allow next (JSON of the given schema, any JSON object, or a Lark grammar such as
+//! tools.rs writes for `tool_choice`), then samples as usual and feeds the
 //! token to the grammar; the reply ends when the grammar is complete and the model picks EOS or
 //! the grammar allows nothing more. The token vocabulary llguidance works over is built once,
 //! at the first constrained request, from the model's tokenizer.json (each token's bytes).
@@ -20,6 +21,19 @@ pub enum ResponseFormat {
     JsonObject,
     /// JSON matching this schema.
     JsonSchema(Value),
+    /// Text of this Lark grammar (llguidance's dialect, `%json` embeds allowed): the tool calls
+    /// `tool_choice` forces.
+    Lark(String),
+}
+
+impl ResponseFormat {
+    /// The request field a format comes from, for the error that refuses it.
+    pub fn param(&self) -> &'static str {
+        match self {
+            ResponseFormat::Lark(_) => "tools",
+            _ => "response_format",
+        }
+    }
 }
 
 /// Makes grammar matchers for requests; the parser factory is built on first use.
@@ -66,6 +80,7 @@ impl Grammars {
         let mut schema = match format {
             ResponseFormat::JsonObject => serde_json::json!({"type": "object"}),
             ResponseFormat::JsonSchema(s) => s.clone(),
+            ResponseFormat::Lark(g) => return self.matcher(TopLevelGrammar::from_lark(g.clone())),
         };
         // JSON laid out as Python's json.dumps writes it, not with free whitespace (which lets
         // a model pad a reply with blanks until max_tokens); a schema may say otherwise in its
@@ -77,7 +92,10 @@ impl Grammars {
         } else {
             return Err("the schema must be a JSON object".into());
         }
-        let grammar = TopLevelGrammar::from_json_schema(schema);
+        self.matcher(TopLevelGrammar::from_json_schema(schema))
+    }
+
+    fn matcher(&self, grammar: TopLevelGrammar) -> std::result::Result<Constraint, String> {
         let parser = self
             .factory()?
             .create_parser(grammar)

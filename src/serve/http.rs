@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP API over the engine: /v1/chat/completions, /v1/completions (JSON
-//! or server-sent events), /v1/models and /health.
+//! or server-sent events), /v1/models and /health. Function calling's fields: tools.rs.
 //!
 //! Requests are parsed, tokenized and checked here, so that everything wrong with one is an
 //! OpenAI error body with the right status before it reaches the engine. Each accepted request
@@ -10,6 +10,7 @@
 use super::engine::{blocks_for, Handle, Refused, Request};
 use super::grammar::{Grammars, ResponseFormat};
 use super::respond::{collect, stream, Meta};
+use super::tools::{self, HistoryCall, ToolArg, ToolChoiceArg, Tools};
 use crate::chat_template::Message;
 use crate::sample::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -112,11 +113,17 @@ impl ApiError {
             param: None,
         }
     }
-    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn invalid(param: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             param: Some(param),
             ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message)
         }
+    }
+
+    /// `param: message`, for tests of the checks.
+    #[cfg(test)]
+    pub(super) fn param_and_message(&self) -> String {
+        format!("{}: {}", self.param.unwrap_or(""), self.message)
     }
 }
 
@@ -283,11 +290,19 @@ struct Part {
 struct ChatMessage {
     role: String,
     content: Option<Content>,
+    /// An assistant turn's calls (its content may then be null).
+    tool_calls: Option<Vec<HistoryCall>>,
+    /// A tool turn: the call it answers, and (optionally) the function's name.
+    tool_call_id: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct ChatBody {
     messages: Vec<ChatMessage>,
+    tools: Option<Vec<ToolArg>>,
+    tool_choice: Option<ToolChoiceArg>,
+    parallel_tool_calls: Option<bool>,
     #[serde(flatten)]
     common: Common,
 }
@@ -340,6 +355,8 @@ struct Prepared {
     ignore_eos: bool,
     logprobs: Option<usize>,
     format: Option<ResponseFormat>,
+    /// Chat: the tools whose calls the replies are read for.
+    tools: Option<Arc<Tools>>,
     /// Choices: n engine requests of the same prompt (seed + i each, when seeded).
     n: usize,
     stream: bool,
@@ -499,6 +516,7 @@ fn prepare(
     Ok(Prepared {
         logprobs,
         format,
+        tools: None,
         n,
         prompt,
         sampling: p,
@@ -518,18 +536,25 @@ async fn chat_completions(
     if body.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
+    let tools = Tools::from_request(body.tools, body.tool_choice, body.parallel_tool_calls)?;
     let mut messages = Vec::with_capacity(body.messages.len());
     for m in body.messages {
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
-            "user" | "assistant" => m.role.as_str(),
+            "user" | "assistant" | "tool" => m.role.as_str(),
             other => {
                 return Err(ApiError::invalid(
                     "messages",
-                    format!("role `{other}` is not supported (system, user, assistant)"),
+                    format!("role `{other}` is not supported (system, user, assistant, tool)"),
                 ))
             }
         };
+        if m.tool_calls.is_some() && role != "assistant" {
+            return Err(ApiError::invalid(
+                "messages",
+                format!("a `{role}` message cannot have tool_calls (only assistant messages)"),
+            ));
+        }
         let content = match m.content {
             None => String::new(),
             Some(Content::Text(t)) => t,
@@ -547,13 +572,29 @@ async fn chat_completions(
                 t
             }
         };
-        messages.push(Message::new(role, content));
+        let mut message = Message::new(role, content);
+        message.tool_calls = m
+            .tool_calls
+            .map(|calls| calls.into_iter().map(tools::history_call).collect());
+        if role == "tool" {
+            (message.tool_call_id, message.name) = (m.tool_call_id, m.name);
+        }
+        messages.push(message);
     }
-    let prompt = s
-        .tokenizer
-        .encode_chat(&messages, true)
+    // Rendered as encode_chat does (templates write their own BOS), with the tools.
+    let prompt = tools::render_prompt(&s.tokenizer, &messages, tools.as_ref())
+        .and_then(|text| s.tokenizer.encode(&text, false))
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let p = prepare(&s, body.common, prompt, "messages")?;
+    let mut p = prepare(&s, body.common, prompt, "messages")?;
+    // A forced call is the whole reply, so its grammar takes the place of any response_format.
+    if let Some(g) = tools.as_ref().and_then(Tools::grammar) {
+        let format = ResponseFormat::Lark(g);
+        s.grammars
+            .constraint(&format)
+            .map_err(|e| ApiError::invalid("tools", e))?;
+        p.format = Some(format);
+    }
+    p.tools = tools.filter(Tools::offered).map(Arc::new);
     start(s, p, Kind::Chat).await
 }
 
@@ -599,7 +640,7 @@ async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiErro
                     Some(f) => Some(Box::new(
                         s.grammars
                             .constraint(f)
-                            .map_err(|e| ApiError::invalid("response_format", e))?,
+                            .map_err(|e| ApiError::invalid(f.param(), e))?,
                     )),
                     None => None,
                 },
@@ -631,6 +672,7 @@ async fn start(s: AppState, p: Prepared, kind: Kind) -> Result<Response, ApiErro
         kind,
         prompt_tokens,
         logprobs: p.logprobs.is_some(),
+        tools: p.tools.clone(),
         state: s.clone(),
     };
     if p.stream {

@@ -2,15 +2,22 @@
 //! turned into one JSON body, or into a stream of SSE chunks in OpenAI's shape ending with
 //! `data: [DONE]`. Chunks of different choices interleave as their tokens come; a token's
 //! logprobs go out with the next text chunk of its choice.
+//!
+//! With tools offered, each reply is read for calls at its end (tools.rs). A stream sends
+//! content only as far as no call can still start there, holds the rest, and at the end sends
+//! what remains of the content, then each call as OpenAI streams one: a chunk with its index,
+//! id, type and name (arguments ""), then one with its arguments.
 
 use super::engine::{Event, Finish, TokenLogprob};
 use super::http::{ApiError, AppState, Kind};
 use super::logprobs;
+use super::tools::{self, Call, Tools};
 use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use std::sync::Arc;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 pub struct Meta {
@@ -21,7 +28,24 @@ pub struct Meta {
     pub prompt_tokens: usize,
     /// Whether the choices carry logprobs (else `"logprobs": null`).
     pub logprobs: bool,
+    /// Chat with tools offered: the replies are read for calls.
+    pub tools: Option<Arc<Tools>>,
     pub state: AppState,
+}
+
+/// OpenAI's finish_reason: a reply that ended by itself and made calls ends in "tool_calls".
+fn reason(finish: Finish, calls: &[Call]) -> &'static str {
+    if finish == Finish::Stop && !calls.is_empty() {
+        "tool_calls"
+    } else {
+        finish.as_str()
+    }
+}
+
+/// A call as a message's `tool_calls` entry, under a new id.
+fn call_json(c: &Call) -> Value {
+    json!({"id": tools::call_id(), "type": "function",
+           "function": {"name": c.name, "arguments": c.arguments}})
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {
@@ -65,13 +89,27 @@ impl Meta {
         }
     }
 
-    fn last(&self, i: usize, finish: Finish) -> Value {
+    fn last(&self, i: usize, reason: &str) -> Value {
         match self.kind {
             Kind::Chat => json!({"index": i, "delta": {}, "logprobs": null,
-                                 "finish_reason": finish.as_str()}),
+                                 "finish_reason": reason}),
             Kind::Text => json!({"index": i, "text": "", "logprobs": null,
-                                 "finish_reason": finish.as_str()}),
+                                 "finish_reason": reason}),
         }
+    }
+
+    /// Choice i's chunks for call k: name and id first, then the arguments whole.
+    fn call_chunks(&self, i: usize, k: usize, c: &Call, with_usage: bool) -> Vec<u8> {
+        let head = json!({"index": k, "id": tools::call_id(), "type": "function",
+                          "function": {"name": c.name, "arguments": ""}});
+        let args = json!({"index": k, "function": {"arguments": c.arguments}});
+        let mut b = Vec::new();
+        for delta in [head, args] {
+            let choice = json!({"index": i, "delta": {"tool_calls": [delta]}, "logprobs": null,
+                                "finish_reason": null});
+            b.extend_from_slice(&sse(&self.chunk(choice, with_usage)));
+        }
+        b
     }
 }
 
@@ -109,11 +147,20 @@ pub async fn collect(
             }
         };
         let lp = meta.logprobs_json(&tokens, 0);
-        choices.push(match meta.kind {
-            Kind::Chat => json!({"index": i,
+        choices.push(match (meta.kind, &meta.tools) {
+            (Kind::Chat, Some(t)) => {
+                let p = t.parse(&text);
+                let mut message = json!({"role": "assistant", "content": p.content});
+                if !p.calls.is_empty() {
+                    message["tool_calls"] = p.calls.iter().map(call_json).collect();
+                }
+                json!({"index": i, "message": message, "logprobs": lp,
+                       "finish_reason": reason(finish, &p.calls)})
+            }
+            (Kind::Chat, None) => json!({"index": i,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": lp, "finish_reason": finish.as_str()}),
-            Kind::Text => json!({"index": i, "text": text, "logprobs": lp,
+            (Kind::Text, _) => json!({"index": i, "text": text, "logprobs": lp,
                 "finish_reason": finish.as_str()}),
         });
     }
@@ -135,8 +182,7 @@ struct Streaming {
     events:
         futures_util::stream::SelectAll<futures_util::stream::BoxStream<'static, (usize, Event)>>,
     include_usage: bool,
-    /// Per choice: logprobs waiting for its next text chunk, characters sent so far.
-    pending: Vec<(Vec<TokenLogprob>, usize)>,
+    choices: Vec<ChoiceState>,
     /// Choices not finished yet; completion tokens of the finished ones.
     open: usize,
     completion: usize,
@@ -144,6 +190,18 @@ struct Streaming {
     roles: bool,
     /// [DONE] (or the end) is out.
     done: bool,
+}
+
+/// Where one choice of a stream stands.
+#[derive(Clone, Default)]
+struct ChoiceState {
+    /// Logprobs waiting for the choice's next text chunk.
+    logprobs: Vec<TokenLogprob>,
+    /// Characters sent so far.
+    sent: usize,
+    /// With tools: the reply so far, and how many of its bytes went out as content.
+    text: String,
+    shown: usize,
 }
 
 /// A streamed reply: `data: {chunk}` lines, then `data: [DONE]`.
@@ -163,7 +221,7 @@ pub fn stream(
         meta,
         events: futures_util::stream::select_all(tagged),
         include_usage,
-        pending: vec![(Vec::new(), 0); n],
+        choices: vec![ChoiceState::default(); n],
         open: n,
         completion: 0,
         done: false,
@@ -188,7 +246,7 @@ async fn next_chunk(st: &mut Streaming) -> Option<Bytes> {
     if st.roles {
         st.roles = false;
         let mut b = Vec::new();
-        for i in 0..st.pending.len() {
+        for i in 0..st.choices.len() {
             let role = json!({"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": null, "finish_reason": null});
             b.extend_from_slice(&sse(&meta.chunk(role, with_usage)));
@@ -201,13 +259,26 @@ async fn next_chunk(st: &mut Streaming) -> Option<Bytes> {
             st.done = true;
             return None;
         };
-        let (pending, sent) = &mut st.pending[i];
+        let c = &mut st.choices[i];
         match event {
-            Event::Logprob(t) => pending.push(t),
+            Event::Logprob(t) => c.logprobs.push(t),
             Event::Text(t) => {
-                let piece = meta.piece(i, &t, pending, *sent);
-                pending.clear();
-                *sent += t.chars().count();
+                let t = match &meta.tools {
+                    None => t,
+                    Some(_) => {
+                        c.text += &t;
+                        let settled = tools::settled(&c.text);
+                        if settled.len() <= c.shown {
+                            continue;
+                        }
+                        let new = settled[c.shown..].to_string();
+                        c.shown = settled.len();
+                        new
+                    }
+                };
+                let piece = meta.piece(i, &t, &c.logprobs, c.sent);
+                c.logprobs.clear();
+                c.sent += t.chars().count();
                 return Some(sse(&meta.chunk(piece, with_usage)));
             }
             Event::Done {
@@ -215,13 +286,27 @@ async fn next_chunk(st: &mut Streaming) -> Option<Bytes> {
                 completion_tokens,
                 ..
             } => {
+                // With tools: the content not sent yet (it starts where the sent part ends)
+                // and the calls.
+                let (rest, calls) = match &meta.tools {
+                    None => (String::new(), Vec::new()),
+                    Some(t) => {
+                        let p = t.parse(&c.text);
+                        let content = p.content.unwrap_or_default();
+                        (content.get(c.shown..).unwrap_or("").to_string(), p.calls)
+                    }
+                };
                 let mut b = Vec::new();
-                if meta.logprobs && !pending.is_empty() {
-                    let piece = meta.piece(i, "", pending, *sent);
+                if !rest.is_empty() || (meta.logprobs && !c.logprobs.is_empty()) {
+                    let piece = meta.piece(i, &rest, &c.logprobs, c.sent);
                     b.extend_from_slice(&sse(&meta.chunk(piece, with_usage)));
-                    pending.clear();
+                    c.logprobs.clear();
                 }
-                b.extend_from_slice(&sse(&meta.chunk(meta.last(i, finish), with_usage)));
+                for (k, call) in calls.iter().enumerate() {
+                    b.extend_from_slice(&meta.call_chunks(i, k, call, with_usage));
+                }
+                let last = meta.last(i, reason(finish, &calls));
+                b.extend_from_slice(&sse(&meta.chunk(last, with_usage)));
                 st.completion += completion_tokens;
                 st.open -= 1;
                 if st.open == 0 {

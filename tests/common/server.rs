@@ -26,16 +26,13 @@ impl Server {
     /// Starts `anyllama serve` on a free port; None (after skip_or_fail) when a wgpu adapter is
     /// missing.
     pub fn start(backend: &str, extra: &[&str]) -> Option<Server> {
+        Server::start_model(&tiny_chat(), backend, extra)
+    }
+
+    /// `start` with another model than tiny-chat.
+    pub fn start_model(model: &str, backend: &str, extra: &[&str]) -> Option<Server> {
         let mut child = Command::new(bin())
-            .args([
-                "serve",
-                "-m",
-                &tiny_chat(),
-                "--backend",
-                backend,
-                "--port",
-                "0",
-            ])
+            .args(["serve", "-m", model, "--backend", backend, "--port", "0"])
             .args(extra)
             // CUDA's half-precision GEMMs round activations, so a row's logits would depend on
             // how many rows its batch had (the mat-vec kernel or cuBLAS); f32 GEMMs keep the
