@@ -358,10 +358,17 @@ fn abuse_leaves_the_server_serving_the_others() {
 
 #[test]
 fn a_client_that_disconnects_frees_its_blocks() {
-    let s = Server::start("cpu", &[]).unwrap();
+    // The real 135M model: tiny-chat writes its whole 240-token context faster than a /health
+    // round trip, so the request could end before the client hangs up. 2000 tokens of the 135M
+    // model on the CPU take many seconds, and the `cancelled` counter proves the hang-up ended it.
+    let Some(model) = common::smollm2_gguf() else {
+        return;
+    };
+    let s = Server::start_model(&model.display().to_string(), "cpu", &["--ctx", "2048"]).unwrap();
     let total = s.get("/health")["kv_blocks_total"].clone();
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 240, "stream": true,
-                      "temperature": 0});
+    let max_tokens = 2000;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": true,
+                      "temperature": 0, "ignore_eos": true});
     let mut r = client()
         .post(format!("{}/v1/completions", s.url))
         .json(&body)
@@ -375,6 +382,13 @@ fn a_client_that_disconnects_frees_its_blocks() {
     drop(r);
     let h = s.wait_idle();
     assert_eq!(h["kv_blocks_free"], total);
+    let cancelled = s.metric("anyllama_requests_finished_total{reason=\"cancelled\"}");
+    assert_eq!(cancelled, 1.0);
+    let generated = s.metric("anyllama_generation_tokens_total");
+    assert!(
+        generated < max_tokens as f64,
+        "{generated} tokens: not cut short"
+    );
 }
 
 #[test]
