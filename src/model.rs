@@ -67,10 +67,11 @@ pub struct ProjScratch<B: Backend> {
     pub lora: LoraScratch<B>,
 }
 
-/// LoRA's x A^T [rows, r] and (x A^T) B^T [rows, widest projection]; in training with
-/// dropout, the dropped-out input [rows, widest input].
+/// LoRA's x A^T [rows, r] of each of the seven projections (the last forward's, which a
+/// training step's backward of the same layer reuses) and (x A^T) B^T [rows, widest
+/// projection]; in training with dropout, the dropped-out input [rows, widest input].
 pub struct LoraScratch<B: Backend> {
-    pub u: Buf<B>,
+    pub u: Vec<Buf<B>>,
     pub y: Buf<B>,
     pub xd: Option<Buf<B>>,
 }
@@ -81,7 +82,9 @@ impl<B: Backend> ProjScratch<B> {
         Ok(ProjScratch {
             out: b.alloc(rows * cfg.dim * 4)?,
             lora: LoraScratch {
-                u: b.alloc(rows * lora_rank.max(1) * 4)?,
+                u: (0..Proj::ALL.len())
+                    .map(|_| b.alloc(rows * lora_rank.max(1) * 4))
+                    .collect::<Result<_>>()?,
                 y: b.alloc(rows * if lora_rank > 0 { widest } else { 1 } * 4)?,
                 xd: None,
             },
@@ -414,8 +417,9 @@ impl<B: Backend> Model<B> {
     ) -> Result<()> {
         if let Some((ad, scale)) = self.adapter(i, p) {
             let x = self.lora_input(b, i, p, x, &mut ls.xd, rows)?;
-            b.matmul(&mut ls.u, x, &ad.a, rows)?; // u = x . A^T [rows, r]
-            b.matmul_add_scaled(out, &mut ls.y, &ls.u, &ad.b, rows, scale)?; // out += s u . B^T
+            let u = &mut ls.u[p.index()];
+            b.lora_down(u, x, &ad.a, rows)?; // u = x . A^T [rows, r]
+            b.matmul_add_scaled(out, &mut ls.y, u, &ad.b, rows, scale)?; // out += s u . B^T
         }
         Ok(())
     }

@@ -287,6 +287,17 @@ pub trait Backend: Sized + 'static {
             self.name()
         )))
     }
+    /// u[rows, a.rows] = x . A^T with A a LoRA adapter's f32 down-projection (a few rows):
+    /// `matmul`'s product, apart so that a backend can run this thin product its own way.
+    fn lora_down(
+        &self,
+        u: &mut Buf<Self>,
+        x: &Buf<Self>,
+        a: &Weight<Self>,
+        rows: usize,
+    ) -> Result<()> {
+        self.matmul(u, x, a, rows)
+    }
     /// out[rows, w.rows] += alpha * x[rows, w.cols] . w^T: a LoRA adapter's second product
     /// added into its projection's output. The default composes matmul into `tmp` and
     /// add_scaled; a backend may run it as one GEMM that accumulates into out.

@@ -107,7 +107,7 @@ impl TrainPlan {
         };
         let rank = lora.map_or(1, |l| l.r.max(1) as u64);
         let backward = r * 4 * (3 * d + 2 * q + 2 * kv + 3 * f + rank + 1);
-        let proj = r * 4 * (d.max(q).max(kv).max(f) + rank + d.max(q).max(f));
+        let proj = r * 4 * (d.max(q).max(kv).max(f) + 7 * rank + d.max(q).max(f));
         let residual = 2 * row; // the stream and the final norm's output
         let dropout = match lora {
             Some(l) if l.dropout > 0.0 => r * 4 * d.max(q).max(f), // the dropped-out input

@@ -69,6 +69,9 @@ struct Back<B: crate::backend::Backend> {
 struct ProjBack<B: crate::backend::Backend> {
     du: Buf<B>,   // LoRA d(x A^T) [rows, r]
     ones: Buf<B>, // 1.0 [rows]: bias gradients are dy^T . ones
+    /// LoRA's scratch still holds this layer's u = x A^T of every projection (the layer's
+    /// forward was the last one run), so backward need not recompute them.
+    u_kept: bool,
 }
 
 pub struct Trainer<B: TrainBackend> {
@@ -174,6 +177,7 @@ impl<B: TrainBackend> Trainer<B> {
                 p: ProjBack {
                     du: f(r.max(1))?,
                     ones,
+                    u_kept: false,
                 },
             },
             tokens: f(1)?,
@@ -330,9 +334,13 @@ impl<B: TrainBackend> Trainer<B> {
         // ---- backward, last layer first; dx is d(residual) ----
         for i in (0..layers).rev() {
             let j = i.min(self.acts.len() - 1);
+            // The last layer's activations are still those its forward left (nothing has run
+            // a layer since), so only the layers before it are recomputed.
+            let last = i + 1 == layers;
             if self.ckpt != Checkpointing::Off {
-                self.recompute(b, m, i, batch, rows)?;
+                self.recompute(b, m, i, batch, rows, last)?;
             }
+            self.d.p.u_kept = self.ckpt != Checkpointing::Off || last;
             let x_in = match &self.x_in[i] {
                 Kept::Device(x) => x,
                 Kept::Host(_) => &self.x, // restored into x by recompute
@@ -377,8 +385,17 @@ impl<B: TrainBackend> Trainer<B> {
         i: usize,
         batch: &Batch<B>,
         rows: usize,
+        last: bool,
     ) -> Result<()> {
         let n = rows * m.cfg.dim;
+        if last {
+            // Its forward just ran: acts[0] and x_mid[0] hold it; with offloading its input
+            // still has to come back into x, where backward reads it.
+            if let Kept::Host(h) = &self.x_in[i] {
+                b.upload(&mut self.x, 0, h)?;
+            }
+            return Ok(());
+        }
         let (a, ps, mid) = (&mut self.acts[0], &mut self.ps, &mut self.x_mid[0]);
         // The layer's forward writes its output into the buffer it reads; run it on dtmp (free
         // until this layer's backward) so the kept input stays as it is.
@@ -417,7 +434,7 @@ fn ffn_backward<B: TrainBackend>(
         m,
         i,
         Proj::Down,
-        &mut d.dhb,
+        DxIn::Set(&mut d.dhb),
         &d.dx,
         &a.hb,
         g,
@@ -440,7 +457,7 @@ fn ffn_backward<B: TrainBackend>(
         m,
         i,
         Proj::Gate,
-        &mut d.dh,
+        DxIn::Set(&mut d.dh),
         &d.dgate,
         &a.h,
         g,
@@ -453,15 +470,15 @@ fn ffn_backward<B: TrainBackend>(
         m,
         i,
         Proj::Up,
-        &mut d.dtmp,
+        DxIn::Add(&mut d.dh, &mut d.dtmp),
         &d.dup,
         &a.h,
         g,
         ls,
         &mut d.p,
         rows,
-    )?;
-    b.add(&mut d.dh, &d.dtmp, rows * c.dim)?;
+    )?; // dh += dup . W_up (and its LoRA)
+
     // h = rms_norm(x_mid)
     let dw = g.ffn_norm.as_mut();
     b.rms_norm_backward(
@@ -504,7 +521,7 @@ fn attention_backward<B: TrainBackend>(
         m,
         i,
         Proj::O,
-        &mut d.datt,
+        DxIn::Set(&mut d.datt),
         &d.dx,
         &a.att,
         g,
@@ -527,7 +544,7 @@ fn attention_backward<B: TrainBackend>(
         m,
         i,
         Proj::Q,
-        &mut d.dh,
+        DxIn::Set(&mut d.dh),
         &d.dq,
         &a.xb,
         g,
@@ -540,29 +557,28 @@ fn attention_backward<B: TrainBackend>(
         m,
         i,
         Proj::K,
-        &mut d.dtmp,
+        DxIn::Add(&mut d.dh, &mut d.dtmp),
         &d.dk,
         &a.xb,
         g,
         ls,
         &mut d.p,
         rows,
-    )?;
-    b.add(&mut d.dh, &d.dtmp, rows * c.dim)?;
+    )?; // dh += dk . W_k (and its LoRA)
     proj_backward(
         b,
         m,
         i,
         Proj::V,
-        &mut d.dtmp,
+        DxIn::Add(&mut d.dh, &mut d.dtmp),
         &d.dv,
         &a.xb,
         g,
         ls,
         &mut d.p,
         rows,
-    )?;
-    b.add(&mut d.dh, &d.dtmp, rows * c.dim)?;
+    )?; // dh += dv . W_v (and its LoRA)
+
     // xb = rms_norm(x_in)
     let dw = g.attn_norm.as_mut();
     b.rms_norm_backward(
@@ -578,15 +594,24 @@ fn attention_backward<B: TrainBackend>(
     b.add(&mut d.dx, &d.dtmp, rows * c.dim)
 }
 
+/// Where a projection's backward puts its input gradient.
+enum DxIn<'a, B: crate::backend::Backend> {
+    /// dx_in = ...
+    Set(&'a mut Buf<B>),
+    /// dx_in += ..., with scratch of dx_in's size for backends that cannot add in the GEMM.
+    Add(&'a mut Buf<B>, &'a mut Buf<B>),
+}
+
 /// Backward of `Model::project` (y = x . W^T + bias + s (x . A^T) . B^T) for gradient dy:
-/// dx_in = dy . W + s (dy . B) . A overwrites; dW, dbias (full) or dA, dB (LoRA) accumulate.
+/// dx_in (=, or += with DxIn::Add) dy . W + s (dy . B) . A; dW, dbias (full) or dA, dB (LoRA)
+/// accumulate.
 #[allow(clippy::too_many_arguments)]
 fn proj_backward<B: TrainBackend>(
     b: &B,
     m: &Model<B>,
     i: usize,
     p: Proj,
-    dx_in: &mut Buf<B>,
+    dx_in: DxIn<'_, B>,
     dy: &Buf<B>,
     x: &Buf<B>,
     g: &mut LayerGrads<B>,
@@ -596,7 +621,16 @@ fn proj_backward<B: TrainBackend>(
 ) -> Result<()> {
     let (w, _) = p.of(&m.w.layers[i]);
     let (n, k) = (w.rows, w.cols);
-    b.matmul_dx(dx_in, dy, w, rows, 1.0)?; // dx_in = dy . W   [rows, k]
+    let dx_in = match dx_in {
+        DxIn::Set(dx) => {
+            b.matmul_dx(dx, dy, w, rows, 1.0)?; // dx_in = dy . W   [rows, k]
+            dx
+        }
+        DxIn::Add(dx, tmp) => {
+            b.matmul_dx_add(dx, tmp, dy, w, rows, 1.0)?; // dx_in += dy . W   [rows, k]
+            dx
+        }
+    };
     if let Some(dw) = g.w[p.index()].as_mut() {
         b.matmul_dw(dw, dy, x, rows, n, k, 1.0)?; // dW += dy^T . x   [n, k]
     }
@@ -606,8 +640,11 @@ fn proj_backward<B: TrainBackend>(
     if let (Some((ad, s)), Some((da, dbb))) = (m.adapter(i, p), g.lora[p.index()].as_mut()) {
         let r = ad.a.rows;
         let xl = m.lora_input(b, i, p, x, &mut ls.xd, rows)?; // x, or dropout(x) redrawn
-        b.matmul(&mut ls.u, xl, &ad.a, rows)?; // u = xl . A^T   [rows, r] (recomputed)
-        b.matmul_dw(dbb, dy, &ls.u, rows, n, r, s)?; // dB += s dy^T . u   [n, r]
+        let u = &mut ls.u[p.index()];
+        if !dl.u_kept {
+            b.lora_down(u, xl, &ad.a, rows)?; // u = xl . A^T   [rows, r] (recomputed)
+        }
+        b.matmul_dw(dbb, dy, u, rows, n, r, s)?; // dB += s dy^T . u   [n, r]
         b.matmul_dx(&mut dl.du, dy, &ad.b, rows, s)?; // du = s dy . B   [rows, r]
         b.matmul_dw(da, &dl.du, xl, rows, r, k, 1.0)?; // dA += du^T . xl   [r, k]
         match (

@@ -201,7 +201,8 @@ impl Cuda {
             }
         };
         let _exclusive = self.graphs.exclusive();
-        self.timed("cublas gemm (train)", || unsafe {
+        let name = self.profile_name("cublas bf16", op);
+        self.timed(&name, || unsafe {
             blas::gemm_ex(
                 self.blas.handle,
                 t(trans.0),
@@ -351,7 +352,11 @@ impl Cuda {
         let _exclusive = self.graphs.exclusive();
         let t = bsys::cublasOperation_t::CUBLAS_OP_T;
         let nn = bsys::cublasOperation_t::CUBLAS_OP_N;
-        self.timed("cublas gemm", || unsafe {
+        let name = match elem {
+            Elem::F32 => "cublas gemm f32",
+            _ => "cublas gemm half",
+        };
+        self.timed(name, || unsafe {
             match elem {
                 Elem::F32 => blas::sgemm(
                     self.blas.handle,

@@ -162,6 +162,14 @@ impl Cuda {
         }
     }
 
+    /// "`what` `op`" for the profile's table; nothing is formatted when profiling is off.
+    pub(super) fn profile_name(&self, what: &str, op: &str) -> String {
+        match &self.profile {
+            Some(_) => format!("{what} {op}"),
+            None => String::new(),
+        }
+    }
+
     /// Runs `enqueue`, timed under `name` when profiling (profile.rs).
     pub(super) fn timed<T>(&self, name: &str, enqueue: impl FnOnce() -> T) -> T {
         match &self.profile {

@@ -804,7 +804,7 @@ impl Backend for Cuda {
         self.launch_1d(
             "swiglu",
             "swiglu",
-            n,
+            n.div_ceil(4), // four elements a thread
             BLOCK,
             &[arg(&o), arg(&g), arg(&u), arg(&p)],
         )
@@ -846,6 +846,27 @@ impl Backend for Cuda {
             BLOCK,
             &[arg(&op), arg(&xp), arg(&params)],
         )
+    }
+
+    /// Outside exact mode one TF32 GEMM (train.rs's `sgemm`), as LoRA's other thin products:
+    /// cuBLAS's f32 SGEMM reads x at a fraction of the bandwidth with so few output columns.
+    fn lora_down(
+        &self,
+        u: &mut Buf<Self>,
+        x: &Buf<Self>,
+        a: &Weight<Self>,
+        rows: usize,
+    ) -> Result<()> {
+        const OP: &str = "lora_down";
+        let (n, k) = (a.rows, a.cols);
+        if self.exact || !takes_gemm(rows, a) || a.dtype != DType::F32 || k == 0 {
+            return self.matmul(u, x, a, rows);
+        }
+        let up = self.ptr(u, rows * n * 4, "u", OP)?;
+        let xp = self.ptr(x, rows * k * 4, "x", OP)?;
+        let ap = self.ptr(&a.buf, n * k * 4, "the weights", OP)?;
+        let (am, xm) = ((ap, k), (xp, k));
+        self.sgemm((true, false), (n, rows, k), 1.0, am, xm, 0.0, (up, n), OP)
     }
 
     /// Prefill through f32 weights (LoRA's B): one SGEMM with alpha and beta = 1 into out;

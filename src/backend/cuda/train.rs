@@ -98,7 +98,8 @@ impl Cuda {
         };
         let f32_ty = bsys::cudaDataType::CUDA_R_32F;
         let _exclusive = self.graphs.exclusive();
-        self.timed("cublas sgemm (train)", || unsafe {
+        let name = self.profile_name("cublas f32/tf32", op);
+        self.timed(&name, || unsafe {
             blas::gemm_ex(
                 self.blas.handle,
                 t(trans.0),
@@ -251,12 +252,13 @@ impl Cuda {
         w: &Weight<Cuda>,
         rows: usize,
         alpha: f32,
+        accumulate: bool,
     ) -> Result<()> {
         const OP: &str = "matmul_dx";
         let (n, k) = (w.rows, w.cols);
         let dyg = self.round_half(Scratch::GemmX, dyp, rows * n, Elem::BF16, OP)?;
         self.bf16_weight_slices(w, OP, |n0, nc, wg| {
-            let beta = if n0 == 0 { 0.0 } else { 1.0 };
+            let beta = if n0 == 0 && !accumulate { 0.0 } else { 1.0 };
             let dys = dyg + (n0 * 2) as u64;
             self.half_gemm(
                 Elem::BF16,
@@ -332,7 +334,7 @@ impl TrainBackend for Cuda {
             return self.zero(dx, rows * k);
         }
         if self.half_dx(w.dtype, n, k) {
-            return self.matmul_dx_half((dxp, dyp), w, rows, alpha);
+            return self.matmul_dx_half((dxp, dyp), w, rows, alpha, false);
         }
         self.f32_weight_slices(w, OP, |n0, nc, wp| {
             let beta = if n0 == 0 { 0.0 } else { 1.0 };
@@ -350,7 +352,8 @@ impl TrainBackend for Cuda {
         })
     }
 
-    /// f32 weights (LoRA's A): one SGEMM with beta = 1 into dx; others compose.
+    /// f32 weights (LoRA's A): one SGEMM with beta = 1 into dx; weights on the bf16 path
+    /// (half_dx) the same GEMMs as matmul_dx, all with beta = 1; others compose.
     fn matmul_dx_add(
         &self,
         dx: &mut Buf<Self>,
@@ -362,6 +365,11 @@ impl TrainBackend for Cuda {
     ) -> Result<()> {
         const OP: &str = "matmul_dx_add";
         let (n, k) = (w.rows, w.cols);
+        if n > 0 && self.half_dx(w.dtype, n, k) {
+            let dxp = self.ptr(dx, rows * k * 4, "dx", OP)?;
+            let dyp = self.ptr(dy, rows * n * 4, "dy", OP)?;
+            return self.matmul_dx_half((dxp, dyp), w, rows, alpha, true);
+        }
         if w.dtype != DType::F32 || n == 0 {
             self.matmul_dx(tmp, dy, w, rows, alpha)?;
             return self.add(dx, tmp, rows * k);
@@ -550,7 +558,7 @@ impl TrainBackend for Cuda {
         self.launch_1d(
             "swiglu",
             "swiglu_backward",
-            n,
+            n.div_ceil(4), // four elements a thread
             BLOCK,
             &[arg(&dg), arg(&du), arg(&d), arg(&g), arg(&u), arg(&p)],
         )
