@@ -5,6 +5,7 @@
 //! keys, the same precedence between the v4 keys (`rope_theta`, `rope_scaling`, `torch_dtype`) and
 //! the v5 keys (`rope_parameters`, `dtype`), and the same fallbacks inside the RoPE parameters.
 
+pub use crate::arch::Arch;
 use crate::error::{Error, Result};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -88,8 +89,19 @@ pub struct ModelConfig {
     /// max_position_embeddings: the context length the model was trained for.
     pub max_seq_len: usize,
     pub tie_embeddings: bool,
+    /// The architecture (file-format names and layouts; the differences below are data).
+    pub arch: Arch,
+    /// q, k and v projections have biases (Llama's `attention_bias`, always on Qwen2).
     pub attention_bias: bool,
+    /// o_proj has a bias (Llama's and Qwen3's `attention_bias`; Qwen2 has none).
+    pub o_bias: bool,
     pub mlp_bias: bool,
+    /// Qwen3: an RMSNorm (weights [head_dim]) over each head of q and of k before RoPE.
+    pub qk_norm: bool,
+    /// Attention limited to the last `n` positions in some layers (Mistral, Phi-3, Qwen2 with
+    /// `use_sliding_window`). Our kernels attend to the whole context, which is the same
+    /// computation while the context is at most `n` long: longer contexts are refused.
+    pub sliding_window: Option<usize>,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
     pub bos_token_id: Option<u32>,
@@ -107,6 +119,24 @@ impl ModelConfig {
     /// Width of the key / value projections: n_kv_heads * head_dim.
     pub fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
+    }
+
+    /// The longest context this model runs exactly: its sliding window, where it has one (the
+    /// kernels attend to every position, which is the window's computation up to its length).
+    pub fn max_exact_context(&self) -> Option<usize> {
+        self.sliding_window
+    }
+
+    /// Refuses a context the model cannot run exactly (see `max_exact_context`).
+    pub fn check_context(&self, ctx: usize) -> Result<()> {
+        match self.max_exact_context() {
+            Some(w) if ctx > w => Err(Error::Usage(format!(
+                "{} attends within a sliding window of {w} positions, which is only implemented \
+                 as full attention: a context of {ctx} is too long (use {w} or less)",
+                self.arch.class_name()
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Checks the invariants every kernel relies on.
@@ -186,24 +216,24 @@ impl ModelConfig {
             .ok_or_else(|| Error::Config("config.json must hold a JSON object".into()))?;
         let j = Json(obj);
 
-        if let Some(model_type) = j.str("model_type")? {
-            if model_type != "llama" {
-                return Err(Error::Config(format!(
-                    "model_type `{model_type}` is not supported (only `llama`)"
-                )));
-            }
-        }
+        let class = match j.0.get("architectures") {
+            Some(Value::Array(a)) => a.first().and_then(Value::as_str),
+            _ => None,
+        };
+        let arch = Arch::from_hf(j.str("model_type")?, class)?;
+        let d = arch.defaults();
         if let Some(act) = j.str("hidden_act")? {
             if act != "silu" {
                 return Err(Error::Config(format!(
-                    "hidden_act `{act}` is not supported (Llama uses `silu`)"
+                    "hidden_act `{act}` is not supported ({} uses `silu`)",
+                    arch.class_name()
                 )));
             }
         }
 
-        // Defaults are LlamaConfig's class defaults, so a config that leaves a key out means
-        // what it means to transformers.
-        let dim = j.usize("hidden_size")?.unwrap_or(4096);
+        // Defaults are the config class's defaults (LlamaConfig, Qwen2Config, ...), so a config
+        // that leaves a key out means what it means to transformers.
+        let dim = j.usize("hidden_size")?.unwrap_or(d.hidden_size);
         let n_heads = j.usize("num_attention_heads")?.unwrap_or(32);
         if n_heads == 0 || dim % n_heads != 0 {
             // LlamaConfig.validate_architecture rejects this even when head_dim is explicit.
@@ -211,34 +241,52 @@ impl ModelConfig {
                 "hidden_size ({dim}) is not a multiple of num_attention_heads ({n_heads})"
             )));
         }
-        let max_seq_len = j.usize("max_position_embeddings")?.unwrap_or(2048);
-        let head_dim = j.usize("head_dim")?.unwrap_or(dim / n_heads);
+        let max_seq_len = j
+            .usize("max_position_embeddings")?
+            .unwrap_or(d.max_position_embeddings);
+        let head_dim = match j.usize("head_dim")? {
+            Some(h) => h,
+            None => d.head_dim.unwrap_or(dim / n_heads),
+        };
+        let attention_bias = j.bool("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Arch::Llama | Arch::Qwen3 => (attention_bias, attention_bias),
+            Arch::Qwen2 => (true, false),
+            Arch::Mistral | Arch::Phi3 => (false, false),
+        };
         let (rope_theta, rope_scaling) = parse_rope(&j, head_dim, max_seq_len)?;
 
         let cfg = ModelConfig {
-            vocab_size: j.usize("vocab_size")?.unwrap_or(32000),
+            vocab_size: j.usize("vocab_size")?.unwrap_or(d.vocab_size),
             dim,
-            ffn_dim: j.usize("intermediate_size")?.unwrap_or(11008),
+            ffn_dim: j.usize("intermediate_size")?.unwrap_or(d.intermediate_size),
             n_layers: j.usize("num_hidden_layers")?.unwrap_or(32),
             n_heads,
-            n_kv_heads: j.usize("num_key_value_heads")?.unwrap_or(n_heads),
+            n_kv_heads: j
+                .usize("num_key_value_heads")?
+                .or(d.num_key_value_heads)
+                .unwrap_or(n_heads),
             head_dim,
-            norm_eps: j.f64("rms_norm_eps")?.unwrap_or(1e-6) as f32,
+            norm_eps: j.f64("rms_norm_eps")?.unwrap_or(d.rms_norm_eps) as f32,
             max_seq_len,
             tie_embeddings: j.bool("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: j.bool("attention_bias")?.unwrap_or(false),
-            mlp_bias: j.bool("mlp_bias")?.unwrap_or(false),
+            arch,
+            attention_bias: qkv_bias,
+            o_bias,
+            mlp_bias: arch == Arch::Llama && j.bool("mlp_bias")?.unwrap_or(false),
+            qk_norm: arch == Arch::Qwen3,
+            sliding_window: sliding_window(&j, arch)?,
             rope_theta,
             rope_scaling,
             bos_token_id: if j.has("bos_token_id") {
                 j.token_id("bos_token_id")?
             } else {
-                Some(1)
+                d.bos_token_id
             },
             eos_token_ids: if j.has("eos_token_id") {
                 j.token_ids("eos_token_id")?
             } else {
-                vec![2]
+                d.eos_token_id.into_iter().collect()
             },
             torch_dtype: match j.str("dtype")? {
                 Some(d) => Some(d.to_string()),
@@ -254,6 +302,43 @@ impl ModelConfig {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// The window of the layers that attend within one, as transformers resolves it: Mistral's and
+/// Phi-3's `sliding_window` (null: none); Qwen2's and Qwen3's only with `use_sliding_window`,
+/// on the layers `layer_types` (or `max_window_layers`) marks.
+fn sliding_window(j: &Json, arch: Arch) -> Result<Option<usize>> {
+    let window = |default: Option<usize>| -> Result<Option<usize>> {
+        match j.0.get("sliding_window") {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(_) => j.usize("sliding_window"),
+        }
+    };
+    let w = match arch {
+        Arch::Llama => None,
+        Arch::Mistral => window(Some(4096))?,
+        Arch::Phi3 => window(None)?,
+        Arch::Qwen2 | Arch::Qwen3 => {
+            let w = match j.bool("use_sliding_window")?.unwrap_or(false) {
+                true => window(Some(4096))?,
+                false => None,
+            };
+            let layers = j.usize("num_hidden_layers")?.unwrap_or(32);
+            let sliding_layers = match j.0.get("layer_types") {
+                Some(Value::Array(types)) => types
+                    .iter()
+                    .filter(|t| t.as_str() == Some("sliding_attention"))
+                    .count(),
+                _ => layers.saturating_sub(j.usize("max_window_layers")?.unwrap_or(28)),
+            };
+            w.filter(|_| sliding_layers > 0)
+        }
+    };
+    if w == Some(0) {
+        return Err(Error::Config("sliding_window must be positive".into()));
+    }
+    Ok(w)
 }
 
 /// Resolves rope_theta and the scaling variant the way `RotaryEmbeddingConfigMixin` standardizes

@@ -6,6 +6,7 @@
 //! (a model folder or GGUF file -> everything above), convert (GGUF <-> HF folder), bench
 //! (speed measurements over any backend), serve (the OpenAI-compatible server).
 
+pub mod arch;
 pub mod config;
 pub mod generation_config;
 pub mod rope;

@@ -41,10 +41,10 @@ impl ModelFiles {
             check_vocab(&cfg, &tokenizer)?;
             return Ok(ModelFiles {
                 path: path.into(),
+                source: crate::weights::model_source(source, &cfg),
                 cfg,
                 tokenizer,
                 generation,
-                source: Box::new(source),
                 gguf: false,
             });
         }
@@ -106,10 +106,10 @@ impl ModelFiles {
         });
         Ok(ModelFiles {
             path: path.into(),
+            source: crate::weights::model_source(g, &cfg),
             cfg,
             tokenizer,
             generation,
-            source: Box::new(g),
             gguf: true,
         })
     }
@@ -215,12 +215,14 @@ impl ModelFiles {
             c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size, c.max_seq_len
         );
         s += &format!(
-            "rope: {} theta {} | rms eps {} | tied embeddings {} | bias attn {} mlp {}\n",
+            "arch: {} | rope: {} theta {} | rms eps {} | tied embeddings {} | bias qkv {} o {} mlp {}\n",
+            c.arch.class_name(),
             c.rope_scaling.rope_type(),
             c.rope_theta,
             c.norm_eps,
             c.tie_embeddings,
             c.attention_bias,
+            c.o_bias,
             c.mlp_bias
         );
         let mut by_dtype = std::collections::BTreeMap::<String, (usize, usize)>::new();

@@ -24,16 +24,18 @@ pub struct Model<B: Backend> {
 /// The activations of one layer's forward for up to `rows` rows. Inference reuses one set for
 /// every layer; training keeps one per layer (or one, recomputed, with checkpointing).
 pub struct Acts<B: Backend> {
-    pub xb: Buf<B>,   // rms_norm(x), the q/k/v input [rows, dim]
-    pub q: Buf<B>,    // [rows, n_heads * head_dim], rotated
-    pub k: Buf<B>,    // [rows, n_kv_heads * head_dim], rotated
-    pub v: Buf<B>,    // [rows, n_kv_heads * head_dim]
-    pub att: Buf<B>,  // attention output [rows, n_heads * head_dim]
-    pub lse: Buf<B>,  // attention logsumexp [rows, n_heads] (packed batches only)
-    pub h: Buf<B>,    // rms_norm(x) of the feed-forward [rows, dim]
-    pub gate: Buf<B>, // [rows, ffn]
-    pub up: Buf<B>,   // [rows, ffn]
-    pub hb: Buf<B>,   // silu(gate) * up [rows, ffn]
+    pub xb: Buf<B>,    // rms_norm(x), the q/k/v input [rows, dim]
+    pub q: Buf<B>,     // [rows, n_heads * head_dim], rotated
+    pub k: Buf<B>,     // [rows, n_kv_heads * head_dim], rotated
+    pub q_raw: Buf<B>, // qk_norm: q before its per-head norm [rows, n_heads * head_dim]
+    pub k_raw: Buf<B>, // qk_norm: k before its per-head norm [rows, n_kv_heads * head_dim]
+    pub v: Buf<B>,     // [rows, n_kv_heads * head_dim]
+    pub att: Buf<B>,   // attention output [rows, n_heads * head_dim]
+    pub lse: Buf<B>,   // attention logsumexp [rows, n_heads] (packed batches only)
+    pub h: Buf<B>,     // rms_norm(x) of the feed-forward [rows, dim]
+    pub gate: Buf<B>,  // [rows, ffn]
+    pub up: Buf<B>,    // [rows, ffn]
+    pub hb: Buf<B>,    // silu(gate) * up [rows, ffn]
 }
 
 impl<B: Backend> Acts<B> {
@@ -43,6 +45,8 @@ impl<B: Backend> Acts<B> {
             xb: f(cfg.dim)?,
             q: f(cfg.q_dim())?,
             k: f(cfg.kv_dim())?,
+            q_raw: f(if cfg.qk_norm { cfg.q_dim() } else { 1 })?,
+            k_raw: f(if cfg.qk_norm { cfg.kv_dim() } else { 1 })?,
             v: f(cfg.kv_dim())?,
             att: f(cfg.q_dim())?,
             lse: f(cfg.n_heads)?,
@@ -55,8 +59,18 @@ impl<B: Backend> Acts<B> {
 
     /// Bytes of one set for `rows` rows.
     pub fn bytes(cfg: &ModelConfig, rows: usize) -> usize {
+        let raw = if cfg.qk_norm {
+            cfg.q_dim() + cfg.kv_dim()
+        } else {
+            0
+        };
         rows * 4
-            * (2 * cfg.dim + 2 * cfg.q_dim() + 2 * cfg.kv_dim() + cfg.n_heads + 3 * cfg.ffn_dim)
+            * (2 * cfg.dim
+                + 2 * cfg.q_dim()
+                + 2 * cfg.kv_dim()
+                + raw
+                + cfg.n_heads
+                + 3 * cfg.ffn_dim)
     }
 }
 
@@ -280,6 +294,14 @@ impl<B: Backend> Model<B> {
             bias(b, &mut a.q, &l.bq, rows, c.q_dim())?;
             bias(b, &mut a.k, &l.bk, rows, c.kv_dim())?;
             bias(b, &mut a.v, &l.bv, rows, c.kv_dim())?;
+        }
+        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+            // Qwen3: each head of q and k through its RMSNorm; q_raw, k_raw keep the inputs.
+            let (hd, eps) = (c.head_dim, c.norm_eps);
+            std::mem::swap(&mut a.q, &mut a.q_raw);
+            std::mem::swap(&mut a.k, &mut a.k_raw);
+            b.rms_norm(&mut a.q, &a.q_raw, qn, rows * c.n_heads, hd, eps)?; // q [rows, n_heads*hd]
+            b.rms_norm(&mut a.k, &a.k_raw, kn, rows * c.n_kv_heads, hd, eps)?; // k [rows, n_kv*hd]
         }
         let (inv_freq, scale) = (&self.inv_freq, self.rope.attention_scaling);
         match attend {

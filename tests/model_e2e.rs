@@ -1,18 +1,22 @@
 //! The forward pass and the decode loop against HF transformers on tiny random Llama fixtures
-//! (tests/fixtures/hf, made by tests/fixtures/make_fixtures.py): logits of the prompt within an
-//! NMSE bound, and the 24 greedy tokens HF generated through its KV cache, identical.
+//! (tests/fixtures/hf, made by tests/fixtures/make_fixtures.py) and on the other architectures'
+//! (tests/fixtures/arch, make_arch_fixtures.py: Qwen2, Qwen3, Phi-3, Mistral), as HF folders and
+//! converted to GGUF: logits of the prompt within an NMSE bound, and the 24 greedy tokens HF
+//! generated through its KV cache, identical.
 
 mod common;
 
 use anyllama::backend::cpu::Cpu;
 use anyllama::backend::Backend;
 use anyllama::config::ModelConfig;
+use anyllama::convert::hf_to_gguf;
 use anyllama::dtype::DType;
 use anyllama::generate::{GenerateOptions, Generator};
 use anyllama::model::Model;
 use anyllama::sample::SamplingParams;
-use anyllama::weights::load_weights;
+use anyllama::weights::gguf::GgufFile;
 use anyllama::weights::safetensors::SafetensorsSource;
+use anyllama::weights::{load_weights, model_source, TensorSource};
 use common::{fixtures, nmse};
 use serde_json::Value;
 use std::path::Path;
@@ -25,10 +29,23 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
-fn load<B: Backend>(b: &B, dir: &Path) -> Model<B> {
-    let cfg = ModelConfig::from_hf_dir(dir).unwrap();
-    let src = SafetensorsSource::open(dir).unwrap();
-    let w = load_weights(b, &src, &cfg, false, &|_| {}).unwrap();
+/// The model in an HF folder, or (`gguf`) in a GGUF file the folder converts to (f32).
+fn load<B: Backend>(b: &B, dir: &Path, gguf: Option<&Path>) -> Model<B> {
+    let (cfg, src): (ModelConfig, Box<dyn TensorSource>) = match gguf {
+        None => {
+            let cfg = ModelConfig::from_hf_dir(dir).unwrap();
+            let src = model_source(SafetensorsSource::open(dir).unwrap(), &cfg);
+            (cfg, src)
+        }
+        Some(out) => {
+            let _ = std::fs::remove_file(out);
+            hf_to_gguf(dir, out, DType::F32, &|_, _| {}).unwrap();
+            let g = GgufFile::open(out).unwrap();
+            let cfg = g.model_config().unwrap();
+            (cfg.clone(), model_source(g, &cfg))
+        }
+    };
+    let w = load_weights(b, src.as_ref(), &cfg, gguf.is_some(), &|_| {}).unwrap();
     Model::new(b, cfg, w).unwrap()
 }
 
@@ -42,18 +59,31 @@ const CUDA_HALF_ATTENTION_MIN_ROWS: usize = 32;
 /// attention in f16: logits get a bound for that rounding and greedy tokens are compared only
 /// where HF's margins are decisive).
 fn check_all<B: Backend>(b: &B, exact: bool) -> usize {
+    check_fixtures(b, exact, "hf", false)
+}
+
+/// Checks the fixtures of tests/fixtures/`set`, each loaded from its HF folder, or with `gguf`
+/// from its GGUF conversion.
+fn check_fixtures<B: Backend>(b: &B, exact: bool, set: &str, gguf: bool) -> usize {
     let mut checked = 0;
-    let mut dirs: Vec<_> = std::fs::read_dir(fixtures().join("hf"))
+    let mut dirs: Vec<_> = std::fs::read_dir(fixtures().join(set))
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
     dirs.sort();
+    let tmp =
+        std::env::temp_dir().join(format!("anyllama-e2e-{}-{}", std::process::id(), b.name()));
+    std::fs::create_dir_all(&tmp).unwrap();
     for dir in dirs {
         let expected: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
                 .unwrap();
-        let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        let mut model = load(b, &dir);
+        let mut name = dir.file_name().unwrap().to_string_lossy().to_string();
+        let out = tmp.join(format!("{name}.gguf"));
+        let mut model = load(b, &dir, gguf.then_some(out.as_path()));
+        if gguf {
+            name += " (gguf)";
+        }
         let vocab = model.cfg.vocab_size;
         let half_weights = model
             .cfg
@@ -138,7 +168,44 @@ fn check_all<B: Backend>(b: &B, exact: bool) -> usize {
             }
         }
     }
+    let _ = std::fs::remove_dir_all(&tmp);
     checked
+}
+
+/// Qwen2, Qwen3, Phi-3 and Mistral, from HF folders and GGUF conversions.
+fn check_arch<B: Backend>(b: &B, exact: bool) {
+    for gguf in [false, true] {
+        let n = check_fixtures(b, exact, "arch", gguf);
+        assert!(n >= 8, "only {n} cases ran (gguf {gguf})");
+    }
+}
+
+#[test]
+fn arch_fixtures_on_cpu() {
+    check_arch(&Cpu::new(), true);
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn arch_fixtures_on_wgpu() {
+    if let Some(b) = common::wgpu_backend() {
+        check_arch(&b, true);
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn arch_fixtures_on_cuda() {
+    use anyllama::backend::cuda::CudaOptions;
+    for exact in [true, false] {
+        let options = CudaOptions {
+            exact,
+            ..Default::default()
+        };
+        if let Some(b) = common::cuda_with(options) {
+            check_arch(&b, exact);
+        }
+    }
 }
 
 #[test]
@@ -181,7 +248,7 @@ fn stop_and_resume<B: Backend>(b: &B) {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let prompt = ids(&expected["cases"][0]["prompt_ids"]);
-    let mut model = load(b, &dir);
+    let mut model = load(b, &dir, None);
     let mut gen = Generator::new(b, &mut model, 128, DType::F32, 64).unwrap();
     let opts = |n: usize, eos: Vec<u32>| GenerateOptions {
         max_new_tokens: n,

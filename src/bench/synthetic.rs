@@ -114,8 +114,12 @@ impl Shape {
             norm_eps: 1e-5,
             max_seq_len: self.max_seq_len,
             tie_embeddings: self.tie_embeddings,
+            arch: crate::arch::Arch::Llama,
             attention_bias: false,
+            o_bias: false,
             mlp_bias: false,
+            qk_norm: false,
+            sliding_window: None,
             rope_theta: self.rope_theta,
             rope_scaling: match self.llama3_rope_factor {
                 Some(factor) => RopeScaling::Llama3 {
@@ -286,6 +290,8 @@ pub fn synthetic_model<B: Backend>(
             bk: None,
             bv: None,
             bo: None,
+            q_norm: None,
+            k_norm: None,
             ffn_norm: f.ones(dim)?,
             w1: f.matrix(ffn, dim)?,
             w2: f.matrix(dim, ffn)?,

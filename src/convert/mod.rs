@@ -102,7 +102,7 @@ impl<'a> Input<'a> {
 pub(crate) struct HfFolder {
     pub path: PathBuf,
     pub cfg: ModelConfig,
-    pub source: SafetensorsSource,
+    pub source: Box<dyn TensorSource>,
     pub tokenizer: Option<Tokenizer>,
     pub generation: Option<GenerationConfig>,
 }
@@ -113,7 +113,7 @@ impl HfFolder {
             return Err(Error::load(dir, "not an HF model folder"));
         }
         let cfg = ModelConfig::from_hf_dir(dir)?;
-        let source = SafetensorsSource::open(dir)?;
+        let source = crate::weights::model_source(SafetensorsSource::open(dir)?, &cfg);
         let tokenizer = if dir.join("tokenizer.json").is_file() {
             Some(Tokenizer::from_hf_dir(dir)?)
         } else {
@@ -132,7 +132,7 @@ impl HfFolder {
         Input {
             path: &self.path,
             cfg: &self.cfg,
-            tensors: &self.source,
+            tensors: self.source.as_ref(),
             gguf_names: false,
             tokenizer: self.tokenizer.as_ref(),
             generation: self.generation.as_ref(),
@@ -154,6 +154,7 @@ fn expected_shape(role: &str, c: &ModelConfig) -> Vec<usize> {
         "bq" => vec![q],
         "bk" | "bv" => vec![kv],
         "b1" | "b3" => vec![ffn],
+        "q_norm" | "k_norm" => vec![c.head_dim],
         // norm, attn_norm, ffn_norm, bo, b2
         _ => vec![dim],
     }
@@ -165,7 +166,9 @@ fn expected_shape(role: &str, c: &ModelConfig) -> Vec<usize> {
 fn role_use(role: &str, c: &ModelConfig, src_gguf: bool) -> (bool, bool) {
     match role {
         "output" if c.tie_embeddings || src_gguf => (!c.tie_embeddings, false),
-        "bq" | "bk" | "bv" | "bo" => (c.attention_bias, c.attention_bias),
+        "bq" | "bk" | "bv" => (c.attention_bias, c.attention_bias),
+        "bo" => (c.o_bias, c.o_bias),
+        "q_norm" | "k_norm" => (c.qk_norm, c.qk_norm),
         "b1" | "b2" | "b3" => (c.mlp_bias, c.mlp_bias),
         _ => (true, true),
     }

@@ -1,5 +1,6 @@
 //! HF folder (or any `Input`: a GGUF file being merged) -> GGUF v3 file, as llama.cpp's
-//! converter lays it out: `llama.*` hyperparameters, RoPE scaling as metadata (linear, yarn) or
+//! converter lays it out: `llama.*` hyperparameters (`qwen2.*`, `qwen3.*`, `phi3.*` for those
+//! architectures, whose q/k rows keep HF's order; Phi-3's projections are written split), RoPE scaling as metadata (linear, yarn) or
 //! as a `rope_freqs.weight` tensor (llama3), the byte-level vocabulary, and the tensors under
 //! GGUF names with the rows of every query/key projection interleaved per head (llama.cpp
 //! rotates adjacent pairs, transformers the two halves of a head; the GGUF reader undoes this).
@@ -171,6 +172,7 @@ fn tensor_bytes(
     drop(t);
     transform(p, &mut values)?;
     let heads = match p.role {
+        _ if !cfg.arch.gguf_permutes_qk() => None,
         "wq" | "bq" => Some(cfg.n_heads),
         "wk" | "bk" => Some(cfg.n_kv_heads),
         _ => None,
@@ -235,8 +237,10 @@ fn model_metadata(
             .map(Value::U32)
             .map_err(|_| bad(format!("{key} = {v} does not fit GGUF's u32")))
     };
-    let mut m: Vec<(String, Value)> =
-        vec![("general.architecture".into(), Value::String("llama".into()))];
+    let mut m: Vec<(String, Value)> = vec![(
+        "general.architecture".into(),
+        Value::String(c.arch.gguf_name().into()),
+    )];
     if let Some(n) = name {
         m.push(("general.name".into(), Value::String(n)));
     }
@@ -358,6 +362,19 @@ fn model_metadata(
                  implement it)",
                 c.rope_scaling.rope_type()
             )))
+        }
+    }
+    // Every architecture keeps llama's keys under its own prefix.
+    let pre = c.arch.gguf_name();
+    if let Some(w) = c.sliding_window.filter(|_| pre != "llama") {
+        m.push((
+            "llama.attention.sliding_window".into(),
+            u32v("sliding_window", w)?,
+        ));
+    }
+    for (key, _) in m.iter_mut() {
+        if let Some(rest) = key.strip_prefix("llama.") {
+            *key = format!("{pre}.{rest}");
         }
     }
     Ok((m, rope_freqs))

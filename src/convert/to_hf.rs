@@ -13,6 +13,7 @@ use super::{
     check_dtype, check_output, encode, is_gguf_path, partial_path, plan, to_f32, total_bytes,
     unchanged, Input, Planned, Transform,
 };
+use crate::arch::Arch;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -395,9 +396,15 @@ pub(crate) fn hf_config(c: &ModelConfig, dtype: DType, pad_token_id: Option<u32>
             }
         }
     }
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    // Tensors are written under Llama's names (Phi-3's fused projections split), so a Phi-3
+    // folder is written as the Llama it is (its sliding window, if any, is dropped).
+    let arch = match c.arch {
+        Arch::Phi3 => Arch::Llama,
+        a => a,
+    };
+    let mut config = json!({
+        "architectures": [arch.class_name()],
+        "model_type": arch.model_type(),
         "vocab_size": c.vocab_size,
         "hidden_size": c.dim,
         "intermediate_size": c.ffn_dim,
@@ -409,18 +416,39 @@ pub(crate) fn hf_config(c: &ModelConfig, dtype: DType, pad_token_id: Option<u32>
         "max_position_embeddings": c.max_seq_len,
         "rms_norm_eps": c.norm_eps as f64,
         "rope_parameters": rope,
-        "attention_bias": c.attention_bias,
         "attention_dropout": 0.0,
-        "mlp_bias": c.mlp_bias,
         "tie_word_embeddings": c.tie_embeddings,
         "bos_token_id": c.bos_token_id,
         "eos_token_id": id_or_list(&c.eos_token_ids),
         "pad_token_id": pad_token_id,
         "dtype": torch_dtype(dtype),
         "initializer_range": 0.02,
-        "pretraining_tp": 1,
         "use_cache": true,
-    })
+    });
+    let o = config.as_object_mut().expect("an object");
+    let window = c.sliding_window;
+    match arch {
+        Arch::Llama => {
+            o.insert("attention_bias".into(), json!(c.attention_bias));
+            o.insert("mlp_bias".into(), json!(c.mlp_bias));
+            o.insert("pretraining_tp".into(), json!(1));
+        }
+        Arch::Mistral => {
+            o.insert("sliding_window".into(), json!(window));
+        }
+        Arch::Qwen2 | Arch::Qwen3 => {
+            if arch == Arch::Qwen3 {
+                o.insert("attention_bias".into(), json!(c.o_bias));
+            }
+            // Where layers slide, every layer is written as sliding: the same computation for
+            // the contexts the window allows, the only ones the model runs.
+            o.insert("use_sliding_window".into(), json!(window.is_some()));
+            o.insert("sliding_window".into(), json!(window));
+            o.insert("max_window_layers".into(), json!(0));
+        }
+        Arch::Phi3 => unreachable!("written as llama"),
+    }
+    config
 }
 
 #[cfg(test)]
@@ -468,8 +496,12 @@ mod tests {
                 norm_eps: 1e-5,
                 max_seq_len: 64,
                 tie_embeddings: true,
+                arch: crate::arch::Arch::Llama,
                 attention_bias: true,
+                o_bias: true,
                 mlp_bias: false,
+                qk_norm: false,
+                sliding_window: None,
                 rope_theta: 5e5,
                 rope_scaling,
                 bos_token_id: Some(1),

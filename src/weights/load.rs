@@ -29,6 +29,16 @@ const NAMES: &[(&str, &str, &str)] = &[
         "blk.{}.attn_q.weight",
     ),
     (
+        "q_norm",
+        "model.layers.{}.self_attn.q_norm.weight",
+        "blk.{}.attn_q_norm.weight",
+    ),
+    (
+        "k_norm",
+        "model.layers.{}.self_attn.k_norm.weight",
+        "blk.{}.attn_k_norm.weight",
+    ),
+    (
         "wk",
         "model.layers.{}.self_attn.k_proj.weight",
         "blk.{}.attn_k.weight",
@@ -135,14 +145,15 @@ pub fn plan_weights(src: &dyn TensorSource, cfg: &ModelConfig, gguf: bool) -> Re
         cfg.kv_dim(),
         cfg.vocab_size,
     );
-    let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+    let (ab, ob, mb, qkn) = (cfg.attention_bias, cfg.o_bias, cfg.mlp_bias, cfg.qk_norm);
+    let hd = cfg.head_dim;
     // (role, shape, required): matrices have two dimensions, vectors one.
     let global: [(&str, Vec<usize>, bool); 3] = [
         ("tok_embeddings", vec![vocab, dim], true),
         ("norm", vec![dim], true),
         ("output", vec![vocab, dim], !cfg.tie_embeddings && !gguf),
     ];
-    let layer: [(&str, Vec<usize>, bool); 16] = [
+    let layer: [(&str, Vec<usize>, bool); 18] = [
         ("attn_norm", vec![dim], true),
         ("wq", vec![q, dim], true),
         ("wk", vec![kv, dim], true),
@@ -151,7 +162,9 @@ pub fn plan_weights(src: &dyn TensorSource, cfg: &ModelConfig, gguf: bool) -> Re
         ("bq", vec![q], ab),
         ("bk", vec![kv], ab),
         ("bv", vec![kv], ab),
-        ("bo", vec![dim], ab),
+        ("bo", vec![dim], ob),
+        ("q_norm", vec![hd], qkn),
+        ("k_norm", vec![hd], qkn),
         ("ffn_norm", vec![dim], true),
         ("w1", vec![ffn, dim], true),
         ("w2", vec![dim, ffn], true),
@@ -166,7 +179,7 @@ pub fn plan_weights(src: &dyn TensorSource, cfg: &ModelConfig, gguf: bool) -> Re
     };
     let mut visit = |role: &str, i: usize, shape: &[usize], required: bool| -> Result<()> {
         let name = tensor_name(role, i, gguf);
-        let optional_bias = role.starts_with('b') && !required;
+        let optional_bias = (role.starts_with('b') || role.ends_with("_norm")) && !required;
         let Some(meta) = src.meta(&name)? else {
             if required {
                 return Err(Error::Config(format!("tensor {name} is missing")));
@@ -220,6 +233,9 @@ pub struct LayerWeights<B: Backend> {
     pub bk: Option<Buf<B>>,
     pub bv: Option<Buf<B>>,
     pub bo: Option<Buf<B>>,
+    /// Qwen3's per-head RMSNorm weights of q and k [head_dim] (qk_norm).
+    pub q_norm: Option<Buf<B>>,
+    pub k_norm: Option<Buf<B>>,
     pub ffn_norm: Buf<B>,
     /// gate, down, up projections and their biases (mlp_bias).
     pub w1: Weight<B>,
@@ -265,6 +281,8 @@ impl<B: Backend> Weights<B> {
                     + o(&l.bk)
                     + o(&l.bv)
                     + o(&l.bo)
+                    + o(&l.q_norm)
+                    + o(&l.k_norm)
                     + o(&l.b1)
                     + o(&l.b2)
                     + o(&l.b3)
@@ -354,7 +372,8 @@ impl<B: Backend> Loader<'_, B> {
         })
     }
 
-    /// A bias: present exactly when the config's flag (attention_bias / mlp_bias) is set.
+    /// A bias (or q/k norm weight): present exactly when the config's flag (attention_bias,
+    /// o_bias, mlp_bias, qk_norm) is set.
     fn bias(&self, role: &str, layer: usize, n: usize, expected: bool) -> Result<Option<Buf<B>>> {
         if !expected {
             return Ok(None); // as HF: a bias the config does not ask for is not used
@@ -390,7 +409,8 @@ pub fn load_weights<B: Backend>(
     let tok_embeddings = l.matrix("tok_embeddings", 0, cfg.vocab_size, dim)?;
     let mut layers = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
-        let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+        let (ab, ob, mb) = (cfg.attention_bias, cfg.o_bias, cfg.mlp_bias);
+        let (qkn, hd) = (cfg.qk_norm, cfg.head_dim);
         layers.push(LayerWeights {
             attn_norm: l.required_vector("attn_norm", i, dim)?,
             wq: l.matrix("wq", i, q, dim)?,
@@ -400,7 +420,9 @@ pub fn load_weights<B: Backend>(
             bq: l.bias("bq", i, q, ab)?,
             bk: l.bias("bk", i, kv, ab)?,
             bv: l.bias("bv", i, kv, ab)?,
-            bo: l.bias("bo", i, dim, ab)?,
+            bo: l.bias("bo", i, dim, ob)?,
+            q_norm: l.bias("q_norm", i, hd, qkn)?,
+            k_norm: l.bias("k_norm", i, hd, qkn)?,
             ffn_norm: l.required_vector("ffn_norm", i, dim)?,
             w1: l.matrix("w1", i, ffn, dim)?,
             w2: l.matrix("w2", i, dim, ffn)?,

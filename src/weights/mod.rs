@@ -5,6 +5,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use std::borrow::Cow;
 
+pub mod fused;
 pub mod gguf;
 pub mod load;
 pub mod safetensors;
@@ -37,6 +38,17 @@ pub fn read_text_file(path: &std::path::Path) -> std::io::Result<String> {
         ));
     }
     Ok(text)
+}
+
+/// `source` as the loader reads it: Phi-3's fused projections shown split under Llama's names.
+pub fn model_source<S: TensorSource + 'static>(
+    source: S,
+    cfg: &crate::config::ModelConfig,
+) -> Box<dyn TensorSource> {
+    match cfg.arch {
+        crate::arch::Arch::Phi3 => Box::new(fused::SplitFused::new(source, cfg)),
+        _ => Box::new(source),
+    }
 }
 
 /// A tensor as stored on disk, before upload. `shape` is in HF order (`[rows, cols]` for a
