@@ -330,3 +330,20 @@ fn stop_and_resume_on_cuda() {
         stop_and_resume(&b);
     }
 }
+
+/// A sliding window runs as full attention, exact up to the window's length: a longer context
+/// is refused with the reason, never computed wrong.
+#[test]
+fn contexts_past_a_sliding_window_are_refused() {
+    let dir = fixtures().join("arch").join("mistral-gqa4-f32-window");
+    let cfg = ModelConfig::from_hf_dir(&dir).unwrap();
+    assert_eq!(cfg.sliding_window, Some(64));
+    cfg.check_context(64).unwrap();
+    let e = cfg.check_context(65).unwrap_err().to_string();
+    assert!(
+        e.contains("sliding window of 64") && e.contains("65"),
+        "{e}"
+    );
+    let qwen3 = ModelConfig::from_hf_dir(&fixtures().join("arch").join("qwen3-gqa2-f32-headdim"));
+    assert_eq!(qwen3.unwrap().sliding_window, None);
+}

@@ -28,14 +28,15 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-const FIXTURES: [&str; 5] = [
+const FIXTURES: [&str; 6] = [
     "mha-f32",
     "gqa4-f32-tied",
     "gqa3-bf16",
     "llama3-rope-f32",
     "bias-f32",
+    "qwen3-f32",
 ];
-const FULL_FIXTURES: [&str; 3] = ["mha-f32", "gqa4-f32-tied", "bias-f32"];
+const FULL_FIXTURES: [&str; 4] = ["mha-f32", "gqa4-f32-tied", "bias-f32", "qwen3-f32"];
 
 /// How closely a backend must match the f32 reference: gradients by NMSE, losses and gradient
 /// norms relatively, updated weights absolutely.

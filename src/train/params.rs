@@ -19,6 +19,9 @@ pub enum Trained {
 pub struct LayerGrads<B: Backend> {
     pub attn_norm: Option<Buf<B>>,
     pub ffn_norm: Option<Buf<B>>,
+    /// Qwen3's per-head q and k norm weights.
+    pub q_norm: Option<Buf<B>>,
+    pub k_norm: Option<Buf<B>>,
     /// Per projection (Proj::index): the weight's and the bias's gradients (full fine-tuning).
     pub w: [Option<Buf<B>>; 7],
     pub bias: [Option<Buf<B>>; 7],
@@ -78,6 +81,8 @@ impl<B: TrainBackend> Grads<B> {
             let mut g = LayerGrads {
                 attn_norm: vec(full, c.dim)?,
                 ffn_norm: vec(full, c.dim)?,
+                q_norm: vec(full && l.q_norm.is_some(), c.head_dim)?,
+                k_norm: vec(full && l.k_norm.is_some(), c.head_dim)?,
                 w: Default::default(),
                 bias: Default::default(),
                 lora: Default::default(),
@@ -107,6 +112,7 @@ impl<B: TrainBackend> Grads<B> {
         let mut v: Vec<&Buf<B>> = Vec::new();
         for l in &self.layers {
             v.extend(l.attn_norm.iter().chain(&l.ffn_norm));
+            v.extend(l.q_norm.iter().chain(&l.k_norm));
             v.extend(l.w.iter().flatten().chain(l.bias.iter().flatten()));
             for (a, bb) in l.lora.iter().flatten() {
                 v.extend([a, bb]);
@@ -129,6 +135,7 @@ impl<B: TrainBackend> Grads<B> {
         let mut v: Vec<&mut Buf<B>> = Vec::new();
         for l in &mut self.layers {
             v.extend(l.attn_norm.iter_mut().chain(l.ffn_norm.iter_mut()));
+            v.extend(l.q_norm.iter_mut().chain(l.k_norm.iter_mut()));
             v.extend(l.w.iter_mut().flatten());
             v.extend(l.bias.iter_mut().flatten());
             for (a, bb) in l.lora.iter_mut().flatten() {
@@ -183,6 +190,15 @@ pub fn visit<B: Backend>(
         if let Some(gr) = &lg.ffn_norm {
             let name = format!("model.layers.{i}.post_attention_layernorm.weight");
             f(&name, Param::Vector(&mut l.ffn_norm), gr)?;
+        }
+        for (gr, w, which) in [
+            (&lg.q_norm, &mut l.q_norm, 'q'),
+            (&lg.k_norm, &mut l.k_norm, 'k'),
+        ] {
+            if let (Some(gr), Some(w)) = (gr, w.as_mut()) {
+                let name = format!("model.layers.{i}.self_attn.{which}_norm.weight");
+                f(&name, Param::Vector(w), gr)?;
+            }
         }
         for p in Proj::ALL {
             let (w, bias) = p.of_mut(l);

@@ -38,7 +38,13 @@ fn trained_values(cfg: &ModelConfig, trained: Trained, lora: Option<&LoraConfig>
     let d = cfg.dim as u64;
     match (trained, lora) {
         (Trained::Full, _) => {
+            let qk_norms = if cfg.qk_norm {
+                2 * cfg.head_dim as u64
+            } else {
+                0
+            };
             let per_layer = 2 * d
+                + qk_norms
                 + d * (cfg.q_dim() + 2 * cfg.kv_dim()) as u64
                 + cfg.q_dim() as u64 * d
                 + 3 * d * cfg.ffn_dim as u64;
@@ -106,7 +112,8 @@ impl TrainPlan {
             Checkpointing::Offload => acts + row,
         };
         let rank = lora.map_or(1, |l| l.r.max(1) as u64);
-        let backward = r * 4 * (3 * d + 2 * q + 2 * kv + 3 * f + rank + 1);
+        let raw = if cfg.qk_norm { q + kv } else { 0 }; // d q, d k before Qwen3's norms
+        let backward = r * 4 * (3 * d + 2 * q + 2 * kv + raw + 3 * f + rank + 1);
         let proj = r * 4 * (d.max(q).max(kv).max(f) + 7 * rank + d.max(q).max(f));
         let residual = 2 * row; // the stream and the final norm's output
         let dropout = match lora {

@@ -52,16 +52,18 @@ enum Kept<B: crate::backend::Backend> {
 
 /// Gradients of activations, reused by every layer.
 struct Back<B: crate::backend::Backend> {
-    dx: Buf<B>,    // d residual [rows, dim]
-    dtmp: Buf<B>,  // [rows, dim]
-    dh: Buf<B>,    // d of a norm's output [rows, dim]
-    datt: Buf<B>,  // [rows, q_dim]
-    dq: Buf<B>,    // [rows, q_dim]
-    dk: Buf<B>,    // [rows, kv_dim]
-    dv: Buf<B>,    // [rows, kv_dim]
-    dhb: Buf<B>,   // [rows, ffn]
-    dgate: Buf<B>, // [rows, ffn]
-    dup: Buf<B>,   // [rows, ffn]
+    dx: Buf<B>,     // d residual [rows, dim]
+    dtmp: Buf<B>,   // [rows, dim]
+    dh: Buf<B>,     // d of a norm's output [rows, dim]
+    datt: Buf<B>,   // [rows, q_dim]
+    dq: Buf<B>,     // [rows, q_dim]
+    dk: Buf<B>,     // [rows, kv_dim]
+    dv: Buf<B>,     // [rows, kv_dim]
+    dq_raw: Buf<B>, // qk_norm: d q before its per-head norm [rows, q_dim]
+    dk_raw: Buf<B>, // qk_norm: [rows, kv_dim]
+    dhb: Buf<B>,    // [rows, ffn]
+    dgate: Buf<B>,  // [rows, ffn]
+    dup: Buf<B>,    // [rows, ffn]
     p: ProjBack<B>,
 }
 
@@ -171,6 +173,8 @@ impl<B: TrainBackend> Trainer<B> {
                 dq: f(c.q_dim())?,
                 dk: f(c.kv_dim())?,
                 dv: f(c.kv_dim())?,
+                dq_raw: f(if c.qk_norm { c.q_dim() } else { 1 })?,
+                dk_raw: f(if c.qk_norm { c.kv_dim() } else { 1 })?,
                 dhb: f(c.ffn_dim)?,
                 dgate: f(c.ffn_dim)?,
                 dup: f(c.ffn_dim)?,
@@ -538,6 +542,32 @@ fn attention_backward<B: TrainBackend>(
     let (hd, pos) = (c.head_dim, &batch.pos);
     b.rope_backward(&mut d.dq, inv_freq, pos, rows, c.n_heads, hd, scale)?;
     b.rope_backward(&mut d.dk, inv_freq, pos, rows, c.n_kv_heads, hd, scale)?;
+    if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+        // q, k = rms_norm(q_raw, k_raw) per head
+        let (eps, nq, nk) = (c.norm_eps, rows * c.n_heads, rows * c.n_kv_heads);
+        b.rms_norm_backward(
+            &mut d.dq_raw,
+            g.q_norm.as_mut(),
+            &d.dq,
+            &a.q_raw,
+            qn,
+            nq,
+            hd,
+            eps,
+        )?;
+        b.rms_norm_backward(
+            &mut d.dk_raw,
+            g.k_norm.as_mut(),
+            &d.dk,
+            &a.k_raw,
+            kn,
+            nk,
+            hd,
+            eps,
+        )?;
+        std::mem::swap(&mut d.dq, &mut d.dq_raw);
+        std::mem::swap(&mut d.dk, &mut d.dk_raw);
+    }
     // q, k, v = xb . (wq, wk, wv)^T (+ biases)
     proj_backward(
         b,

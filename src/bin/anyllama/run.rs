@@ -85,14 +85,19 @@ pub fn kv_dtype(m: &ModelArgs) -> DType {
     }
 }
 
+/// --ctx, by default the model's context up to 4096 (and up to its sliding window, the longest
+/// context it runs exactly).
 pub fn ctx_len(files: &ModelFiles, m: &ModelArgs) -> usize {
-    m.ctx_size.unwrap_or(files.cfg.max_seq_len.min(4096))
+    let exact = files.cfg.max_exact_context().unwrap_or(usize::MAX);
+    m.ctx_size
+        .unwrap_or(files.cfg.max_seq_len.min(4096).min(exact))
 }
 
 /// Checks that the model and its KV cache fit the device, then uploads the weights with a
 /// progress bar and applies --lora; `verbose` adds a line saying what went where.
 fn load<B: Backend>(files: &ModelFiles, b: &B, m: &ModelArgs) -> Result<anyllama::model::Model<B>> {
     let verbose = m.verbose;
+    files.cfg.check_context(ctx_len(files, m))?;
     files.check_fits(b, ctx_len(files, m), kv_dtype(m), PREFILL_CHUNK)?;
     let mut model = files.load(b, true)?;
     if let Some(adapter) = &m.lora {

@@ -42,6 +42,7 @@ impl WithBackend for EngineJob {
         if ctx == 0 || a.max_seqs == 0 {
             return Err(Error::Usage("--ctx and --max-seqs must be positive".into()));
         }
+        files.cfg.check_context(ctx)?;
         let kv_blocks = a
             .kv_blocks
             .unwrap_or(a.max_seqs.saturating_mul(ctx.div_ceil(KV_BLOCK)));

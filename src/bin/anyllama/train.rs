@@ -49,6 +49,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let resume = a.resume.as_deref().map(find_checkpoint).transpose()?;
     let path = anyllama::hub::resolve_model_path(&a.model)?;
     let files = ModelFiles::open(&path)?;
+    files.cfg.check_context(a.seq)?; // a sample attends over at most --seq positions
     if let Some(ckpt) = &resume {
         check_same_run(ckpt, &settings(&a, &files))?;
     }

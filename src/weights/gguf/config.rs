@@ -11,7 +11,7 @@ impl GgufFile {
     /// The model's shape, from the `llama.*` and `tokenizer.ggml.*` metadata.
     pub fn model_config(&self) -> Result<ModelConfig> {
         let name = self.architecture()?;
-        let arch = Arch::from_gguf(&name).map_err(|e| match e {
+        let arch = Arch::from_gguf(name).map_err(|e| match e {
             Error::Config(m) => Error::Config(format!("{}: {m}", self.path().display())),
             other => other,
         })?;
